@@ -1,0 +1,2 @@
+"""Block-sparse attention for DeepSpeed training."""
+__version__ = "0.1.0"
