@@ -1,2 +1,21 @@
-"""Block-sparse attention for DeepSpeed training."""
+"""Block-sparse attention for DeepSpeed training: the maintained successor of DeepSpeed
+Sparse Attention. ``from sparse_attn import ...`` replaces ``from
+deepspeed.ops.sparse_attention import ...``."""
+from .sparsity_config import (
+    BigBirdSparsityConfig,
+    BSLongformerSparsityConfig,
+    DenseSparsityConfig,
+    FixedSparsityConfig,
+    LocalSlidingWindowSparsityConfig,
+    SparsityConfig,
+    VariableSparsityConfig,
+)
+from .ops.attention import block_sparse_attention
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "SparsityConfig", "DenseSparsityConfig", "FixedSparsityConfig", "VariableSparsityConfig",
+    "BigBirdSparsityConfig", "BSLongformerSparsityConfig", "LocalSlidingWindowSparsityConfig",
+    "block_sparse_attention",
+]

@@ -1,0 +1,141 @@
+"""``block_sparse_attention``: one entry point that validates the call and routes it to the
+fastest backend that computes it exactly.
+
+* ``"fused"``: the fused Triton flash kernel (CUDA; fp16/bf16; no rpe / attn_mask).
+* ``"triton"``: the three Triton kernels (sdd matmul, softmax, dsd matmul); any feature.
+* ``"torch"``: the pure-PyTorch block-sparse backend; any device, any feature.
+
+``"auto"`` picks ``fused`` when it can take the call, else ``triton`` on CUDA, else ``torch``.
+Every backend computes the same function; the choice changes speed, not results.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .torch_backend import torch_block_sparse_attention
+
+BACKENDS = ("auto", "fused", "triton", "torch")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(q, k, v, layout, block, key_padding_mask=None, rpe=None,
+                           attn_mask=None) -> None:
+    """Raise ValueError naming the argument, its shape and what is allowed."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; allowed: fp16, bf16, fp32, fp64")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"query, key and value must have one shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"query, key and value dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("query, key and value must be on one device")
+    batch, heads, seq, _ = q.shape
+    if seq % block != 0:
+        raise ValueError(
+            f"sequence length {seq} is not a multiple of the block size {block}; pad it "
+            f"(SparseAttentionUtils.pad_to_block_size)")
+    nb = seq // block
+    if layout.dim() != 3 or tuple(layout.shape) != (heads, nb, nb):
+        raise ValueError(
+            f"layout has shape {tuple(layout.shape)}; for {heads} heads and sequence {seq} "
+            f"at block {block} it must be {(heads, nb, nb)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seq):
+        raise ValueError(
+            f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
+            f"{(batch, seq)}")
+    if attn_mask is not None and tuple(attn_mask.shape) != (seq, seq):
+        raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}; expected {(seq, seq)}")
+    if rpe is not None:
+        try:
+            torch.broadcast_shapes(rpe.shape, (batch, heads, seq, seq))
+        except RuntimeError:
+            raise ValueError(
+                f"rpe has shape {tuple(rpe.shape)}; it must broadcast to "
+                f"{(batch, heads, seq, seq)}") from None
+
+
+def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
+                            attn_mask):
+    from .matmul import MatMul
+    from .softmax import Softmax
+
+    seq = q.shape[2]
+    if causal:
+        future = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
+        attn_mask = future if attn_mask is None else attn_mask + future
+    scores = MatMul(layout, block, "sdd", trans_a=False, trans_b=True)(q, k)
+    probs = Softmax(layout, block)(
+        scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+        key_padding_mask_mode="add", attn_mask_mode="add")
+    return MatMul(layout, block, "dsd")(probs, v)
+
+
+def select_backend(q, rpe=None, attn_mask=None) -> str:
+    """The backend ``"auto"`` resolves to for this call."""
+    if not q.is_cuda:
+        return "torch"
+    from .fused import fused_supported
+
+    if fused_supported(q, q, q, rpe=rpe, attn_mask=attn_mask) is None:
+        return "fused"
+    return "triton"
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    block: int,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    rpe: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v`` restricted to the nonzero blocks of ``layout``.
+
+    Args:
+        q, k, v: ``[batch, heads, seq, head_dim]``.
+        layout: ``[heads, seq // block, seq // block]`` 0/1.
+        block: block size in tokens.
+        scale: score scale; ``head_dim ** -0.5`` by default.
+        causal: mask future keys inside diagonal blocks (unidirectional layouts).
+        key_padding_mask: additive float ``[batch, seq]`` (0 keeps, ``-inf`` drops).
+        rpe: added to the scaled scores, broadcastable to ``[batch, heads, seq, seq]``.
+        attn_mask: additive float ``[seq, seq]``.
+        backend: one of ``BACKENDS``.
+
+    Returns ``[batch, heads, seq, head_dim]`` in the dtype of ``q``; a query that sees no key
+    gets zeros.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    check_attention_inputs(q, k, v, layout, block, key_padding_mask, rpe, attn_mask)
+    if backend == "auto":
+        backend = select_backend(q, rpe, attn_mask)
+    if backend == "fused":
+        from .fused import fused_block_sparse_attention, fused_supported
+
+        reason = fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask)
+        if reason is not None:
+            raise ValueError(f"the fused backend cannot take this call: {reason}")
+        return fused_block_sparse_attention(q, k, v, layout, block, scale=scale, causal=causal,
+                                            key_padding_mask=key_padding_mask)
+    if backend == "triton":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask,
+                                       rpe, attn_mask)
+    return torch_block_sparse_attention(q, k, v, layout, block, scale=scale, causal=causal,
+                                        key_padding_mask=key_padding_mask, rpe=rpe,
+                                        attn_mask=attn_mask)
