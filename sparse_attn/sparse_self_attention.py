@@ -1,0 +1,212 @@
+"""``SparseSelfAttention``: the module form of block-sparse attention.
+
+The module holds a ``SparsityConfig`` and the mask conventions; the work is done by the
+functional op :func:`sparse_attn.ops.attention.block_sparse_attention`, which picks the
+fused Triton kernel, the three-kernel Triton path or the pure-PyTorch backend.
+
+The layout is built once, at ``max_seq_length``, the first time the module runs. A sequence
+of ``nb`` blocks (``nb * block <= max_seq_length``) uses the top-left ``[:, :nb, :nb]`` corner
+of that layout, so a model sees one consistent pattern at every length. The corners are cached
+per (device, ``nb``) as contiguous tensors, which keeps the backends' own look-up-table caches
+(keyed on the layout tensor) warm across calls.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .ops.attention import block_sparse_attention
+from .sparsity_config import UNIDIRECTIONAL, SparsityConfig
+
+MASK_MODES = ("add", "mul")
+
+
+def _check_mode(name: str, mode: str) -> None:
+    if mode not in MASK_MODES:
+        raise ValueError(f"{name} must be one of {MASK_MODES}, got {mode!r}")
+
+
+def to_additive_mask(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """A mask in ``mode`` convention -> an additive float32 mask (0 keeps, ``-inf`` drops).
+
+    * bool masks: ``True`` keeps, ``False`` drops (whatever ``mode`` is);
+    * ``"add"``: the values are added to the scores as they are (0 keeps; a large negative
+      value or ``-inf`` drops; other values bias the scores);
+    * ``"mul"``: a nonzero entry keeps, a zero entry drops.
+    """
+    _check_mode("mask mode", mode)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, float("-inf"))
+    if mode == "add":
+        if not mask.is_floating_point():
+            raise ValueError(
+                f"an additive ('add') mask must be floating point or bool, got {mask.dtype}; "
+                f"pass a 0/1 keep-mask with mode 'mul'")
+        return mask.to(torch.float32)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        mask == 0, float("-inf"))
+
+
+def squeeze_key_padding_mask(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """``[batch, seq]`` from ``[batch, seq]`` or a mask with extra singleton dimensions between
+    the batch and the sequence (BERT's extended ``[batch, 1, 1, seq]``); a batch of 1 is
+    broadcast to ``batch``."""
+    shape = tuple(mask.shape)
+    if mask.dim() < 2 or any(s != 1 for s in shape[1:-1]) or shape[0] not in (1, batch) \
+            or shape[-1] != seq:
+        raise ValueError(
+            f"key_padding_mask has shape {shape}; expected [batch, seq] = {(batch, seq)} "
+            f"(extra singleton dimensions, as in [batch, 1, 1, seq], are allowed)")
+    mask = mask.reshape(shape[0], seq)
+    if shape[0] != batch:
+        mask = mask.expand(batch, seq)
+    return mask
+
+
+def squeeze_attn_mask(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[seq, seq]`` from ``[seq, seq]`` or the same with leading singleton dimensions."""
+    shape = tuple(mask.shape)
+    if mask.dim() < 2 or any(s != 1 for s in shape[:-2]) or shape[-2:] != (seq, seq):
+        raise ValueError(f"attn_mask has shape {shape}; expected [seq, seq] = {(seq, seq)}")
+    return mask.reshape(seq, seq)
+
+
+class SparseSelfAttention(nn.Module):
+    """Block-sparse self-attention of ``[batch, heads, seq, head_dim]`` query, key and value.
+
+    Args:
+        sparsity_config: the layout (``SparsityConfig`` or a subclass); its ``num_heads`` must
+            equal the heads of the inputs and its ``block`` must divide the sequence length.
+        key_padding_mask_mode: ``"add"`` (the mask is added to the scores: 0 keeps, a large
+            negative value or ``-inf`` drops) or ``"mul"`` (1 keeps, 0 drops).
+        attn_mask_mode: the same, for ``attn_mask``.
+        max_seq_length: the longest sequence the module accepts; the layout is built once at
+            this length (rounded up to a multiple of the block) and shorter sequences use its
+            top-left corner.
+
+    The scores are ``q @ k^T * head_dim ** -0.5``; ``rpe`` (broadcastable to
+    ``[batch, heads, seq, seq]``) is added, then the masks. Bool masks are accepted in either
+    mode (``True`` keeps). A query that sees no key gets zeros. The module has no parameters
+    and no buffers: its state dict is empty.
+    """
+
+    def __init__(self, sparsity_config: SparsityConfig = SparsityConfig(num_heads=4),
+                 key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
+                 max_seq_length: int = 2048):
+        super().__init__()
+        if not isinstance(sparsity_config, SparsityConfig):
+            raise TypeError(
+                f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")
+        _check_mode("key_padding_mask_mode", key_padding_mask_mode)
+        _check_mode("attn_mask_mode", attn_mask_mode)
+        if not isinstance(max_seq_length, int) or max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        self.sparsity_config = sparsity_config
+        self.key_padding_mask_mode = key_padding_mask_mode
+        self.attn_mask_mode = attn_mask_mode
+        self.max_seq_length = max_seq_length
+        self._master_layout: Optional[torch.Tensor] = None
+        self._layouts: Dict[Tuple[str, int], torch.Tensor] = {}
+
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def block(self) -> int:
+        return self.sparsity_config.block
+
+    @property
+    def causal(self) -> bool:
+        return getattr(self.sparsity_config, "attention", None) == UNIDIRECTIONAL
+
+    @property
+    def master_layout(self) -> torch.Tensor:
+        """The ``[heads, nb, nb]`` layout at ``max_seq_length`` (built on first use, on CPU)."""
+        if self._master_layout is None:
+            block = self.block
+            length = -(-self.max_seq_length // block) * block
+            layout = self.sparsity_config.make_layout(length)
+            heads, nb = self.sparsity_config.num_heads, length // block
+            if tuple(layout.shape) != (heads, nb, nb):
+                raise ValueError(
+                    f"{type(self.sparsity_config).__name__}.make_layout({length}) returned "
+                    f"shape {tuple(layout.shape)}; expected {(heads, nb, nb)}")
+            self._master_layout = layout.to(torch.int64).cpu()
+        return self._master_layout
+
+    def get_layout(self, seq_len: int, device=None) -> torch.Tensor:
+        """The layout used for a sequence of ``seq_len`` tokens, on ``device`` (cached)."""
+        self._check_length(seq_len)
+        nb = seq_len // self.block
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (str(device), nb)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self.master_layout[:, :nb, :nb].contiguous().to(device)
+            self._layouts[key] = layout
+        return layout
+
+    def _check_length(self, seq_len: int) -> None:
+        block = self.block
+        if seq_len % block != 0:
+            raise ValueError(
+                f"sequence length {seq_len} is not a multiple of the sparse block size {block}; "
+                f"pad the inputs (SparseAttentionUtils.pad_to_block_size) and unpad the output "
+                f"(SparseAttentionUtils.unpad_sequence_output)")
+        if seq_len > self.max_seq_length:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_seq_length={self.max_seq_length} of "
+                f"this SparseSelfAttention; build it with a larger max_seq_length")
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the module (.to / .cuda / .half) must not leave stale per-device layouts.
+        self._layouts.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                rpe: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention context ``[batch, heads, seq, head_dim]`` in the dtype of ``query``.
+
+        Args:
+            query, key, value: ``[batch, heads, seq, head_dim]``.
+            rpe: relative position embedding added to the scaled scores; broadcastable to
+                ``[batch, heads, seq, seq]``.
+            key_padding_mask: ``[batch, seq]`` (or with singleton dims, e.g. ``[batch, 1, 1,
+                seq]``), in ``key_padding_mask_mode``; bool means ``True`` keeps.
+            attn_mask: ``[seq, seq]`` in ``attn_mask_mode``; bool means ``True`` keeps.
+        """
+        return self.attend(query, key, value, rpe=rpe, key_padding_mask=key_padding_mask,
+                           attn_mask=attn_mask)
+
+    def attend(self, query, key, value, *, rpe=None, key_padding_mask=None, attn_mask=None,
+               scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+        """``forward`` with a custom score ``scale`` (default ``head_dim ** -0.5``) and an
+        explicit ``backend`` (see ``block_sparse_attention``)."""
+        if query.dim() != 4:
+            raise ValueError(
+                f"query must be [batch, heads, seq, head_dim], got shape {tuple(query.shape)}")
+        batch, heads, seq, _ = query.shape
+        if heads != self.sparsity_config.num_heads:
+            raise ValueError(
+                f"the inputs have {heads} heads but the sparsity config was built for "
+                f"num_heads={self.sparsity_config.num_heads}; build the SparsityConfig with "
+                f"num_heads={heads}")
+        layout = self.get_layout(seq, query.device)
+        if key_padding_mask is not None:
+            key_padding_mask = to_additive_mask(
+                squeeze_key_padding_mask(key_padding_mask, batch, seq),
+                self.key_padding_mask_mode)
+        if attn_mask is not None:
+            attn_mask = to_additive_mask(squeeze_attn_mask(attn_mask, seq), self.attn_mask_mode)
+        return block_sparse_attention(
+            query, key, value, layout, self.block, scale=scale, causal=self.causal,
+            key_padding_mask=key_padding_mask, rpe=rpe, attn_mask=attn_mask, backend=backend)
+
+    def extra_repr(self) -> str:
+        return (f"sparsity_config={self.sparsity_config!r}, key_padding_mask_mode="
+                f"{self.key_padding_mask_mode!r}, attn_mask_mode={self.attn_mask_mode!r}, "
+                f"max_seq_length={self.max_seq_length}")

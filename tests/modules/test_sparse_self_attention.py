@@ -1,0 +1,173 @@
+"""SparseSelfAttention and BertSparseSelfAttention against the float64 dense oracle."""
+import pytest
+import torch
+
+from reference import assert_rel_close, reference_attention
+
+from sparse_attn.sparsity_config import (
+    BigBirdSparsityConfig,
+    BSLongformerSparsityConfig,
+    DenseSparsityConfig,
+    FixedSparsityConfig,
+    LocalSlidingWindowSparsityConfig,
+    VariableSparsityConfig,
+)
+from sparse_attn.sparse_self_attention import SparseSelfAttention
+from sparse_attn.bert_sparse_self_attention import BertSparseSelfAttention
+
+HEADS, BLOCK = 4, 16
+
+CONFIGS = {
+    "fixed": lambda: FixedSparsityConfig(HEADS, BLOCK, num_local_blocks=2),
+    "fixed_perhead": lambda: FixedSparsityConfig(
+        HEADS, BLOCK, different_layout_per_head=True, num_local_blocks=4,
+        num_different_global_patterns=4),
+    "bigbird": lambda: BigBirdSparsityConfig(HEADS, BLOCK, different_layout_per_head=True,
+                                             num_random_blocks=1, seed=3),
+    "bslongformer": lambda: BSLongformerSparsityConfig(HEADS, BLOCK, global_block_indices=[0, 3]),
+    "variable": lambda: VariableSparsityConfig(HEADS, BLOCK, num_random_blocks=1,
+                                               local_window_blocks=[2, 3]),
+    "local_uni": lambda: LocalSlidingWindowSparsityConfig(HEADS, BLOCK, attention="unidirectional"),
+    "dense": lambda: DenseSparsityConfig(HEADS, BLOCK),
+}
+
+
+def _qkv(batch, seq, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, HEADS, seq, dim, generator=g).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def _padding(batch, seq):
+    """Additive [batch, seq] key padding: sequence b keeps its first seq - 7 * b tokens."""
+    m = torch.zeros(batch, seq)
+    for b in range(batch):
+        m[b, seq - 7 * b:] = float("-inf")
+    return m
+
+
+def _check(ssa, q, k, v, dtype, ref_kwargs, fwd_kwargs, grads=True):
+    out = ssa(q, k, v, **fwd_kwargs)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = reference_attention(q, k, v, ssa.get_layout(q.shape[2]), BLOCK,
+                              causal=ssa.causal, **ref_kwargs)
+    assert_rel_close(out, ref, dtype)
+    if not grads:
+        return
+    g = torch.randn_like(ref)
+    dq, dk, dv = torch.autograd.grad(out.float(), (q, k, v), g.float())
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in ((dq, rq), (dk, rk), (dv, rv)):
+        assert_rel_close(a, b, dtype, factor=2)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_with_padding(name, dtype):
+    seq, batch = 128, 2
+    ssa = SparseSelfAttention(CONFIGS[name](), max_seq_length=256)
+    q, k, v = _qkv(batch, seq, 16, dtype)
+    kpm = _padding(batch, seq)
+    _check(ssa, q, k, v, dtype, dict(key_padding_mask=kpm), dict(key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize("name", ["fixed", "bigbird", "local_uni"])
+def test_mul_modes_rpe_attn_mask(name):
+    seq, batch, dtype = 64, 2, torch.float32
+    ssa = SparseSelfAttention(CONFIGS[name](), key_padding_mask_mode="mul",
+                              attn_mask_mode="mul", max_seq_length=64)
+    q, k, v = _qkv(batch, seq, 8, dtype, seed=1)
+    keep = torch.ones(batch, seq)
+    keep[1, 50:] = 0
+    am_keep = (torch.rand(seq, seq, generator=torch.Generator().manual_seed(2)) > 0.2).float()
+    am_keep.fill_diagonal_(1)
+    rpe = torch.randn(1, HEADS, seq, seq, generator=torch.Generator().manual_seed(3))
+    add = lambda m: torch.zeros_like(m).masked_fill(m == 0, float("-inf"))
+    _check(ssa, q, k, v, dtype,
+           dict(key_padding_mask=add(keep), attn_mask=add(am_keep), rpe=rpe),
+           dict(key_padding_mask=keep, attn_mask=am_keep, rpe=rpe))
+    # bool masks mean True keeps in either mode
+    _check(ssa, q, k, v, dtype,
+           dict(key_padding_mask=add(keep), attn_mask=add(am_keep)),
+           dict(key_padding_mask=keep.bool(), attn_mask=am_keep.bool()), grads=False)
+
+
+def test_add_modes_and_bert_extended_mask():
+    seq, batch, dtype = 64, 3, torch.float32
+    ssa = SparseSelfAttention(CONFIGS["variable"](), key_padding_mask_mode="add",
+                              attn_mask_mode="add", max_seq_length=128)
+    q, k, v = _qkv(batch, seq, 8, dtype, seed=4)
+    kpm = _padding(batch, seq)
+    kpm[kpm == float("-inf")] = -10000.0  # BERT's classic large negative
+    am = torch.randn(seq, seq, generator=torch.Generator().manual_seed(5))
+    _check(ssa, q, k, v, dtype, dict(key_padding_mask=kpm, attn_mask=am),
+           dict(key_padding_mask=kpm[:, None, None, :], attn_mask=am[None, None]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shorter_sequence_uses_corner(dtype):
+    cfg = BigBirdSparsityConfig(HEADS, BLOCK, different_layout_per_head=True,
+                                num_random_blocks=2, seed=7)
+    ssa = SparseSelfAttention(cfg, max_seq_length=256)
+    full = cfg.make_layout(256)
+    for seq in (32, 80, 256):
+        nb = seq // BLOCK
+        assert torch.equal(ssa.get_layout(seq), full[:, :nb, :nb])
+    # the corner differs from the layout built at the short length (random blocks depend on nb)
+    assert not torch.equal(cfg.make_layout(80), full[:, :5, :5])
+    q, k, v = _qkv(1, 80, 16, dtype, seed=8)
+    out = ssa(q, k, v)
+    ref = reference_attention(q, k, v, full[:, :5, :5], BLOCK)
+    assert_rel_close(out, ref, dtype)
+    # layouts are cached: the same tensor object every call
+    assert ssa.get_layout(80) is ssa.get_layout(80)
+    assert len(ssa.state_dict()) == 0
+
+
+def test_errors():
+    ssa = SparseSelfAttention(FixedSparsityConfig(HEADS, BLOCK), max_seq_length=64)
+    q = torch.randn(1, HEADS, 40, 8)
+    with pytest.raises(ValueError, match="not a multiple of the sparse block size 16"):
+        ssa(q, q, q)
+    q = torch.randn(1, HEADS, 80, 8)
+    with pytest.raises(ValueError, match="exceeds max_seq_length=64"):
+        ssa(q, q, q)
+    q = torch.randn(1, HEADS + 1, 32, 8)
+    with pytest.raises(ValueError, match="5 heads .* num_heads=4"):
+        ssa(q, q, q)
+    q = torch.randn(2, HEADS, 32, 8)
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        ssa(q, q, q, key_padding_mask=torch.zeros(2, 2, 32))
+    with pytest.raises(ValueError, match="attn_mask has shape"):
+        ssa(q, q, q, attn_mask=torch.zeros(32, 16))
+    with pytest.raises(ValueError, match="key_padding_mask_mode"):
+        SparseSelfAttention(FixedSparsityConfig(HEADS), key_padding_mask_mode="sub")
+    with pytest.raises(NotImplementedError):
+        SparseSelfAttention()(q, q, q)  # the base SparsityConfig has no layout
+
+
+class _Cfg:
+    hidden_size, num_attention_heads, max_position_embeddings = 32, HEADS, 128
+
+
+def test_bert_sparse_self_attention_matches_reference():
+    torch.manual_seed(0)
+    cfg = FixedSparsityConfig(HEADS, BLOCK, num_local_blocks=2)
+    layer = BertSparseSelfAttention(_Cfg(), cfg)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    ext = torch.zeros(2, 1, 1, 64)
+    ext[1, ..., 40:] = -10000.0
+    out = layer(x, ext)
+    assert out.shape == (2, 64, 32)
+
+    def heads(lin):
+        return lin(x).view(2, 64, HEADS, 8).transpose(1, 2)
+
+    ref = reference_attention(heads(layer.query), heads(layer.key), heads(layer.value),
+                              cfg.make_layout(64), BLOCK, key_padding_mask=ext[:, 0, 0])
+    ref = ref.transpose(1, 2).reshape(2, 64, 32)
+    assert_rel_close(out, ref, torch.float32)
+    out.sum().backward()
+    assert layer.query.weight.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="num_heads=2 .* num_attention_heads=4"):
+        BertSparseSelfAttention(_Cfg(), FixedSparsityConfig(2))
