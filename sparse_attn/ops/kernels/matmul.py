@@ -1,0 +1,261 @@
+"""Triton kernels for block-sparse matrix products in DeepSpeed's block-sparse format.
+
+Block-sparse tensors are ``[batch, nnz, block, block]`` (contiguous), blocks in the order of
+``layout.nonzero()`` (head, row, col). Two kernels do all the work:
+
+* ``_sdd_kernel``: sparse = dense x dense. One program per nonzero *tile* of the output
+  (a tile is ``TILE x TILE`` with ``TILE = max(64, block)``); small blocks (16, 32) are
+  grouped into tensor-core-sized tiles and the empty sub-blocks of a tile are not stored.
+* ``_dsd_kernel``: dense = sparse x dense. One program per (head, row tile, column tile)
+  of the dense output; it walks the nonzero tiles of its row through a look-up table.
+  dense x sparse (``dds``) runs on the same kernel through ``C^T = B^T A^T``: the output
+  is written through transposed strides.
+
+The look-up tables are built here from the layout (plain torch on the CPU) and moved to
+the device once by the caller; the launchers do no host-device synchronisation.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def _next_pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def tile_for_block(block):
+    """Tile edge (rows and k) the kernels use for a block size."""
+    return max(64, block)
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
+                M, N, K,
+                stride_az, stride_ah, stride_am, stride_ak,
+                stride_bz, stride_bh, stride_bk, stride_bn,
+                stride_cz,
+                BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_K: tl.constexpr,
+                EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr):
+    R: tl.constexpr = TILE // BLOCK
+    item = tl.program_id(0)
+    z = tl.program_id(1).to(tl.int64)
+    h = tl.load(LUT_HIJ + item * 3 + 0).to(tl.int64)
+    ti = tl.load(LUT_HIJ + item * 3 + 1)
+    tj = tl.load(LUT_HIJ + item * 3 + 2)
+    offs_r = tl.arange(0, TILE)
+    offs_m = ti * TILE + offs_r
+    offs_n = tj * TILE + offs_r
+    offs_k = tl.arange(0, TILE_K)
+    a_ptrs = (A + z * stride_az + h * stride_ah
+              + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = (B + z * stride_bz + h * stride_bh
+              + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn)
+    acc = tl.zeros((TILE, TILE), dtype=tl.float32)
+    for k in range(0, K, TILE_K):
+        if EVEN_K and EVEN_MN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k), other=0.)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & (offs_n[None, :] < N), other=0.)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += TILE_K * stride_ak
+        b_ptrs += TILE_K * stride_bk
+    c = acc.to(C.dtype.element_ty)
+    in_blk = (offs_r % BLOCK)[:, None] * BLOCK + (offs_r % BLOCK)[None, :]
+    if R == 1:
+        idx = tl.load(LUT_IDX + item).to(tl.int64)
+        tl.store(C + z * stride_cz + idx * (BLOCK * BLOCK) + in_blk, c)
+    else:
+        idx = tl.load(LUT_IDX + item * (R * R)
+                      + (offs_r // BLOCK)[:, None] * R + (offs_r // BLOCK)[None, :])
+        tl.store(C + z * stride_cz + idx.to(tl.int64) * (BLOCK * BLOCK) + in_blk, c,
+                 mask=idx >= 0)
+
+
+@triton.jit
+def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
+                n_row_tiles, M, N, K,
+                stride_az, stride_ar, stride_ak,
+                stride_bz, stride_bh, stride_bk, stride_bn,
+                stride_cz, stride_ch, stride_cm, stride_cn,
+                BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_N: tl.constexpr,
+                EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr):
+    R: tl.constexpr = TILE // BLOCK
+    item = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    z = tl.program_id(2).to(tl.int64)
+    h = (item // n_row_tiles).to(tl.int64)
+    ti = item % n_row_tiles
+    start = tl.load(ROW_PTR + item)
+    end = tl.load(ROW_PTR + item + 1)
+    offs_r = tl.arange(0, TILE)
+    offs_k = tl.arange(0, TILE)
+    offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)
+    a_base = (A + z * stride_az
+              + (offs_r % BLOCK)[:, None] * stride_ar + (offs_k % BLOCK)[None, :] * stride_ak)
+    b_base = B + z * stride_bz + h * stride_bh + offs_n[None, :] * stride_bn
+    acc = tl.zeros((TILE, TILE_N), dtype=tl.float32)
+    for s in range(start, end):
+        tk = tl.load(STEP_K + s)
+        krow = tk * TILE + offs_k
+        if R == 1:
+            idx = tl.load(STEP_IDX + s).to(tl.int64)
+            a = tl.load(a_base + idx * (BLOCK * BLOCK))
+        else:
+            idx = tl.load(STEP_IDX + s * (R * R)
+                          + (offs_r // BLOCK)[:, None] * R + (offs_k // BLOCK)[None, :])
+            a = tl.load(a_base + idx.to(tl.int64) * (BLOCK * BLOCK), mask=idx >= 0, other=0.)
+        b_ptrs = b_base + krow[:, None] * stride_bk
+        if EVEN_MK and EVEN_N:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=(krow[:, None] < K) & (offs_n[None, :] < N), other=0.)
+        acc = tl.dot(a, b, acc)
+    c = acc.to(C.dtype.element_ty)
+    offs_m = ti * TILE + offs_r
+    c_ptrs = (C + z * stride_cz + h * stride_ch
+              + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+    if EVEN_MK and EVEN_N:
+        tl.store(c_ptrs, c)
+    else:
+        tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# ----------------------------------------------------------------------------------------
+# look-up tables (built on the CPU from a [heads, rows, cols] 0/1 layout)
+# ----------------------------------------------------------------------------------------
+def _block_index(layout):
+    """[H, R, C] long: position of each nonzero block in nonzero() order, -1 elsewhere."""
+    nz = layout.nonzero(as_tuple=True)
+    idx = torch.full(layout.shape, -1, dtype=torch.int64)
+    idx[nz] = torch.arange(nz[0].numel(), dtype=torch.int64)
+    return idx
+
+
+def _tiles(idx, r):
+    """[H, nbM, nbK] block index -> [H, SM, SK, r, r] tile index (padded with -1)."""
+    h, nbm, nbk = idx.shape
+    sm, sk = -(-nbm // r), -(-nbk // r)
+    pad = torch.full((h, sm * r, sk * r), -1, dtype=torch.int64)
+    pad[:, :nbm, :nbk] = idx
+    return pad.view(h, sm, r, sk, r).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def sdd_lut(layout, block):
+    """Work list for _sdd_kernel. Returns dict of CPU int32 tensors and sizes."""
+    tile = tile_for_block(block)
+    r = tile // block
+    tiles = _tiles(_block_index(layout), r)
+    present = (tiles >= 0).flatten(3).any(-1)
+    hij = present.nonzero().to(torch.int32).contiguous()
+    idx = tiles[present].reshape(-1, r * r).to(torch.int32).contiguous()
+    return {"hij": hij, "idx": idx, "items": int(hij.shape[0]), "tile": tile}
+
+
+def dsd_lut(layout, block, trans):
+    """Per (head, output row tile) lists of nonzero k tiles for _dsd_kernel.
+
+    ``layout`` describes the sparse operand as stored; with ``trans`` the operand is used
+    transposed, so output rows follow the layout's columns."""
+    tile = tile_for_block(block)
+    r = tile // block
+    idx = _block_index(layout)
+    if trans:
+        idx = idx.transpose(1, 2)
+    tiles = _tiles(idx, r)
+    h, sm = tiles.shape[0], tiles.shape[1]
+    present = (tiles >= 0).flatten(3).any(-1)            # [H, SM, SK]
+    counts = present.sum(-1).flatten()
+    row_ptr = torch.zeros(h * sm + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    steps = present.nonzero()
+    step_k = steps[:, 2].to(torch.int32).contiguous()
+    step_idx = tiles[present].reshape(-1, r * r).to(torch.int32).contiguous()
+    if step_k.numel() == 0:  # keep valid pointers
+        step_k = torch.zeros(1, dtype=torch.int32)
+        step_idx = torch.full((1, r * r), -1, dtype=torch.int32)
+    return {"row_ptr": row_ptr.to(torch.int32).contiguous(), "step_k": step_k,
+            "step_idx": step_idx, "n_row_tiles": sm, "heads": h, "tile": tile}
+
+
+def lut_to(lut, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in lut.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+def _cfg(tile, tile_n, num_warps, num_stages):
+    if num_warps is None:
+        num_warps = 8 if tile * tile_n >= 128 * 128 else 4
+    if num_stages is None:
+        num_stages = 2 if tile >= 128 and tile_n >= 128 else 3
+    return num_warps, num_stages
+
+
+def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None):
+    """c[z, n] = (op(a) @ op(b)) restricted to the nonzero blocks; a, b [Z, H, ., .]."""
+    z = a.shape[0]
+    sa = a.stride()
+    sb = b.stride()
+    # (z, h, row, k) strides of op(a); (z, h, k, col) strides of op(b)
+    a_m, a_k = (sa[3], sa[2]) if trans_a else (sa[2], sa[3])
+    b_k, b_n = (sb[3], sb[2]) if trans_b else (sb[2], sb[3])
+    M = a.shape[3] if trans_a else a.shape[2]
+    K = a.shape[2] if trans_a else a.shape[3]
+    N = b.shape[2] if trans_b else b.shape[3]
+    tile = lut["tile"]
+    tile_k = min(64, max(16, _next_pow2(K)))
+    c = torch.empty((z, nnz, block, block), dtype=a.dtype, device=a.device)
+    if lut["items"] == 0 or z == 0:
+        return c
+    nw, ns = _cfg(tile, tile, num_warps, num_stages)
+    grid = (lut["items"], z)
+    _sdd_kernel[grid](
+        a, b, c, lut["hij"], lut["idx"], M, N, K,
+        sa[0], sa[1], a_m, a_k, sb[0], sb[1], b_k, b_n, c.stride(0),
+        BLOCK=block, TILE=tile, TILE_K=tile_k,
+        EVEN_MN=(M % tile == 0 and N % tile == 0), EVEN_K=(K % tile_k == 0),
+        num_warps=nw, num_stages=ns)
+    return c
+
+
+def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=False,
+        num_warps=None, num_stages=None, tile_n=None):
+    """c = op(A) @ op(b): a sparse [Z, nnz, block, block], b dense [Z, H, ., .].
+
+    ``out_rows``: rows of op(A). With ``out_transposed`` the result is written as c^T
+    into ``out`` ([Z, H, N, out_rows]), which is how dense x sparse is computed."""
+    z = b.shape[0]
+    h = lut["heads"]
+    sb = b.stride()
+    b_k, b_n = (sb[3], sb[2]) if trans_b else (sb[2], sb[3])
+    K = b.shape[3] if trans_b else b.shape[2]
+    N = b.shape[2] if trans_b else b.shape[3]
+    M = out_rows
+    if out is None:
+        out = torch.empty((z, h, N, M) if out_transposed else (z, h, M, N),
+                          dtype=b.dtype, device=b.device)
+    sc = out.stride()
+    c_m, c_n = (sc[3], sc[2]) if out_transposed else (sc[2], sc[3])
+    if z == 0 or M == 0 or N == 0:
+        return out
+    tile = lut["tile"]
+    if tile_n is None:
+        tile_n = max(16, _next_pow2(N)) if N <= 128 else (128 if tile >= 128 else 64)
+    ar, ak = (1, block) if trans_a else (block, 1)
+    nw, ns = _cfg(tile, tile_n, num_warps, num_stages)
+    grid = (h * lut["n_row_tiles"], triton.cdiv(N, tile_n), z)
+    _dsd_kernel[grid](
+        a, b, out, lut["row_ptr"], lut["step_k"], lut["step_idx"],
+        lut["n_row_tiles"], M, N, K,
+        a.stride(0), ar, ak, sb[0], sb[1], b_k, b_n,
+        sc[0], sc[1], c_m, c_n,
+        BLOCK=block, TILE=tile, TILE_N=tile_n,
+        EVEN_MK=(M % tile == 0 and K % tile == 0), EVEN_N=(N % tile_n == 0),
+        num_warps=nw, num_stages=ns)
+    return out
