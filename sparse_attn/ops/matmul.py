@@ -23,6 +23,7 @@ synchronisation, so the forward and backward can be captured in a CUDA graph.
 """
 import hashlib
 import os
+import weakref
 
 import torch
 
@@ -74,6 +75,26 @@ def resolve_backend(requested, device):
     return b
 
 
+_LAYOUT_SEEN = {}
+
+
+def canonical_layout(layout, block, who):
+    """(CPU int64 layout, content key), remembered per layout object and version so that
+    building a MatMul/Softmax per call costs no device copy (and no sync) after the first."""
+    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCKS:
+        raise ValueError(f"{who}: argument 'block' is {block!r}; allowed: {BLOCKS}")
+    if torch.is_tensor(layout):
+        hit = _LAYOUT_SEEN.get(id(layout))
+        if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+            return hit[2], hit[3]
+    lay = check_layout(layout, block, who)
+    key = layout_key(lay)
+    if len(_LAYOUT_SEEN) > 4096:
+        _LAYOUT_SEEN.clear()
+    _LAYOUT_SEEN[id(layout)] = (weakref.ref(layout), layout._version, lay, key)
+    return lay, key
+
+
 def check_layout(layout, block, who):
     if not torch.is_tensor(layout):
         raise ValueError(f"{who}: argument 'layout' must be a torch tensor [heads, rows, cols], "
@@ -95,7 +116,7 @@ def check_layout(layout, block, who):
 
 def layout_key(layout):
     """Content key of a CPU int64 layout: equal only for equal layouts."""
-    digest = hashlib.sha1(layout.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha1(layout.to(torch.uint8).numpy().tobytes()).hexdigest()
     return (tuple(layout.shape), digest)
 
 
@@ -215,7 +236,7 @@ class MatMul:
             raise ValueError(f"{who}: argument 'mode' is {mode!r}; allowed: {MODES}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{who}: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
-        self.layout = check_layout(layout, block, who)
+        self.layout, self._key = canonical_layout(layout, block, who)
         self.block = block
         self.mode = mode
         self.trans_a = bool(trans_a)
@@ -223,7 +244,6 @@ class MatMul:
         self.backend = backend
         self.spdims = tuple(self.layout.shape)
         self.nnz = int(self.layout.sum())
-        self._key = layout_key(self.layout)
         self._ops = {}
 
     def _get_ops(self, backend, device):

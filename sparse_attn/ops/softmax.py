@@ -21,8 +21,7 @@ Gradients flow to ``x`` only (rpe and masks are constants). Output has ``x``'s d
 import torch
 
 from . import blocksparse_torch as _bt
-from .matmul import (BACKENDS, cached, check_dtype, check_layout, layout_key,
-                     resolve_backend)
+from .matmul import BACKENDS, cached, canonical_layout, check_dtype, resolve_backend
 
 MASK_MODES = ("add", "mul")
 
@@ -97,12 +96,11 @@ class Softmax:
     def __init__(self, layout, block, backend=None):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"Softmax: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
-        self.layout = check_layout(layout, block, "Softmax")
+        self.layout, self._key = canonical_layout(layout, block, "Softmax")
         self.block = block
         self.backend = backend
         self.spdims = tuple(self.layout.shape)
         self.nnz = int(self.layout.sum())
-        self._key = layout_key(self.layout)
         self._ops = {}
 
     def _get_ops(self, backend, device):

@@ -38,7 +38,7 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
                 stride_bz, stride_bh, stride_bk, stride_bn,
                 stride_cz,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_K: tl.constexpr,
-                EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr):
+                EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     R: tl.constexpr = TILE // BLOCK
     item = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
@@ -61,6 +61,9 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
         else:
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k), other=0.)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & (offs_n[None, :] < N), other=0.)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
         a_ptrs += TILE_K * stride_ak
         b_ptrs += TILE_K * stride_bk
@@ -83,7 +86,7 @@ def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
                 stride_bz, stride_bh, stride_bk, stride_bn,
                 stride_cz, stride_ch, stride_cm, stride_cn,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_N: tl.constexpr,
-                EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr):
+                EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
     R: tl.constexpr = TILE // BLOCK
     item = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -114,6 +117,9 @@ def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=(krow[:, None] < K) & (offs_n[None, :] < N), other=0.)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
     c = acc.to(C.dtype.element_ty)
     offs_m = ti * TILE + offs_r
@@ -189,6 +195,11 @@ def lut_to(lut, device):
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
+def _upcast(t):
+    # Triton's CPU interpreter computes bf16 dots wrongly (triton 3.9): upcast there only
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
 def _cfg(tile, tile_n, num_warps, num_stages):
     if num_warps is None:
         num_warps = 8 if tile * tile_n >= 128 * 128 else 4
@@ -220,7 +231,7 @@ def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None
         sa[0], sa[1], a_m, a_k, sb[0], sb[1], b_k, b_n, c.stride(0),
         BLOCK=block, TILE=tile, TILE_K=tile_k,
         EVEN_MN=(M % tile == 0 and N % tile == 0), EVEN_K=(K % tile_k == 0),
-        num_warps=nw, num_stages=ns)
+        UPCAST=_upcast(a), num_warps=nw, num_stages=ns)
     return c
 
 
@@ -257,5 +268,5 @@ def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=F
         sc[0], sc[1], c_m, c_n,
         BLOCK=block, TILE=tile, TILE_N=tile_n,
         EVEN_MK=(M % tile == 0 and K % tile == 0), EVEN_N=(N % tile_n == 0),
-        num_warps=nw, num_stages=ns)
+        UPCAST=_upcast(b), num_warps=nw, num_stages=ns)
     return out
