@@ -1,0 +1,455 @@
+"""Fused block-sparse flash attention: look-up tables, autograd and the public function.
+
+    out = fused_block_sparse_attention(q, k, v, layout, block, scale=None, causal=False,
+                                       key_padding_mask=None)
+
+One Triton kernel computes the forward pass: for each query tile it loops over the nonzero
+key tiles of its row of the layout with an online softmax, never writing the block-sparse
+score tensor to memory. The backward pass is FlashAttention-2 style: a small kernel for
+delta = rowsum(dO * O), one kernel for dK/dV (over the column look-up table: the query tiles
+that see a key tile) and one for dQ (over the row look-up table).
+
+Tiles are tensor-core sized (64 or 128 rows/columns). A layout whose block is smaller than a
+tile (block 16 or 32) runs on the tile-level layout (a tile is visited when any of its
+blocks is nonzero) and the empty blocks inside a visited tile are masked in registers from a
+per-tile bit mask. Tiles that are entirely kept run with no mask at all.
+
+Supported: CUDA tensors (or CPU tensors when TRITON_INTERPRET=1), float16 and bfloat16,
+head_dim 32, 64 or 128, any power-of-two block >= 16 (DeepSpeed's 16, 32, 64, 128), a
+different layout per head. float32 inputs are rejected (ValueError): use the three-kernel
+path, or cast to bf16. `fused_supported` says, without raising, whether a call can take this
+path and why not.
+
+Look-up tables are built with device ops only (no host sync) the first time a layout is seen
+and cached per (layout tensor, block, tile sizes, causal, device). The cache holds a
+reference to the layout and keys on its storage, shape, strides and version counter, so
+views of one layout hit and an in-place change of the layout rebuilds. The op is registered
+as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.custom_op,
+with fake and autograd registrations), so ``torch.compile`` traces it without graph breaks.
+"""
+import math
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    from .kernels import fused_attention as _k
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover - triton missing
+    triton = None
+    _k = None
+    _HAVE_TRITON = False
+
+__all__ = ["fused_block_sparse_attention", "fused_supported", "FusedBlockSparseAttention",
+           "set_fused_config"]
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. BLOCK_M is the query tile, BLOCK_N
+# the key tile. Keyed by head_dim, then by block (None = any block). Chosen by
+# scripts/bench_attention.py on an H100 (see benchmarks/NOTES_fused.md).
+_CONFIGS = {
+    32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 128, 4, 3))},
+    64: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 128, 4, 3))},
+    128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))},
+}
+_OVERRIDE = {}
+
+
+def set_fused_config(head_dim=None, block=None, **kernels):
+    """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``.
+
+    ``set_fused_config()`` with no argument clears every override. Used by the benchmark.
+    """
+    if head_dim is None:
+        _OVERRIDE.clear()
+        return
+    _OVERRIDE.setdefault((head_dim, block), {}).update(kernels)
+
+
+def _config(head_dim, block):
+    table = _CONFIGS[head_dim]
+    cfg = dict(table.get(block, table[None]))
+    cfg.update(_OVERRIDE.get((head_dim, None), {}))
+    cfg.update(_OVERRIDE.get((head_dim, block), {}))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_supported(q, k, v, *, rpe=None, attn_mask=None, layout=None, block=None):
+    """None when ``fused_block_sparse_attention`` can take this call, else a short reason.
+
+    ``layout`` and ``block`` are optional; when given they are checked too.
+    """
+    if rpe is not None:
+        return "rpe is not supported by the fused kernel"
+    if attn_mask is not None:
+        return "attn_mask is not supported by the fused kernel"
+    if not _HAVE_TRITON:
+        return "triton is not installed"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} must be 4-D [batch, heads, seq, head_dim], got {tuple(t.shape)}"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype} not supported (float16 or bfloat16 only)"
+        if t.device.type != "cuda" and not (_interpret() and t.device.type == "cpu"):
+            return f"{name} is on {t.device}; needs CUDA (or CPU with TRITON_INTERPRET=1)"
+    if not (q.shape == k.shape == v.shape):
+        return f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v dtypes differ"
+    if not (q.device == k.device == v.device):
+        return "q, k, v devices differ"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} not supported (32, 64 or 128)"
+    if block is not None:
+        if not _block_ok(block):
+            return f"block {block} not supported (a power of two >= 16)"
+        if q.shape[2] % block:
+            return f"seq {q.shape[2]} is not a multiple of block {block}"
+    if layout is not None:
+        nb = q.shape[2] // block if block else None
+        if layout.dim() != 3 or layout.shape[0] != q.shape[1] or (
+                nb is not None and tuple(layout.shape[1:]) != (nb, nb)):
+            return f"layout shape {tuple(layout.shape)} does not match q {tuple(q.shape)}"
+    return None
+
+
+def _block_ok(block):
+    return isinstance(block, int) and block >= 16 and (block & (block - 1)) == 0
+
+
+def _check(q, k, v, layout, block, key_padding_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the fused kernel takes float16 or "
+                             f"bfloat16 (float32 is not supported: cast, or use the "
+                             f"three-kernel path)")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape [batch, heads, seq, head_dim], got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (_interpret() and q.device.type == "cpu"):
+        raise ValueError(f"q is on {q.device}; the fused kernel needs CUDA tensors (or CPU "
+                         f"tensors with TRITON_INTERPRET=1)")
+    B, H, N, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim (q.shape[-1]) is {D}; allowed: {SUPPORTED_HEAD_DIMS}")
+    if not _block_ok(block):
+        raise ValueError(f"block is {block!r}; allowed: a power of two >= 16 (16, 32, 64, 128)")
+    if N % block:
+        raise ValueError(f"seq (q.shape[2]) = {N} is not a multiple of block = {block}")
+    nb = N // block
+    if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != (H, nb, nb):
+        raise ValueError(f"layout must be [heads, seq // block, seq // block] = "
+                         f"[{H}, {nb}, {nb}], got "
+                         f"{tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout)}")
+    if layout.dtype.is_floating_point or layout.is_complex():
+        raise ValueError(f"layout must be an integer (0/1) or bool tensor, got {layout.dtype}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or \
+                not key_padding_mask.dtype.is_floating_point:
+            raise ValueError("key_padding_mask must be an additive float tensor [batch, seq] "
+                             "(0 keeps, -inf drops)")
+        if key_padding_mask.numel() != B * N or key_padding_mask.shape[0] != B or \
+                key_padding_mask.shape[-1] != N:
+            raise ValueError(f"key_padding_mask must be [batch, seq] = [{B}, {N}] (singleton "
+                             f"middle dims allowed), got {tuple(key_padding_mask.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Look-up tables
+# --------------------------------------------------------------------------------------
+class _Lut:
+    """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
+    __slots__ = ("idx", "bits", "nfull", "ntot", "order", "n_own", "n_other", "unit_m",
+                 "unit_n", "fine", "bits32")
+
+
+def _tile_tables(layout, block, TM, TN, N, causal, device):
+    """Per tile (i, j): nonzero, full (no mask needed) and the unit bit mask (int64)."""
+    H = layout.shape[0]
+    L = layout.to(device=device, non_blocking=True).bool()
+    ur, uc = min(TM, block), min(TN, block)
+    if block > ur:
+        L = L.repeat_interleave(block // ur, 1)
+    if block > uc:
+        L = L.repeat_interleave(block // uc, 2)
+    n_qt, n_kt = -(-N // TM), -(-N // TN)
+    a, c = TM // ur, TN // uc
+    pr, pc = n_qt * a - L.shape[1], n_kt * c - L.shape[2]
+    if pr or pc:
+        L = torch.nn.functional.pad(L, (0, pc, 0, pr))
+    units = L.view(H, n_qt, a, n_kt, c).permute(0, 1, 3, 2, 4).reshape(H, n_qt, n_kt, a * c)
+    nz = units.any(-1)
+    full = units.all(-1)
+    if causal:
+        i = torch.arange(n_qt, device=device)[:, None]
+        j = torch.arange(n_kt, device=device)[None, :]
+        above = j * TN > (i + 1) * TM - 1
+        cross = (j + 1) * TN - 1 > i * TM
+        nz = nz & ~above
+        full = full & ~cross
+    fine = a * c > 1
+    if fine:
+        shifts = torch.arange(a * c, device=device, dtype=torch.int64)
+        bits = (units.to(torch.int64) << shifts).sum(-1)
+    else:
+        bits = None
+    return nz, full, bits, (ur, uc, fine, a * c <= 32)
+
+
+def _make_lut(nz, full, bits, meta):
+    """nz/full/bits [H, n_own, n_other] -> _Lut sorted full-first per row, rows by work."""
+    H, n_own, n_other = nz.shape
+    key = nz.to(torch.int8) + full.to(torch.int8)
+    order_in_row = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    lut = _Lut()
+    lut.idx = order_in_row.to(torch.int32).reshape(H * n_own, n_other).contiguous()
+    if bits is not None:
+        lut.bits = torch.gather(bits, -1, order_in_row).reshape(H * n_own, n_other).contiguous()
+    else:
+        lut.bits = torch.zeros(1, dtype=torch.int64, device=nz.device)
+    lut.nfull = full.sum(-1).to(torch.int32).reshape(-1).contiguous()
+    ntot = nz.sum(-1).reshape(-1)
+    lut.ntot = ntot.to(torch.int32).contiguous()
+    lut.order = torch.sort(ntot, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    lut.n_own, lut.n_other = n_own, n_other
+    lut.unit_m, lut.unit_n, lut.fine, lut.bits32 = meta
+    return lut
+
+
+_LUT_CACHE = OrderedDict()
+_LUT_CACHE_SIZE = 64
+
+
+def _layout_key(layout):
+    try:
+        version = layout._version
+    except Exception:  # inference tensors have no version counter
+        version = -1
+    return (layout.untyped_storage().data_ptr(), layout.storage_offset(), tuple(layout.shape),
+            tuple(layout.stride()), layout.dtype, str(layout.device), version)
+
+
+def _get_lut(layout, block, TM, TN, N, causal, device, kind):
+    """kind 'row' (forward, dq) or 'col' (dk/dv). Cached; built with device ops only."""
+    key = (_layout_key(layout), block, TM, TN, N, bool(causal), str(device), kind)
+    hit = _LUT_CACHE.get(key)
+    if hit is not None:
+        _LUT_CACHE.move_to_end(key)
+        return hit[1]
+    nz, full, bits, meta = _tile_tables(layout, block, TM, TN, N, causal, device)
+    if kind == "col":
+        nz, full = nz.transpose(1, 2), full.transpose(1, 2)
+        bits = bits.transpose(1, 2) if bits is not None else None
+    lut = _make_lut(nz, full, bits, meta)
+    _LUT_CACHE[key] = (layout, lut)  # the reference keeps the storage (and its key) alive
+    while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
+        _LUT_CACHE.popitem(last=False)
+    return lut
+
+
+def clear_lut_cache():
+    _LUT_CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------
+# Launchers (run inside the custom ops)
+# --------------------------------------------------------------------------------------
+def _upcast(q):
+    return bool(_interpret() and q.dtype == torch.bfloat16 and q.device.type == "cpu")
+
+
+def _prep(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kpm_arg(kpm, q, B, N):
+    if kpm is None:
+        return q.new_zeros(1, dtype=torch.float32), 0, False
+    kpm = kpm.reshape(B, N).to(torch.float32).contiguous()
+    return kpm, kpm.stride(0), True
+
+
+def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    B, H, N, D = q.shape
+    TM, TN, warps, stages = _config(D, block)["fwd"]
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, q, B, N)
+    grid = (H * lut.n_own * B,)
+    _k.fused_attn_fwd_kernel[grid](
+        q, k, v, out, lse, kpm_t,
+        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E,
+        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    do = do.contiguous()
+    out = out.contiguous()
+    B, H, N, D = q.shape
+    cfg = _config(D, block)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, q, B, N)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    rows = B * H * N
+    DB = 64
+    _k.fused_attn_bwd_delta_kernel[(triton.cdiv(rows, DB),)](out, do, delta, rows,
+                                                             HEAD_DIM=D, BLOCK=DB)
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
+
+    TM, TN, warps, stages = cfg["dkdv"]
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col")
+    _k.fused_attn_bwd_dkdv_kernel[(H * lut.n_own * B,)](
+        q, k, v, do, dk, dv, lse, delta, kpm_t,
+        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        num_warps=warps, num_stages=stages)
+
+    TM, TN, warps, stages = cfg["dq"]
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
+    _k.fused_attn_bwd_dq_kernel[(H * lut.n_own * B,)](
+        q, k, v, do, dq, lse, delta, kpm_t,
+        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops (torch.compile) and autograd
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("sparse_attn::fused_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+            key_padding_mask: Optional[torch.Tensor], block: int, scale: float,
+            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, layout, key_padding_mask, block, scale, causal)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, layout, key_padding_mask, block, scale, causal):
+    B, H, N, D = q.shape
+    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32))
+
+
+@torch.library.custom_op("sparse_attn::fused_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, layout: torch.Tensor,
+            key_padding_mask: Optional[torch.Tensor], block: int, scale: float,
+            causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(do, q, k, v, out, lse, layout, key_padding_mask, block, scale, causal)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, out, lse, layout, key_padding_mask, block, scale, causal):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, kpm, block, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, layout, kpm)
+    ctx.block, ctx.scale, ctx.causal = block, scale, causal
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, layout, kpm = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, layout, kpm, ctx.block, ctx.scale,
+                         ctx.causal)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedBlockSparseAttention(torch.autograd.Function):
+    """Thin eager autograd.Function over the same kernels (the public function uses the
+    custom op, which also works under torch.compile). ``apply(q, k, v, layout, block,
+    scale, causal, key_padding_mask)``; arguments as validated by the public function."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block, scale, causal, key_padding_mask):
+        out, lse = _forward_impl(q, k, v, layout, key_padding_mask, block, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, layout, key_padding_mask)
+        ctx.block, ctx.scale, ctx.causal = block, scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, layout, kpm = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, layout, kpm, ctx.block,
+                                    ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def fused_block_sparse_attention(q, k, v, layout, block, *, scale=None, causal=False,
+                                 key_padding_mask=None):
+    """Block-sparse attention in one fused Triton kernel (forward) and three (backward).
+
+    q, k, v: [batch, heads, seq, head_dim], float16 or bfloat16 (float32 is rejected with a
+    ValueError), head_dim 32, 64 or 128, CUDA (or CPU with TRITON_INTERPRET=1).
+    layout: [heads, seq // block, seq // block] 0/1 (int or bool, any device); a different
+    pattern per head is fine. block: a power of two >= 16.
+    scale: softmax scale, default head_dim ** -0.5.
+    causal: also drop keys after the query (inside diagonal blocks, for unidirectional
+    layouts).
+    key_padding_mask: additive float [batch, seq] (0 keeps, -inf drops, other values are
+    added to the scores of that key); no gradient flows to it.
+    A query row that sees no key returns zeros (and zero gradients), never NaN.
+    Returns [batch, heads, seq, head_dim] in q's dtype.
+    """
+    _check(q, k, v, layout, block, key_padding_mask)
+    D = q.shape[-1]
+    scale = float(D ** -0.5) if scale is None else float(scale)
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(q.shape[0], q.shape[2])
+    out, _ = _fwd_op(q, k, v, layout, kpm, int(block), scale, bool(causal))
+    return out

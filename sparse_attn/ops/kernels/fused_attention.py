@@ -1,0 +1,371 @@
+"""Fused block-sparse flash attention: Triton kernels only.
+
+One program owns one (query tile, batch) in the forward and the dq kernel, or one
+(key tile, batch) in the dk/dv kernel, and loops over the look-up table (LUT) of the tiles
+that row / column touches. Scores never leave registers (online softmax, FlashAttention-2).
+
+LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
+  IDX   [H * n_own, n_other]  tile indices, the FULL tiles first, then the PARTIAL ones
+  NFULL [H * n_own]           number of full tiles of each row (column) of tiles
+  NTOT  [H * n_own]           number of full + partial tiles
+  BITS  [H * n_own, n_other]  int64, for partial tiles: one bit per (sub-row, sub-column)
+                              unit of the tile that the layout keeps; bit index
+                              (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
+  ORDER [H * n_own]           row (column) ids, most work first: the launch order
+A full tile needs no mask at all (unless a key padding mask is given, which is added to every
+tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
+the sequence is not a multiple of the tile (EVEN false), the bounds.
+
+Scores are kept in base 2: s2 = q.k * scale * log2(e) (+ kpm * log2(e)); LSE is stored in the
+same units (+inf for a row that sees no key, so that its probabilities and gradients are 0).
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr):
+    # UPCAST is set only under TRITON_INTERPRET for bfloat16, whose dot the interpreter
+    # gets wrong (numpy has no bfloat16); on a GPU the operands go to the tensor cores as-is.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
+               stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+               BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
+               BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    for it in range(lo, hi):
+        kt = tl.load(IDX + it)
+        cols = kt * BLOCK_N + offs_n
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if PARTIAL and not EVEN:
+            k = tl.load(k_ptrs, mask=(cols < N)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _mm(q, tl.trans(k), UPCAST) * qk_scale
+        if HAS_KPM:
+            if PARTIAL and not EVEN:
+                kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
+            else:
+                kpm = tl.load(KPM_base + cols)
+            s = s + kpm[None, :] * 1.4426950408889634
+        if PARTIAL:
+            if FINE:
+                bits = tl.load(BITS + it)
+                if BITS32:
+                    bits = bits.to(tl.int32)
+                keep = ((bits >> bitidx) & 1) != 0
+                s = tl.where(keep, s, float("-inf"))
+            if CAUSAL:
+                s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def fused_attn_fwd_kernel(
+        Q, K, V, O, LSE, KPM,
+        IDX, BITS, NFULL, NTOT, ORDER,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_kpmb,
+        B, H, N, n_qt, n_kt, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
+        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid % B
+    r = tl.load(ORDER + pid // B)  # = h * n_qt + query tile
+    h = r // n_qt
+    qt = r % n_qt
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    if EVEN:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m < N)[:, None], other=0.0)
+    K_base = K + b64 * stride_kb + h64 * stride_kh
+    V_base = V + b64 * stride_vb + h64 * stride_vh
+    KPM_base = KPM + b64 * stride_kpmb
+    bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
+        (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
+    if not BITS32:
+        bitidx = bitidx.to(tl.int64)
+    row = r.to(tl.int64) * n_kt
+    nfull = tl.load(NFULL + r)
+    ntot = tl.load(NTOT + r)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
+                               0, nfull, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
+                               qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
+                               UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
+                               nfull, ntot, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
+                               qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
+                               UPCAST)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    lse_ptrs = LSE + (b64 * H + h64) * N + offs_m
+    if EVEN:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
+        tl.store(lse_ptrs, lse, mask=offs_m < N)
+
+
+@triton.jit
+def fused_attn_bwd_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    """delta[row] = sum_d dO[row, d] * O[row, d]; O and dO contiguous [rows, HEAD_DIM]."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    msk = (rows < n_rows)[:, None]
+    ptr = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
+              stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+              BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
+              BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    for it in range(lo, hi):
+        kt = tl.load(IDX + it)
+        cols = kt * BLOCK_N + offs_n
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if PARTIAL and not EVEN:
+            k = tl.load(k_ptrs, mask=(cols < N)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _mm(q, tl.trans(k), UPCAST) * qk_scale
+        if HAS_KPM:
+            if PARTIAL and not EVEN:
+                kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
+            else:
+                kpm = tl.load(KPM_base + cols)
+            s = s + kpm[None, :] * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        if PARTIAL:
+            if FINE:
+                bits = tl.load(BITS + it)
+                if BITS32:
+                    bits = bits.to(tl.int32)
+                keep = ((bits >> bitidx) & 1) != 0
+                p = tl.where(keep, p, 0.0)
+            if CAUSAL:
+                p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        dp = _mm(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, UPCAST)
+    return dq
+
+
+@triton.jit
+def fused_attn_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, KPM,
+        IDX, BITS, NFULL, NTOT, ORDER,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_kpmb,
+        B, H, N, n_qt, n_kt, qk_scale, sm_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
+        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    """DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32."""
+    pid = tl.program_id(0)
+    b = pid % B
+    r = tl.load(ORDER + pid // B)
+    h = r // n_qt
+    qt = r % n_qt
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    bh = b64 * H + h64
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    if EVEN:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(LSE + bh * N + offs_m)
+        delta = tl.load(DELTA + bh * N + offs_m)
+    else:
+        mrow = offs_m < N
+        q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
+        lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
+        delta = tl.load(DELTA + bh * N + offs_m, mask=mrow, other=0.0)
+    K_base = K + b64 * stride_kb + h64 * stride_kh
+    V_base = V + b64 * stride_vb + h64 * stride_vh
+    KPM_base = KPM + b64 * stride_kpmb
+    bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
+        (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
+    if not BITS32:
+        bitidx = bitidx.to(tl.int64)
+    row = r.to(tl.int64) * n_kt
+    nfull = tl.load(NFULL + r)
+    ntot = tl.load(NTOT + r)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+                   0, nfull, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+                   BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+                   nfull, ntot, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+                   BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    if EVEN:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, BITS, lo, hi,
+                stride_qm, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr,
+                FINE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                EVEN: tl.constexpr, BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    for it in range(lo, hi):
+        qt = tl.load(IDX + it)
+        rows = qt * BLOCK_M + offs_m
+        q_ptrs = Q_base + rows[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        if PARTIAL and not EVEN:
+            mrow = rows < N
+            q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
+            lse = tl.load(LSE_base + rows, mask=mrow, other=float("inf"))
+            delta = tl.load(DELTA_base + rows, mask=mrow, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE_base + rows)
+            delta = tl.load(DELTA_base + rows)
+        sT = _mm(k, tl.trans(q), UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if HAS_KPM:
+            sT = sT + kpm[:, None]
+        pT = tl.math.exp2(sT - lse[None, :])
+        if PARTIAL:
+            if FINE:
+                bits = tl.load(BITS + it)
+                if BITS32:
+                    bits = bits.to(tl.int32)
+                keep = ((bits >> bitidxT) & 1) != 0
+                pT = tl.where(keep, pT, 0.0)
+            if CAUSAL:
+                pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
+        dv += _mm(pT.to(do.dtype), do, UPCAST)
+        dpT = _mm(v, tl.trans(do), UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _mm(dsT.to(q.dtype), q, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def fused_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+        IDX, BITS, NFULL, NTOT, ORDER,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_kpmb,
+        B, H, N, n_kt, n_qt, qk_scale, sm_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
+        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
+    pid = tl.program_id(0)
+    b = pid % B
+    c = tl.load(ORDER + pid // B)  # = h * n_kt + key tile
+    h = c // n_kt
+    kt = c % n_kt
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    bh = b64 * H + h64
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if EVEN:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=(offs_n < N)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_n < N)[:, None], other=0.0)
+    kpm = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_KPM:
+        if EVEN:
+            kpm = tl.load(KPM + b64 * stride_kpmb + offs_n) * 1.4426950408889634
+        else:
+            kpm = tl.load(KPM + b64 * stride_kpmb + offs_n, mask=offs_n < N,
+                          other=0.0) * 1.4426950408889634
+    # bit index of score (m, n) is (m // UNIT_M) * (BLOCK_N // UNIT_N) + n // UNIT_N; here [n, m]
+    bitidxT = (tl.arange(0, BLOCK_M) // UNIT_M)[None, :] * (BLOCK_N // UNIT_N) + \
+        (tl.arange(0, BLOCK_N) // UNIT_N)[:, None]
+    if not BITS32:
+        bitidxT = bitidxT.to(tl.int64)
+    Q_base = Q + b64 * stride_qb + h64 * stride_qh
+    DO_base = DO + bh * N * HEAD_DIM
+    LSE_base = LSE + bh * N
+    DELTA_base = DELTA + bh * N
+    col = c.to(tl.int64) * n_qt
+    nfull = tl.load(NFULL + c)
+    ntot = tl.load(NTOT + c)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
+                         IDX + col, BITS + col, 0, nfull, stride_qm, offs_m, offs_n, offs_d,
+                         bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, False, FINE, CAUSAL,
+                         HAS_KPM, EVEN, BITS32, UPCAST)
+    dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
+                         IDX + col, BITS + col, nfull, ntot, stride_qm, offs_m, offs_n, offs_d,
+                         bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, True, FINE, CAUSAL,
+                         HAS_KPM, EVEN, BITS32, UPCAST)
+    dk = dk * sm_scale
+    out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if EVEN:
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty))
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty))
+    else:
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=(offs_n < N)[:, None])
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None])

@@ -1,0 +1,327 @@
+"""Fused block-sparse flash attention vs the float64 dense oracle (forward and gradients).
+
+On a machine without CUDA, conftest sets TRITON_INTERPRET=1 and the same Triton kernels run
+on CPU tensors at small shapes; on CUDA the shapes are larger.
+"""
+import zlib
+
+import pytest
+import torch
+
+from reference import assert_rel_close, reference_attention, rel_error
+
+from sparse_attn.ops import fused as F_
+from sparse_attn.ops.fused import (FusedBlockSparseAttention, fused_block_sparse_attention,
+                                   fused_supported, set_fused_config)
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16]
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (runs on the device machine)")
+
+# Small shapes on the interpreter, larger on a GPU.
+SEQ = 1024 if CUDA else 256
+BATCH = 2
+HEADS = 4 if CUDA else 2
+
+
+# ----------------------------------------------------------------------------- layouts
+def random_layout(heads, nb, p=0.3, causal=False, gen=None):
+    L = (torch.rand(heads, nb, nb, generator=gen) < p).long()
+    L[:, torch.arange(nb), torch.arange(nb)] = 1
+    return L.tril() if causal else L
+
+
+def bigbird_like(heads, nb, rand=1, window=3, glob=1, causal=False, gen=None):
+    L = torch.zeros(heads, nb, nb, dtype=torch.long)
+    w = window // 2
+    for h in range(heads):
+        for r in range(nb):
+            L[h, r, torch.randint(0, nb, (rand,), generator=gen)] = 1
+            L[h, r, max(0, r - w):min(nb, r + w + 1)] = 1
+    L[:, :glob, :] = 1
+    L[:, :, :glob] = 1
+    return L.tril() if causal else L
+
+
+def fixed_like(heads, nb, local=4, glob=1, causal=False):
+    L = torch.zeros(heads, nb, nb, dtype=torch.long)
+    for i in range(0, nb, local):
+        L[:, i:i + local, i:i + local] = 1
+    for h in range(heads):  # a different global column per head
+        off = local - (1 + h % (local // glob)) * glob
+        for i in range(off, nb, local):
+            L[h, :, i:i + glob] = 1
+    return L.tril() if causal else L
+
+
+def make_inputs(batch, heads, seq, d, dtype, seed=0, layout="strided"):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, seq, d)
+    if layout == "bnhd":  # [batch, seq, heads, d] storage seen as [batch, heads, seq, d]
+        mk = lambda: torch.randn(batch, seq, heads, d, generator=g).transpose(1, 2)
+    else:
+        mk = lambda: torch.randn(*shape, generator=g)
+    return [mk().to(DEV, dtype).requires_grad_() for _ in range(3)]
+
+
+def run_and_compare(q, k, v, layout, block, *, causal=False, kpm=None, scale=None,
+                    factor=1.0, fn=None, check_grads=True):
+    fn = fn or (lambda *a, **kw: fused_block_sparse_attention(*a, **kw))
+    out = fn(q, k, v, layout, block, scale=scale, causal=causal, key_padding_mask=kpm)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qd, kd, vd, layout, block, scale=scale, causal=causal,
+                              key_padding_mask=kpm)
+    assert_rel_close(out, ref, q.dtype, factor)
+    if not check_grads:
+        return out
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref.backward(do.double())
+    for name, a, b in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad),
+                       ("dv", v.grad, vd.grad)):
+        assert a is not None and a.shape == b.shape, name
+        err = rel_error(a, b)
+        tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[q.dtype] * factor * 2
+        assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config():
+    set_fused_config()
+    yield
+    set_fused_config()
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nokpm", "kpm"])
+def test_matrix(dtype, block, d, causal, padded):
+    seed = zlib.crc32(f"{dtype}{block}{d}{causal}{padded}".encode()) % 10000
+    gen = torch.Generator().manual_seed(seed)
+    nb = SEQ // block
+    layout = random_layout(HEADS, nb, p=0.3, causal=causal, gen=gen)  # differs per head
+    q, k, v = make_inputs(BATCH, HEADS, SEQ, d, dtype, seed)
+    kpm = None
+    if padded:
+        kpm = torch.zeros(BATCH, SEQ)
+        kpm[0, SEQ - 37:] = float("-inf")           # padded tail
+        kpm[1, :7] = torch.rand(7, generator=gen)   # other additive values
+        kpm[1, SEQ // 2:] = float("-inf")
+        kpm = kpm.to(DEV)
+    run_and_compare(q, k, v, layout, block, causal=causal, kpm=kpm)
+
+
+@pytest.mark.parametrize("kind", ["bigbird", "fixed"])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_deepspeed_like_layouts(kind, block, causal):
+    gen = torch.Generator().manual_seed(block)
+    nb = SEQ // block
+    if kind == "bigbird":
+        layout = bigbird_like(HEADS, nb, causal=causal, gen=gen)
+    else:
+        layout = fixed_like(HEADS, nb, local=4, causal=causal)
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=block + 7)
+    run_and_compare(q, k, v, layout.bool(), block, causal=causal)
+
+
+def test_fully_padded_batch_row_and_empty_rows():
+    block, d = 32, 64
+    nb = SEQ // block
+    layout = random_layout(HEADS, nb, p=0.3)
+    layout[0, 2] = 0          # a block row with no visible key in head 0
+    layout[1, :, :] = 0       # a head that sees nothing
+    q, k, v = make_inputs(2, HEADS, SEQ, d, torch.float16, seed=3)
+    kpm = torch.zeros(2, SEQ, device=DEV)
+    kpm[1] = float("-inf")    # batch row 1 fully padded
+    out = run_and_compare(q, k, v, layout, block, kpm=kpm)
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+    assert (out[0, 1] == 0).all()
+    assert (out[0, 0, 2 * block:3 * block] == 0).all()
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(g).all()
+        assert (g[1] == 0).all()
+        assert (g[0, 1] == 0).all()
+    assert (q.grad[0, 0, 2 * block:3 * block] == 0).all()
+
+
+@pytest.mark.parametrize("block,seq", [(16, 144), (32, 160), (64, 192)])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_seq_not_multiple_of_tile(block, seq, causal):
+    if CUDA:
+        seq = seq * 5  # still not a multiple of 128
+    gen = torch.Generator().manual_seed(seq)
+    layout = random_layout(HEADS, seq // block, p=0.4, causal=causal, gen=gen)
+    q, k, v = make_inputs(2, HEADS, seq, 64, torch.float16, seed=seq)
+    kpm = torch.zeros(2, seq, device=DEV)
+    kpm[0, -5:] = float("-inf")
+    run_and_compare(q, k, v, layout, block, causal=causal, kpm=kpm)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(fwd=(64, 64, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2)),
+    dict(fwd=(128, 128, 8, 2), dq=(128, 128, 8, 2), dkdv=(128, 128, 8, 2)),  # 64 bits/tile
+    dict(fwd=(64, 128, 4, 2), dq=(32, 128, 4, 2), dkdv=(128, 32, 4, 2)),
+])
+@pytest.mark.parametrize("block", [16, 128])
+def test_other_tile_configs(cfg, block):
+    set_fused_config(64, None, **cfg)
+    gen = torch.Generator().manual_seed(block)
+    layout = random_layout(HEADS, SEQ // block, p=0.3, gen=gen)
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=11)
+    kpm = torch.zeros(1, SEQ, device=DEV)
+    kpm[0, -17:] = float("-inf")
+    run_and_compare(q, k, v, layout, block, kpm=kpm, causal=True)
+    run_and_compare(*make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=12), layout, block)
+
+
+def test_scale_and_noncontiguous_inputs():
+    block = 32
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(5))
+    q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.float16, seed=5, layout="bnhd")
+    assert not q.is_contiguous()
+    run_and_compare(q, k, v, layout, block, scale=0.3)
+
+
+def test_autograd_function():
+    block = 64
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(9))
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=9)
+
+    def fn(q, k, v, layout, block, scale=None, causal=False, key_padding_mask=None):
+        return FusedBlockSparseAttention.apply(q, k, v, layout, block, q.shape[-1] ** -0.5,
+                                               causal, key_padding_mask)
+    run_and_compare(q, k, v, layout, block, fn=fn)
+
+
+def test_lut_cache_hits_and_rebuilds_on_change():
+    F_.clear_lut_cache()
+    block = 32
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(1))
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=1)
+    with torch.no_grad():
+        fused_block_sparse_attention(q, k, v, layout, block)
+        n = len(F_._LUT_CACHE)
+        assert n == 1
+        fused_block_sparse_attention(q, k, v, layout, block)
+        fused_block_sparse_attention(q, k, v, layout[:, :, :], block)  # a view hits too
+        assert len(F_._LUT_CACHE) == n
+        layout[:, 0, :] = 1 - layout[:, 0, :]  # in place: must rebuild
+        layout[:, 0, 0] = 1
+        out = fused_block_sparse_attention(q, k, v, layout, block)
+        assert len(F_._LUT_CACHE) == n + 1
+    ref = reference_attention(q, k, v, layout, block)
+    assert_rel_close(out, ref, q.dtype)
+
+
+def test_bad_inputs_raise_value_error():
+    q, k, v = make_inputs(1, 2, 128, 64, torch.float16)
+    L = torch.ones(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="float32"):
+        fused_block_sparse_attention(q.float(), k.float(), v.float(), L, 32)
+    with pytest.raises(ValueError, match="head_dim"):
+        q2 = q[..., :48]
+        fused_block_sparse_attention(q2, q2, q2, L, 32)
+    with pytest.raises(ValueError, match="multiple of block"):
+        q3 = q[:, :, :120]
+        fused_block_sparse_attention(q3, q3, q3, L, 32)
+    with pytest.raises(ValueError, match="layout"):
+        fused_block_sparse_attention(q, k, v, torch.ones(3, 4, 4), 32)
+    with pytest.raises(ValueError, match="layout"):
+        fused_block_sparse_attention(q, k, v, torch.ones(2, 8, 8, dtype=torch.long), 32)
+    with pytest.raises(ValueError, match="block"):
+        fused_block_sparse_attention(q, k, v, torch.ones(2, 16, 16, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fused_block_sparse_attention(q, k, v, L, 32, key_padding_mask=torch.zeros(1, 64))
+    with pytest.raises(ValueError, match="same shape"):
+        fused_block_sparse_attention(q, k[:, :1], v, L, 32)
+
+
+def test_fused_supported_reasons():
+    q, k, v = make_inputs(1, 2, 128, 64, torch.float16)
+    assert fused_supported(q, k, v) is None
+    assert fused_supported(q, k, v, layout=torch.ones(2, 4, 4), block=32) is None
+    assert "rpe" in fused_supported(q, k, v, rpe=torch.zeros(1))
+    assert "attn_mask" in fused_supported(q, k, v, attn_mask=torch.zeros(1))
+    assert "dtype" in fused_supported(q.float(), k.float(), v.float())
+    assert "head_dim" in fused_supported(q[..., :16], k[..., :16], v[..., :16])
+    assert "block" in fused_supported(q, k, v, block=8)
+    if CUDA:
+        assert "cuda" in fused_supported(q.cpu(), k.cpu(), v.cpu()).lower()
+
+
+def test_torch_compile_fullgraph_aot_eager():
+    """No graph break: the op traces under fullgraph=True (aot_eager needs no compiler)."""
+    block = 32
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(2))
+    kpm = torch.zeros(1, SEQ, device=DEV)
+    kpm[0, -3:] = float("-inf")
+
+    def f(q, k, v):
+        return fused_block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm) * 2
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=2)
+    run_and_compare(q, k, v, layout, block, kpm=kpm, factor=1.0,
+                    fn=lambda q, k, v, *a, **kw: cf(q, k, v) / 2)
+
+
+def test_opcheck():
+    block = 64
+    layout = random_layout(2, 128 // block, gen=torch.Generator().manual_seed(4))
+    q, k, v = make_inputs(1, 2, 128, 32, torch.float16, seed=4)
+    torch.library.opcheck(torch.ops.sparse_attn.fused_attention_fwd.default,
+                          (q, k, v, layout, None, block, 0.125, False),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_torch_compile_inductor_gpu(causal):
+    block = 64
+    layout = bigbird_like(HEADS, SEQ // block, causal=causal,
+                          gen=torch.Generator().manual_seed(8))
+    lin = torch.nn.Linear(64, 64, device=DEV, dtype=torch.bfloat16)
+
+    def f(q, k, v):
+        return lin(fused_block_sparse_attention(lin(q), k, v, layout, block, causal=causal))
+
+    cf = torch.compile(f, fullgraph=True)
+    q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.bfloat16, seed=8)
+    out = cf(q, k, v)
+    ref = f(q, k, v)
+    assert_rel_close(out, ref.double(), torch.bfloat16)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@gpu_only
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_gpu_long_sequence(block):
+    seq = 4096
+    layout = bigbird_like(4, seq // block, gen=torch.Generator().manual_seed(block))
+    q, k, v = make_inputs(1, 4, seq, 64, torch.bfloat16, seed=block)
+    run_and_compare(q, k, v, layout, block)
+
+
+@gpu_only
+def test_gpu_no_host_sync_after_first_call():
+    block = 64
+    layout = random_layout(HEADS, SEQ // block).to(DEV)
+    q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.bfloat16, seed=1)
+    fused_block_sparse_attention(q, k, v, layout, block).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fused_block_sparse_attention(q, k, v, layout, block)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
