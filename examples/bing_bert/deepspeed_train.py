@@ -1,0 +1,344 @@
+"""BERT pre-training (masked LM + next-sentence prediction) with DeepSpeed and block-sparse
+attention, in the style of DeepSpeedExamples' bing_bert.
+
+    deepspeed deepspeed_train.py --deepspeed_sparse_attention \
+        --deepspeed_config ../../configs/bing_bert/ds_sa_bert_tiny_cpu.json \
+        --bert_config bert_config_tiny.json --data_dir data/seq512 --output_dir out/tiny
+
+The optimizer and LR schedule come from the DeepSpeed config (LAMB on GPU as bing_bert used,
+torch AdamW on CPU), as do the batch sizes, gradient accumulation, fp16/bf16, ZeRO and the
+monitor (CSV / TensorBoard; empty ``output_path`` means ``<output_dir>/monitor``). Every
+``--save_every`` optimizer steps a checkpoint goes to ``<output_dir>/checkpoints/step_N``;
+``--load_checkpoint_dir`` resumes from one and continues the same loss curve (data order and
+dropout are functions of the step, so a resumed run sees what the uninterrupted one saw).
+``<output_dir>/metrics.jsonl`` gets one line per logged step and per evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+for path in (HERE, ROOT):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # noqa: E402
+                      prepare_sparse_attention)
+from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
+
+
+class DataError(ValueError):
+    pass
+
+
+# -- data ------------------------------------------------------------------------------------
+def load_split(data_dir: str, split: str):
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist; create it with "
+                        f"prepare_data.py --output_dir {data_dir}")
+    if not os.path.isfile(meta_path):
+        raise DataError(f"{meta_path} is missing: {data_dir} is not a prepared data directory "
+                        f"(run prepare_data.py --output_dir {data_dir})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    names = meta.get(f"{split}_shards") or []
+    if not names:
+        raise DataError(f"{meta_path} lists no {split} shards")
+    parts = []
+    for name in names:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise DataError(f"data shard {path} is missing (re-run prepare_data.py)")
+        parts.append(torch.load(path))
+    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return meta, data
+
+
+def make_batch(data, indices, device):
+    """Rows ``indices``, cut to the longest sequence of the batch (the model pads to the
+    block itself)."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    lengths = data["lengths"][idx]
+    longest = int(lengths.max())
+    ids = data["input_ids"][idx, :longest].long()
+    mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": data["token_type_ids"][idx, :longest].long(),
+        "attention_mask": mask,
+        "masked_lm_labels": data["masked_lm_labels"][idx, :longest].long(),
+        "next_sentence_label": data["next_sentence_label"][idx].long(),
+    }
+    return {k: v.to(device) for k, v in batch.items()}, int(lengths.sum())
+
+
+class Sampler:
+    """Deterministic sample order: epoch ``e`` is a permutation seeded by ``seed + e``; micro
+    step ``m`` of rank ``r`` reads ``micro`` samples at flat position
+    ``(m * world + r) * micro``. Resuming at micro step ``m`` continues the same stream."""
+
+    def __init__(self, n, micro, world, rank, seed):
+        self.n, self.micro, self.world, self.rank, self.seed = n, micro, world, rank, seed
+        self._epoch, self._perm = None, None
+
+    def indices(self, micro_step):
+        start = (micro_step * self.world + self.rank) * self.micro
+        out = []
+        for pos in range(start, start + self.micro):
+            epoch, i = divmod(pos, self.n)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+            out.append(int(self._perm[i]))
+        return out
+
+
+# -- args ------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="BERT pre-training with DeepSpeed and sparse "
+                                "attention (bing_bert style)")
+    p.add_argument("--bert_config", required=True, help="BERT model config JSON")
+    p.add_argument("--data_dir", required=True, help="output of prepare_data.py")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="default: the data's sequence length")
+    p.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--eval_every", type=int, default=50, help="0: no periodic evaluation")
+    p.add_argument("--eval_batches", type=int, default=4)
+    p.add_argument("--save_every", type=int, default=0,
+                   help="checkpoint every N optimizer steps (and at the end); 0: never")
+    p.add_argument("--load_checkpoint_dir", default=None,
+                   help="resume from this checkpoint directory (<output_dir>/checkpoints)")
+    p.add_argument("--load_checkpoint_tag", default=None,
+                   help="checkpoint tag (e.g. step_100); default: the latest")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no_progress_bar", action="store_true")
+    p.add_argument("--job_name", default="bing_bert_sa")
+    add_sparse_attention_arguments(p)
+    return p.parse_args(argv)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def fill_monitor_paths(ds_config: dict, output_dir: str, job_name: str) -> None:
+    for key in ("tensorboard", "csv_monitor", "wandb", "comet"):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            if key in ("tensorboard", "csv_monitor") and not section.get("output_path"):
+                section["output_path"] = os.path.join(output_dir, "monitor") + os.sep
+            section.setdefault("job_name", job_name)
+
+
+class Progress:
+    def __init__(self, total, enabled, start=0):
+        self.total, self.enabled, self.start = total, enabled, start
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = time.time()
+
+    def update(self, step, loss, tokens_per_s, lr, force=False):
+        if not self.enabled or not (self.tty or force):
+            return
+        done = step / max(1, self.total)
+        rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        line = (f"[{bar}] step {step}/{self.total} loss {loss:.4f} "
+                f"{tokens_per_s / 1000:.1f}k tok/s lr {lr:.2e} eta {eta:.0f}s")
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def write_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def evaluate(engine, data, micro, world, rank, n_batches, device):
+    engine.eval()
+    total, count = 0.0, 0
+    n = data["lengths"].shape[0]
+    with torch.no_grad():
+        for b in range(n_batches):
+            start = (b * world + rank) * micro
+            idx = [(start + i) % n for i in range(micro)]
+            batch, _ = make_batch(data, idx, device)
+            loss, _, _ = engine(**batch)
+            total += float(loss)
+            count += 1
+    engine.train()
+    value = torch.tensor([total, count], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value)
+    return float(value[0] / value[1])
+
+
+# -- main ------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        bert_config = BertConfig.from_json_file(args.bert_config)
+        meta, train_data = load_split(args.data_dir, "train")
+        _, eval_data = load_split(args.data_dir, "eval")
+    except (ValueError, OSError) as err:
+        return error(str(err))
+    if args.max_seq_length is None:
+        args.max_seq_length = meta["max_seq_length"]
+    if args.max_seq_length < meta["max_seq_length"]:
+        return error(f"--max_seq_length {args.max_seq_length} is below the data's sequence "
+                     f"length {meta['max_seq_length']} ({args.data_dir}); prepare data for "
+                     f"{args.max_seq_length} tokens")
+    if meta["vocab_size"] > bert_config.vocab_size or \
+            meta["vocab_size"] < bert_config.vocab_size // 2:
+        bert_config.vocab_size = -(-meta["vocab_size"] // 8) * 8
+    bert_config.pad_token_id = meta.get("pad_token_id", 0)
+    try:
+        run = prepare_sparse_attention(
+            args, num_heads=bert_config.num_attention_heads,
+            max_seq_length=args.max_seq_length,
+            max_position_embeddings=bert_config.max_position_embeddings)
+    except LauncherConfigError as err:
+        return error(str(err))
+    fill_monitor_paths(run.ds_config, args.output_dir, args.job_name)
+
+    import deepspeed
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    micro = run.ds_config.get("train_micro_batch_size_per_gpu")
+    fp16 = bool(run.ds_config.get("fp16", {}).get("enabled"))
+    torch.manual_seed(args.seed)
+    model = BertForPreTraining(
+        bert_config, sparsity_config=run.sparsity_config,
+        use_transformer_kernel=args.deepspeed_transformer_kernel,
+        transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed})
+    engine, _, _, _ = run.initialize(model=model, model_parameters=model.parameters())
+
+    rank, world = engine.global_rank, engine.world_size
+    micro = engine.train_micro_batch_size_per_gpu()
+    ga = engine.gradient_accumulation_steps()
+    device = engine.device
+    is_main = rank == 0
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    print(f"rank {rank}/{world}: {run.describe()}; transformer kernel "
+          f"{'on' if args.deepspeed_transformer_kernel else 'off'}", flush=True)
+    if is_main:
+        seen = {k: v for k, v in engine._config._param_dict.items()}
+        info = {"sparse_attention": run.enabled, "describe": run.describe(),
+                "layout_checksum": run.layout_checksum,
+                "transformer_kernel": bool(args.deepspeed_transformer_kernel),
+                "transformer_kernel_disabled": run.transformer_kernel_disabled,
+                "user_config": run.user_config_path, "ds_config_seen": seen,
+                "world_size": world, "micro_batch": micro, "gradient_accumulation": ga,
+                "parameters": count_parameters(model), "bert_config": bert_config.to_dict(),
+                "max_seq_length": args.max_seq_length}
+        with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+        print(f"model: {count_parameters(model) / 1e6:.2f}M parameters, "
+              f"{bert_config.num_hidden_layers} layers, hidden {bert_config.hidden_size}, "
+              f"{bert_config.num_attention_heads} heads; data: {meta['train_instances']} "
+              f"sequences of up to {meta['max_seq_length']} tokens; batch {micro} x {ga} "
+              f"accumulation x {world} ranks", flush=True)
+
+    micro_step = 0
+    if args.load_checkpoint_dir:
+        if not os.path.isdir(args.load_checkpoint_dir):
+            return error(f"checkpoint directory {args.load_checkpoint_dir} does not exist")
+        path, client = engine.load_checkpoint(args.load_checkpoint_dir,
+                                              tag=args.load_checkpoint_tag)
+        if path is None:
+            return error(f"no checkpoint found in {args.load_checkpoint_dir} (tag "
+                         f"{args.load_checkpoint_tag or 'latest'})")
+        micro_step = int((client or {}).get("micro_step", engine.global_steps * ga))
+        if is_main:
+            print(f"resumed from {path} at step {engine.global_steps}", flush=True)
+
+    sampler = Sampler(train_data["lengths"].shape[0], micro, world, rank, args.seed)
+    progress = Progress(args.max_steps, is_main and not args.no_progress_bar,
+                        start=engine.global_steps)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    window_loss, window_tokens, window_t0 = [], 0, time.time()
+    step_losses = []
+
+    while engine.global_steps < args.max_steps:
+        # dropout and data are functions of (seed, step, rank): resuming repeats them exactly
+        torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)
+        batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
+        loss, mlm_loss, nsp_loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+        micro_step += 1
+        step_losses.append(torch.stack([loss.detach().float(), mlm_loss.detach().float(),
+                                        nsp_loss.detach().float()]).cpu())
+        window_tokens += tokens
+        if len(step_losses) < ga:  # not at an optimizer step yet
+            continue
+        step = engine.global_steps
+        losses = torch.stack(step_losses).mean(0).double()
+        step_losses = []
+        if world > 1:
+            torch.distributed.all_reduce(losses)
+            losses /= world
+        loss_v, mlm_v, nsp_v = (float(x) for x in losses)
+        lr = engine.get_lr()[0]
+        window_loss.append(loss_v)
+        if engine.monitor.enabled and is_main:
+            engine.monitor.write_events([
+                ("Train/Samples/train_loss", loss_v, engine.global_samples),
+                ("Train/Samples/mlm_loss", mlm_v, engine.global_samples),
+                ("Train/Samples/nsp_loss", nsp_v, engine.global_samples)])
+        if step % args.log_every == 0 or step == args.max_steps:
+            elapsed = time.time() - window_t0
+            tps = window_tokens * world / max(elapsed, 1e-9)
+            avg = sum(window_loss) / len(window_loss)
+            if is_main:
+                write_jsonl(metrics_path, {"step": step, "loss": loss_v, "avg_loss": avg,
+                                           "mlm_loss": mlm_v, "nsp_loss": nsp_v, "lr": lr,
+                                           "tokens_per_s": tps, "time": time.time()})
+            progress.update(step, avg, tps, lr, force=True)
+            window_loss, window_tokens, window_t0 = [], 0, time.time()
+        else:
+            progress.update(step, loss_v, 0.0, lr)
+        if args.eval_every and step % args.eval_every == 0:
+            ev = evaluate(engine, eval_data, micro, world, rank, args.eval_batches, device)
+            if is_main:
+                write_jsonl(metrics_path, {"step": step, "eval_loss": ev, "time": time.time()})
+                print(f"\nstep {step}: eval loss {ev:.4f}", file=sys.stderr, flush=True)
+                if engine.monitor.enabled:
+                    engine.monitor.write_events([("Eval/Samples/eval_loss", ev,
+                                                  engine.global_samples)])
+        if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
+            engine.save_checkpoint(ckpt_dir, tag=f"step_{step}",
+                                   client_state={"micro_step": micro_step, "step": step})
+            if is_main:
+                print(f"\nsaved checkpoint {ckpt_dir}/step_{step}", file=sys.stderr, flush=True)
+    progress.close()
+    if is_main:
+        print(f"done: {engine.global_steps} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

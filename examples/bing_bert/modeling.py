@@ -1,0 +1,360 @@
+"""A bing_bert-style BERT for pre-training (masked LM + next-sentence prediction).
+
+Pre-LayerNorm transformer layers (as bing_bert's DeepSpeed model), MLM decoder tied to the
+word embeddings and evaluated only at the masked positions. When a ``SparsityConfig`` is
+given, every layer's ``attention.self`` is a ``BertSparseSelfAttention`` and ``BertModel``
+pads the batch to a multiple of the block before the encoder and cuts the output back after
+(``SparseAttentionUtils.pad_to_block_size`` / ``unpad_sequence_output``), so callers pass any
+sequence length. With ``use_transformer_kernel`` (and no sparsity) the layers are DeepSpeed's
+fused ``DeepSpeedTransformerLayer`` (CUDA only).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "BertConfig":
+        if not os.path.isfile(path):
+            raise ValueError(f"BERT config {path} does not exist")
+        with open(path) as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column "
+                             f"{err.colno}: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a BERT config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+        config = cls(**data)
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"{path}: hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _act(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    if name == "tanh":
+        return torch.tanh
+    raise ValueError(f"unknown hidden_act {name!r}")
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings,
+                                                config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        seq = input_ids.shape[1]
+        if seq > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence length {seq} is above max_position_embeddings "
+                f"{self.position_embeddings.num_embeddings}; extend the position embeddings "
+                f"(SparseAttentionUtils.extend_position_embedding)")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Dense self-attention (SDPA); ``forward(hidden_states, attention_mask)`` with BERT's
+    additive extended mask ``[batch, 1, 1, seq]``; returns ``[batch, seq, hidden]``."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = config.hidden_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def _heads(self, x):
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None):
+        q, k, v = (self._heads(lin(hidden_states)) for lin in (self.query, self.key, self.value))
+        mask = attention_mask.to(q.dtype) if attention_mask is not None else None
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        b, _, s, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, s, self.all_head_size)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return input_tensor + self.dropout(self.dense(hidden_states))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask, residual):
+        return self.output(self.self(hidden_states, attention_mask), residual)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _act(config.hidden_act)
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return input_tensor + self.dropout(self.dense(hidden_states))
+
+
+class BertLayer(nn.Module):
+    """Pre-LayerNorm transformer layer."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.PreAttentionLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = BertAttention(config)
+        self.PostAttentionLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask):
+        x = self.attention(self.PreAttentionLayerNorm(hidden_states), attention_mask,
+                           hidden_states)
+        return self.output(self.intermediate(self.PostAttentionLayerNorm(x)), x)
+
+
+def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: bool, seed: int):
+    """bing_bert's fused DeepSpeed transformer layers (CUDA; dense attention only)."""
+    if not torch.cuda.is_available():
+        raise ValueError("--deepspeed_transformer_kernel needs a CUDA GPU (DeepSpeed's fused "
+                         "transformer kernel has no CPU version); drop the flag")
+    from deepspeed.ops.transformer import DeepSpeedTransformerConfig, DeepSpeedTransformerLayer
+
+    cfg = DeepSpeedTransformerConfig(
+        batch_size=batch_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, heads=config.num_attention_heads,
+        attn_dropout_ratio=config.attention_probs_dropout_prob,
+        hidden_dropout_ratio=config.hidden_dropout_prob,
+        num_hidden_layers=config.num_hidden_layers, initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        seed=seed, fp16=fp16, pre_layer_norm=True)
+    return nn.ModuleList(DeepSpeedTransformerLayer(cfg) for _ in range(config.num_hidden_layers))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
+                 transformer_kernel_args: Optional[dict] = None):
+        super().__init__()
+        if use_transformer_kernel and sparsity_config is not None:
+            raise ValueError("DeepSpeed transformer kernels cannot run sparse attention")
+        if use_transformer_kernel:
+            self.layer = _deepspeed_transformer_layers(config, **(transformer_kernel_args or {}))
+        else:
+            self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+            if sparsity_config is not None:
+                from sparse_attn.bert_sparse_self_attention import BertSparseSelfAttention
+
+                for layer in self.layer:
+                    layer.attention.self = BertSparseSelfAttention(
+                        config, sparsity_config=sparsity_config)
+        self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, attention_mask, output_all_encoded_layers=False):
+        all_layers = []
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attention_mask)
+            if output_all_encoded_layers:
+                all_layers.append(hidden_states)
+        hidden_states = self.FinalLayerNorm(hidden_states)
+        if output_all_encoded_layers:
+            all_layers[-1] = hidden_states
+            return all_layers
+        return [hidden_states]
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder + pooler. ``sparsity_config``: block-sparse self-attention."""
+
+    def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
+                 transformer_kernel_args: Optional[dict] = None):
+        super().__init__()
+        self.config = config
+        self.pad_token_id = config.pad_token_id or 0
+        self.sparse_attention_config = sparsity_config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config, sparsity_config, use_transformer_kernel,
+                                   transformer_kernel_args)
+        self.pooler = BertPooler(config)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                output_all_encoded_layers=False):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad_len = 0
+        if self.sparse_attention_config is not None:
+            from sparse_attn.sparse_attention_utils import SparseAttentionUtils
+
+            pad_len, input_ids, attention_mask, token_type_ids, _, _ = \
+                SparseAttentionUtils.pad_to_block_size(
+                    block_size=self.sparse_attention_config.block, input_ids=input_ids,
+                    attention_mask=attention_mask, token_type_ids=token_type_ids,
+                    position_ids=None, inputs_embeds=None, pad_token_id=self.pad_token_id,
+                    model_embeddings=self.embeddings)
+        embedding_output = self.embeddings(input_ids, token_type_ids)
+        dtype = embedding_output.dtype
+        extended = attention_mask[:, None, None, :].to(dtype)
+        extended = (1.0 - extended) * torch.finfo(dtype).min
+        layers = self.encoder(embedding_output, extended, output_all_encoded_layers)
+        if pad_len > 0:
+            from sparse_attn.sparse_attention_utils import SparseAttentionUtils
+
+            layers = [SparseAttentionUtils.unpad_sequence_output(pad_len, x) for x in layers]
+        sequence_output = layers[-1]
+        pooled = self.pooler(sequence_output)
+        if not output_all_encoded_layers:
+            layers = layers[-1]
+        return layers, pooled
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _act(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.word_embeddings = word_embeddings  # tied decoder weight
+        self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def prediction_scores(self, hidden):
+        hidden = self.LayerNorm(self.act(self.transform(hidden)))
+        return F.linear(hidden, self.word_embeddings.weight, self.decoder_bias)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the masked-LM and next-sentence heads.
+
+    ``forward(input_ids, token_type_ids, attention_mask, masked_lm_labels=None,
+    next_sentence_label=None)``: with labels returns ``(loss, mlm_loss, nsp_loss)`` (the MLM
+    decoder runs only at positions whose label is not ``IGNORE_INDEX``), without them
+    ``(prediction_scores, seq_relationship_score)``.
+    """
+
+    def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
+                 transformer_kernel_args: Optional[dict] = None):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, sparsity_config, use_transformer_kernel,
+                              transformer_kernel_args)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                masked_lm_labels=None, next_sentence_label=None):
+        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        seq_rel = self.cls.seq_relationship(pooled)
+        if masked_lm_labels is None:
+            return self.cls.prediction_scores(sequence_output), seq_rel
+        labels = masked_lm_labels.reshape(-1)
+        picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, picked)
+        scores = self.cls.prediction_scores(hidden)
+        mlm_loss = F.cross_entropy(scores.float(), labels.index_select(0, picked))
+        if next_sentence_label is None:
+            return mlm_loss, mlm_loss, torch.zeros_like(mlm_loss)
+        nsp_loss = F.cross_entropy(seq_rel.float(), next_sentence_label.reshape(-1))
+        return mlm_loss + nsp_loss, mlm_loss, nsp_loss
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def layer_flops_note(config: BertConfig) -> str:  # pragma: no cover - informational
+    return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads, head dim "
+            f"{config.hidden_size // config.num_attention_heads}, ~"
+            f"{math.ceil(12 * config.num_hidden_layers * config.hidden_size ** 2 / 1e6)}M "
+            f"encoder parameters")
