@@ -15,14 +15,25 @@ import json
 import os
 from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from . import sparsity_config as sc
 
 KEY = "sparse_attention"
 
 Attention = Literal["bidirectional", "unidirectional"]
-Block = Literal[16, 32, 64, 128]
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check_block(value: int) -> int:
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    return value
+
+
+# An int (strict: 16.0, "16" and true are rejected) from a fixed set.
+Block = Annotated[int, AfterValidator(_check_block),
+                  Field(json_schema_extra={"enum": list(BLOCK_SIZES)})]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 

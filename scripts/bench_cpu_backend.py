@@ -1,0 +1,91 @@
+"""CPU time and peak memory of the PyTorch block-sparse backend vs dense attention (SDPA, and a masked softmax that materialises the scores).
+
+    python scripts/bench_cpu_backend.py [--seqs 1024 2048 4096 8192] [--out benchmarks/cpu_backend.md]
+
+BigBird layout (block 64, 1 random, 3 sliding, 1 global), batch 1, 4 heads, head_dim 64,
+fp32, forward + backward. Peak memory is measured in a fresh subprocess per point (peak RSS
+growth over the inputs), so the numbers do not leak into each other.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+POINT = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+from sparse_attn.sparsity_config import BigBirdSparsityConfig
+from sparse_attn.ops.torch_backend import torch_block_sparse_attention
+seq, kind = {seq}, {kind!r}
+torch.manual_seed(0)
+torch.set_num_threads({threads})
+q, k, v = [torch.randn(1, 4, seq, 64, requires_grad=True) for _ in range(3)]
+layout = BigBirdSparsityConfig(4, 64, num_random_blocks=1).make_layout(seq)
+if kind == "masked":
+    mask = layout.bool().repeat_interleave(64, 1).repeat_interleave(64, 2)
+def run():
+    if kind == "sparse":
+        o = torch_block_sparse_attention(q, k, v, layout, 64)
+    elif kind == "sdpa":
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    else:  # dense masked attention, the score matrix materialised
+        s = (q @ k.transpose(-1, -2)) * 64 ** -0.5
+        s = s.masked_fill(~mask, float("-inf"))
+        o = torch.softmax(s, -1) @ v
+    o.sum().backward()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run()
+times = []
+for _ in range(3):
+    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"ms": sorted(times)[1] * 1e3, "peak_rss_mb": (peak - base) / 1024,
+                  "density": layout.float().mean().item()}}))
+"""
+
+
+def point(seq, kind, threads):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = POINT.format(root=root, seq=seq, kind=kind, threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    kinds = ("sparse", "sdpa", "masked")
+    print("fwd+bwd ms and peak memory growth (MB) over the inputs; sparse = this backend, "
+          "sdpa = dense scaled_dot_product_attention, masked = dense masked softmax")
+    print("| seq | density | " + " | ".join(f"{k} ms" for k in kinds) + " | "
+          + " | ".join(f"{k} MB" for k in kinds) + " |")
+    print("|" + " --- |" * (2 + 2 * len(kinds)))
+    fmt = lambda r, key: f"{r[key]:.0f}" if key in r else r.get("error", "?")[:40]
+    for seq in args.seqs:
+        res = {k: point(seq, k, args.threads) for k in kinds}
+        rows.append({"seq": seq, **res})
+        print(f"| {seq} | {res['sparse'].get('density', 0):.3f} | "
+              + " | ".join(fmt(res[k], "ms") for k in kinds) + " | "
+              + " | ".join(fmt(res[k], "peak_rss_mb") for k in kinds) + " |", flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
+            platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+            "command": "python " + " ".join(sys.argv)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
