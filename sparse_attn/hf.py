@@ -37,6 +37,7 @@ cross-attention are rejected with a ``ValueError``.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
@@ -117,6 +118,7 @@ class _Settings:
 
 
 _SETTINGS_CACHE: Dict[str, _Settings] = {}
+_BY_DICT: Dict[int, Tuple[dict, dict, _Settings]] = {}
 
 
 def _settings(config) -> _Settings:
@@ -125,15 +127,24 @@ def _settings(config) -> _Settings:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs config.{CONFIG_KEY}; use "
             f"sparse_attn.hf.enable_sparse_attention(model, sparsity_config)")
-    key = json.dumps(data, sort_keys=True)
-    hit = _SETTINGS_CACHE.get(key)
-    if hit is None:
-        if len(_SETTINGS_CACHE) > 64:
-            _SETTINGS_CACHE.clear()
-        hit = _SETTINGS_CACHE[key] = _Settings(data)
+    # fast path: the same dict object, unchanged since it was parsed
+    hit = _BY_DICT.get(id(data))
+    if hit is not None and hit[0] is data and hit[1] == data:
+        settings = hit[2]
+    else:
+        key = json.dumps(data, sort_keys=True)
+        settings = _SETTINGS_CACHE.get(key)
+        if settings is None:
+            if len(_SETTINGS_CACHE) > 64:
+                _SETTINGS_CACHE.clear()
+            settings = _SETTINGS_CACHE[key] = _Settings(data)
+        if len(_BY_DICT) > 256:
+            _BY_DICT.clear()
+        _BY_DICT[id(data)] = (data, copy.deepcopy(data), settings)
     # keep the marker that makes a plain from_pretrained load the model sparse again
-    config.__dict__["attn_implementation"] = ATTN_IMPLEMENTATION
-    return hit
+    if config.__dict__.get("attn_implementation") != ATTN_IMPLEMENTATION:
+        config.__dict__["attn_implementation"] = ATTN_IMPLEMENTATION
+    return settings
 
 
 # -- the functions registered with transformers ----------------------------------------------

@@ -491,3 +491,25 @@ def test_finetune_script_small(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "identical logits" in proc.stdout
+
+
+def test_dense_layout_gradients_and_bf16_match_unpatched():
+    model = make("roberta", "ForSequenceClassification").eval()
+    sparse = copy.deepcopy(model)
+    sahf.enable_sparse_attention(sparse, DenseSparsityConfig(HEADS, BLOCK))
+    ids, mask = batch("roberta", seq=50)
+    labels = torch.tensor([0, 1, 1])
+    for m in (model, sparse):
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # bf16 models: both within bf16 tolerance of the float32 model
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits.double()
+        for m in (model, sparse):
+            m.to(torch.bfloat16)
+        out = sparse(ids, attention_mask=mask).logits
+        dense_bf16 = model(ids, attention_mask=mask).logits
+    assert out.dtype == torch.bfloat16
+    assert_rel_close(out, ref, torch.bfloat16, factor=2)
+    assert_rel_close(dense_bf16, ref, torch.bfloat16, factor=2)
