@@ -38,8 +38,8 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
                 stride_bz, stride_bh, stride_bk, stride_bn,
                 stride_cz,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_K: tl.constexpr,
-                EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-    R: tl.constexpr = TILE // BLOCK
+                EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                R: tl.constexpr):
     item = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
     h = tl.load(LUT_HIJ + item * 3 + 0).to(tl.int64)
@@ -86,8 +86,8 @@ def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
                 stride_bz, stride_bh, stride_bk, stride_bn,
                 stride_cz, stride_ch, stride_cm, stride_cn,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_N: tl.constexpr,
-                EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
-    R: tl.constexpr = TILE // BLOCK
+                EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                R: tl.constexpr):
     item = tl.program_id(0)
     pid_n = tl.program_id(1)
     z = tl.program_id(2).to(tl.int64)
@@ -231,7 +231,7 @@ def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None
         sa[0], sa[1], a_m, a_k, sb[0], sb[1], b_k, b_n, c.stride(0),
         BLOCK=block, TILE=tile, TILE_K=tile_k,
         EVEN_MN=(M % tile == 0 and N % tile == 0), EVEN_K=(K % tile_k == 0),
-        UPCAST=_upcast(a), num_warps=nw, num_stages=ns)
+        UPCAST=_upcast(a), R=tile // block, num_warps=nw, num_stages=ns)
     return c
 
 
@@ -268,5 +268,5 @@ def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=F
         sc[0], sc[1], c_m, c_n,
         BLOCK=block, TILE=tile, TILE_N=tile_n,
         EVEN_MK=(M % tile == 0 and K % tile == 0), EVEN_N=(N % tile_n == 0),
-        UPCAST=_upcast(b), num_warps=nw, num_stages=ns)
+        UPCAST=_upcast(b), R=tile // block, num_warps=nw, num_stages=ns)
     return out

@@ -68,8 +68,7 @@ def _softmax_fwd_kernel(X, Y, LUT, COLS, RPE, KPM, AM, scale,
                         stride_kz, stride_kn, stride_am, stride_an,
                         BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                         RPE_MODE: tl.constexpr, KPM_MODE: tl.constexpr,
-                        AM_MODE: tl.constexpr):
-    NRC: tl.constexpr = BLOCK // R
+                        AM_MODE: tl.constexpr, NRC: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
     item = pid // NRC
@@ -120,8 +119,8 @@ def _softmax_fwd_kernel(X, Y, LUT, COLS, RPE, KPM, AM, scale,
 
 @triton.jit
 def _softmax_bwd_kernel(Y, DY, DX, LUT, scale, stride_z, stride_dyz,
-                        BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr):
-    NRC: tl.constexpr = BLOCK // R
+                        BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
+                        NRC: tl.constexpr):
     pid = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
     item = pid // NRC
@@ -207,7 +206,7 @@ def softmax_fwd(x, scale, lut, block, rpe=None, rpe_mode=0, rpe_strides=(0, 0, 0
         am if am is not None else x, float(scale), x.stride(0),
         *rpe_strides, *kpm_strides, *am_strides,
         BLOCK=block, R=r, CHUNK=chunk, RPE_MODE=rpe_mode, KPM_MODE=kpm_mode,
-        AM_MODE=am_mode, num_warps=num_warps or _warps(r, chunk, block))
+        AM_MODE=am_mode, NRC=block // r, num_warps=num_warps or _warps(r, chunk, block))
     return y
 
 
@@ -220,6 +219,6 @@ def softmax_bwd(y, dy, scale, lut, block, num_warps=None):
     r, chunk = lut["r"], lut["chunk"]
     grid = (lut["items"] * (block // r), z)
     _softmax_bwd_kernel[grid](y, dy, dx, lut["lut"], float(scale), y.stride(0), dy.stride(0),
-                              BLOCK=block, R=r, CHUNK=chunk,
+                              BLOCK=block, R=r, CHUNK=chunk, NRC=block // r,
                               num_warps=num_warps or _warps(r, chunk, block))
     return dx
