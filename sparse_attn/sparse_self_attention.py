@@ -202,9 +202,15 @@ class SparseSelfAttention(nn.Module):
                 self.key_padding_mask_mode)
         if attn_mask is not None:
             attn_mask = to_additive_mask(squeeze_attn_mask(attn_mask, seq), self.attn_mask_mode)
-        return block_sparse_attention(
-            query, key, value, layout, self.block, scale=scale, causal=self.causal,
-            key_padding_mask=key_padding_mask, rpe=rpe, attn_mask=attn_mask, backend=backend)
+        kwargs = dict(scale=scale, causal=self.causal, key_padding_mask=key_padding_mask,
+                      rpe=rpe, attn_mask=attn_mask, backend=backend)
+        if torch.is_autocast_enabled(query.device.type):
+            # The op has its own precision policy (it computes the softmax in float32 for
+            # half inputs); autocast inside it would mix dtypes. Its inputs already carry the
+            # autocast dtype when they come from autocast Linear layers.
+            with torch.autocast(query.device.type, enabled=False):
+                return block_sparse_attention(query, key, value, layout, self.block, **kwargs)
+        return block_sparse_attention(query, key, value, layout, self.block, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"sparsity_config={self.sparsity_config!r}, key_padding_mask_mode="

@@ -513,3 +513,17 @@ def test_dense_layout_gradients_and_bf16_match_unpatched():
     assert out.dtype == torch.bfloat16
     assert_rel_close(out, ref, torch.bfloat16, factor=2)
     assert_rel_close(dense_bf16, ref, torch.bfloat16, factor=2)
+
+
+def test_gradient_checkpointing_and_autocast_train_step():
+    model = make("bert", "ForMaskedLM")
+    sahf.enable_sparse_attention(model, BigBirdSparsityConfig(HEADS, BLOCK, num_random_blocks=1))
+    model.activation_checkpointing_enable()
+    model.train()
+    ids, mask = batch("bert", seq=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    q = model.bert.encoder.layer[1].attention.self.query.weight
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

@@ -171,3 +171,30 @@ def test_bert_sparse_self_attention_matches_reference():
     assert layer.query.weight.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="num_heads=2 .* num_attention_heads=4"):
         BertSparseSelfAttention(_Cfg(), FixedSparsityConfig(2))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                           ("fused", torch.bfloat16)])
+def test_every_backend_takes_the_module_masks(backend, dtype):
+    """The module's mask conversion feeds each backend of block_sparse_attention (the Triton
+    ones run under TRITON_INTERPRET=1 on CPU; see tests/conftest.py)."""
+    if backend != "torch" and not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = BigBirdSparsityConfig(2, BLOCK, different_layout_per_head=True, num_random_blocks=1)
+    ssa = SparseSelfAttention(cfg, key_padding_mask_mode="add", max_seq_length=128)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 64, 32, generator=g).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    ext = torch.zeros(2, 1, 1, 64, device=device)
+    ext[1, ..., 45:] = -10000.0
+    out = ssa.attend(q, k, v, key_padding_mask=ext, backend=backend)
+    ref = reference_attention(q, k, v, ssa.get_layout(64), BLOCK, key_padding_mask=ext[:, 0, 0])
+    assert_rel_close(out, ref, dtype)
+    g_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out.float(), (q, k, v), g_out.float())
+    refs = torch.autograd.grad(ref, (q, k, v), g_out)
+    for a, b in zip(grads, refs):
+        assert_rel_close(a, b, dtype, factor=2)
