@@ -32,6 +32,7 @@ FAMILIES = {
     "roberta": (transformers.RobertaConfig, "Roberta", 1, 130),
     "xlm-roberta": (transformers.XLMRobertaConfig, "XLMRoberta", 1, 130),
     "electra": (transformers.ElectraConfig, "Electra", 0, 128),
+    "camembert": (transformers.CamembertConfig, "Camembert", 1, 130),
 }
 
 

@@ -72,8 +72,9 @@ def test_matches_reference_with_padding(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["fixed", "bigbird", "local_uni"])
-def test_mul_modes_rpe_attn_mask(name):
-    seq, batch, dtype = 64, 2, torch.float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mul_modes_rpe_attn_mask(name, dtype):
+    seq, batch = 64, 2
     ssa = SparseSelfAttention(CONFIGS[name](), key_padding_mask_mode="mul",
                               attn_mask_mode="mul", max_seq_length=64)
     q, k, v = _qkv(batch, seq, 8, dtype, seed=1)
