@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import sys
+import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -64,6 +64,8 @@ CONFIG_KEY = "sparse_attention"
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 _DEFAULT_MAX_SEQ_LENGTH = 2048
+logger = logging.getLogger(__name__)
+_told_about_dropout = False
 
 
 # -- sparsity config <-> JSON ----------------------------------------------------------------
@@ -236,6 +238,11 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             f"max_seq_length={ssa.max_seq_length}; extend the model "
             f"(SparseAttentionUtils.extend_position_embedding) and enable sparse attention "
             f"with a larger max_seq_length")
+    global _told_about_dropout
+    if dropout and module.training and not _told_about_dropout:
+        _told_about_dropout = True
+        logger.info("block-sparse attention applies no dropout to the attention probabilities "
+                    "(attention_probs_dropout_prob=%s is ignored on sparse layers)", dropout)
     out = ssa.attend(query, key, value, key_padding_mask=kpm, scale=scaling)
     if pad:
         out = out[:, :, :seq]

@@ -208,19 +208,21 @@ class SparseAttentionUtils:
         layers get a :class:`BertSparseSelfAttention`. ``max_seq_length`` defaults to
         ``config.max_position_embeddings``. Returns ``layers``.
         """
-        layers = list(layers)
+        given, layers = layers, list(layers)
         if not layers:
-            return layers
-        if all(_is_transformers_module(getattr(layer.attention, "self", None))
-               for layer in layers if hasattr(layer, "attention")) and \
-                all(hasattr(layer, "attention") for layer in layers):
+            return given
+        selfs = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
+        from_transformers = [_is_transformers_module(m) for m in selfs]
+        if all(from_transformers):
             from . import hf
 
             if max_seq_length is None:
-                emb_len = getattr(config, "max_position_embeddings", None)
-                max_seq_length = emb_len
+                max_seq_length = getattr(config, "max_position_embeddings", None)
             hf.enable_on_layers(config, layers, sparsity_config, max_seq_length=max_seq_length)
-            return layers
+            return given
+        if any(from_transformers):
+            raise ValueError("the layers mix transformers modules and other modules; pass the "
+                             "layers of one model")
         for layer in layers:
             old = getattr(getattr(layer, "attention", None), "self", None)
             if old is None or not all(isinstance(getattr(old, n, None), nn.Linear)
@@ -239,7 +241,7 @@ class SparseAttentionUtils:
                     getattr(new, name).bias.copy_(getattr(old, name).bias)
             new.train(old.training)
             layer.attention.self = new
-        return layers
+        return given
 
     @staticmethod
     def pad_to_block_size(block_size: int, input_ids: Optional[torch.Tensor],

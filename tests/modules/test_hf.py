@@ -528,3 +528,13 @@ def test_gradient_checkpointing_and_autocast_train_step():
     loss.backward()
     q = model.bert.encoder.layer[1].attention.self.query.weight
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+def test_replace_layers_of_user_bert_returns_them():
+    model = _MyBert()
+    layers = model.bert.encoder.layer
+    out = SparseAttentionUtils.replace_self_attention_layer_with_sparse_self_attention_layer(
+        model.config, layers, FixedSparsityConfig(4, BLOCK))
+    assert out is layers
+    assert all(isinstance(l.attention.self, BertSparseSelfAttention) for l in layers)
+    assert layers[0].attention.self.sparse_self_attention.max_seq_length == 64
