@@ -538,3 +538,14 @@ def test_replace_layers_of_user_bert_returns_them():
     assert out is layers
     assert all(isinstance(l.attention.self, BertSparseSelfAttention) for l in layers)
     assert layers[0].attention.self.sparse_self_attention.max_seq_length == 64
+
+
+def test_extend_after_enable_updates_max_seq_length():
+    model = make("bert", layers=1).eval()
+    sahf.enable_sparse_attention(model, FixedSparsityConfig(HEADS, BLOCK))
+    ids = torch.randint(3, 120, (1, 100))
+    model(ids)
+    assert model.config.sparse_attention["max_seq_length"] == 128
+    SparseAttentionUtils.extend_position_embedding(model, 256)
+    assert model.config.sparse_attention["max_seq_length"] == 256
+    assert model(torch.randint(3, 120, (1, 250))).last_hidden_state.shape == (1, 250, HIDDEN)
