@@ -11,10 +11,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "deepspeed": ["deepspeed>=0.19"],
-        "hf": ["transformers>=5.0", "tokenizers"],
+        "hf": ["transformers>=5,<6", "tokenizers"],
         "viz": ["matplotlib"],
         "test": ["pytest>=8", "triton>=3.2", "matplotlib"],
-        "dev": ["pytest>=8", "triton>=3.2", "matplotlib", "transformers>=5.0", "tokenizers",
+        "dev": ["pytest>=8", "triton>=3.2", "matplotlib", "transformers>=5,<6", "tokenizers",
                 "deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["sparse-attn=sparse_attn.__main__:main"]},

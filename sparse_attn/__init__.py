@@ -11,11 +11,15 @@ from .sparsity_config import (
     VariableSparsityConfig,
 )
 from .ops.attention import block_sparse_attention
+from .sparse_self_attention import SparseSelfAttention
+from .bert_sparse_self_attention import BertSparseSelfAttention
+from .sparse_attention_utils import SparseAttentionUtils
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparsityConfig", "DenseSparsityConfig", "FixedSparsityConfig", "VariableSparsityConfig",
     "BigBirdSparsityConfig", "BSLongformerSparsityConfig", "LocalSlidingWindowSparsityConfig",
-    "block_sparse_attention",
+    "block_sparse_attention", "SparseSelfAttention", "BertSparseSelfAttention",
+    "SparseAttentionUtils",
 ]

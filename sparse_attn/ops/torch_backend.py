@@ -91,8 +91,15 @@ def torch_block_sparse_attention(
         attn_mask: additive ``[seq, seq]``; only the nonzero blocks are read.
 
     Returns ``[batch, heads, seq, head_dim]`` in the dtype of ``q``. Rows that see no key
-    are zero. Scores and softmax run in float32 for half-precision inputs.
+    are zero. Scores and softmax run in float32 for half-precision inputs, whether or not
+    autocast is on (the op sets its own precision).
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
+                          attn_mask)
+
+
+def _attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe, attn_mask):
     batch, heads, seq, dim = q.shape
     scale = dim ** -0.5 if scale is None else scale
     idx = block_index(layout, q.device)

@@ -150,3 +150,12 @@ def test_dispatcher_uses_torch_backend_on_cpu():
     a = block_sparse_attention(q, k, v, layout, 16)
     b = torch_block_sparse_attention(q, k, v, layout, 16)
     assert torch.equal(a, b)
+
+
+def test_autocast_does_not_change_the_result():
+    layout = BigBirdSparsityConfig(HEADS, 16).make_layout(64)
+    q, k, v = inputs(1, 64, 16, torch.bfloat16, seed=11)
+    plain = torch_block_sparse_attention(q, k, v, layout, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = torch_block_sparse_attention(q, k, v, layout, 16)
+    assert torch.equal(plain, under)
