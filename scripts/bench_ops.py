@@ -153,11 +153,10 @@ def sweep(dtype=torch.bfloat16):
                 print(lines[-1], flush=True)
         nbytes = 2.0 * z * nnz * block * block * 2
         for me in (2048, 4096, 8192):
-            lut = {kk: (v.to(DEV) if torch.is_tensor(v) else v)
-                   for kk, v in ks.softmax_lut(layout, block, max_elems=me).items()}
+            lut = ks.lut_to(ks.softmax_lut(layout, block, max_elems=me), DEV)
             for nw in (4, 8):
                 tm = bench(lambda: ks.softmax_fwd(w, 0.125, lut, block, num_warps=nw))
-                lines.append(f"sweep softmax b{block} max_elems{me} (r{lut['r']} chunk{lut['chunk']}) "
+                lines.append(f"sweep softmax b{block} max_elems{me} (r{lut['short']['r']} chunk{lut['short']['chunk']}) "
                              f"nw{nw}: {nbytes / tm / 1e6:6.0f} GB/s")
                 print(lines[-1], flush=True)
         del q, k, w

@@ -32,8 +32,7 @@ class _TritonSoftmaxOps:
         self.ks = ks
         self.block = block
         self.lut = cached("softmax", lkey, block, device,
-                          lambda: {k: (v.to(device) if torch.is_tensor(v) else v)
-                                   for k, v in ks.softmax_lut(layout, block).items()})
+                          lambda: ks.lut_to(ks.softmax_lut(layout, block), device))
 
     def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
         kw = {}

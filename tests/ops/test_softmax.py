@@ -39,7 +39,7 @@ def make_features(feature, z, h, seq, layout, block, nnz, g):
         am[5, :] = 0                                   # one row fully masked
         kw.update(rpe=rpe, key_padding_mask=kpm.to(dev), attn_mask=am.to(dev),
                   key_padding_mask_mode="add", attn_mask_mode="mul")
-        ref.update(rpe=rpe.double(), kpm=kpm.double(), am=am != 0, am_keep=True)
+        ref.update(rpe=rpe.double(), kpm=kpm.double().to(dev), am=(am != 0).to(dev), am_keep=True)
         return kw, ref
     if feature == "bool_kpm_add_am":
         rpe = torch.randn(seq, seq, generator=g).to(dev)   # broadcast over batch and heads
@@ -48,8 +48,12 @@ def make_features(feature, z, h, seq, layout, block, nnz, g):
         am = torch.full((seq, seq), float("-inf")).triu(1) + torch.randn(seq, seq, generator=g)
         kw.update(rpe=rpe, key_padding_mask=kpm.to(dev), attn_mask=am.to(dev),
                   key_padding_mask_mode="add", attn_mask_mode="add")
-        ref.update(rpe=rpe.double()[None, None], kpm=kpm, kpm_keep=True, am=am.double())
+        ref.update(rpe=rpe.double()[None, None], kpm=kpm.to(dev), kpm_keep=True, am=am.double().to(dev))
         return kw, ref
+    return _sparse_rpe_features(kw, ref, z, seq, layout, block, nnz, g, dev)
+
+
+def _sparse_rpe_features(kw, ref, z, seq, layout, block, nnz, g, dev):
     # DeepSpeed's block-sparse rpe, BERT's extended additive mask [Z, 1, 1, S], int attn mask
     rpe_sp = torch.randn(1, nnz, block, block, generator=g).to(dev)
     kpm = torch.zeros(z, 1, 1, seq)
@@ -57,8 +61,8 @@ def make_features(feature, z, h, seq, layout, block, nnz, g):
     am = (torch.rand(seq, seq, generator=g) < 0.9).to(torch.int64)
     kw.update(rpe=rpe_sp, key_padding_mask=kpm.to(dev), attn_mask=am.to(dev),
               key_padding_mask_mode="add", attn_mask_mode="mul")
-    ref.update(rpe=densify(rpe_sp.double(), layout, block), kpm=kpm.double()[:, 0, 0],
-               am=am != 0, am_keep=True)
+    ref.update(rpe=densify(rpe_sp.double(), layout, block), kpm=kpm.double()[:, 0, 0].to(dev),
+               am=(am != 0).to(dev), am_keep=True)
     return kw, ref
 
 
@@ -187,3 +191,30 @@ def test_errors():
         Softmax(layout, 24)
     with pytest.raises(ValueError, match="scale"):
         sm(x, scale="big")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_row_two_pass(backend):
+    """A global row much longer than the typical row: the Triton kernel's long launch runs it
+    in several chunks (online max / sum, then a second pass), forward and backward."""
+    block, z, h, seq = 16, 1, 1, 2048
+    nb = seq // block
+    layout = torch.zeros(h, nb, nb, dtype=torch.int64)
+    r = torch.arange(nb)
+    layout[:, r, r] = 1
+    layout[:, r[1:], r[:-1]] = 1
+    layout[:, 0, :] = 1                                  # global row: nb blocks
+    nnz = int(layout.sum())
+    g = torch.Generator().manual_seed(5)
+    x = (4 * torch.randn(z, nnz, block, block, generator=g)).to(DEVICE).requires_grad_(True)
+    kpm = torch.zeros(z, seq)
+    kpm[:, seq - 100:] = float("-inf")
+    y = Softmax(layout, block, backend=backend)(x, scale=0.5, key_padding_mask=kpm.to(DEVICE))
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference_softmax(x64, layout, block, 0.5, None, kpm.double().to(DEVICE), False,
+                            None, None)
+    assert_rel_close(y, ref, torch.float32)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    y.backward(dy)
+    ref.backward(dy.double())
+    assert_rel_close(x.grad, x64.grad, torch.float32)

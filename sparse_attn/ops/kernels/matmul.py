@@ -80,21 +80,22 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
 
 
 @triton.jit
-def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
-                n_row_tiles, M, N, K,
+def _dsd_kernel(A, B, C, ITEMS, STEP_K, STEP_IDX, WS,
+                M, N, K, n_pad,
                 stride_az, stride_ar, stride_ak,
                 stride_bz, stride_bh, stride_bk, stride_bn,
-                stride_cz, stride_ch, stride_cm, stride_cn,
+                stride_cz, stride_ch, stride_cm, stride_cn, stride_wz,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_N: tl.constexpr,
                 EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                 R: tl.constexpr):
     item = tl.program_id(0)
     pid_n = tl.program_id(1)
     z = tl.program_id(2).to(tl.int64)
-    h = (item // n_row_tiles).to(tl.int64)
-    ti = item % n_row_tiles
-    start = tl.load(ROW_PTR + item)
-    end = tl.load(ROW_PTR + item + 1)
+    h = tl.load(ITEMS + item * 5 + 0).to(tl.int64)
+    ti = tl.load(ITEMS + item * 5 + 1)
+    start = tl.load(ITEMS + item * 5 + 2)
+    end = tl.load(ITEMS + item * 5 + 3)
+    slot = tl.load(ITEMS + item * 5 + 4)
     offs_r = tl.arange(0, TILE)
     offs_k = tl.arange(0, TILE)
     offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)
@@ -121,14 +122,46 @@ def _dsd_kernel(A, B, C, ROW_PTR, STEP_K, STEP_IDX,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-    c = acc.to(C.dtype.element_ty)
+    if slot < 0:
+        c = acc.to(C.dtype.element_ty)
+        offs_m = ti * TILE + offs_r
+        c_ptrs = (C + z * stride_cz + h * stride_ch
+                  + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+        if EVEN_MK and EVEN_N:
+            tl.store(c_ptrs, c)
+        else:
+            tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    else:
+        # one piece of a long row: float32 partial sum, added up by _dsd_reduce_kernel
+        w_ptrs = (WS + z * stride_wz + slot.to(tl.int64) * (TILE * n_pad)
+                  + offs_r[:, None] * n_pad + offs_n[None, :])
+        tl.store(w_ptrs, acc)
+
+
+@triton.jit
+def _dsd_reduce_kernel(C, WS, SPLITS, M, N, n_pad,
+                       stride_cz, stride_ch, stride_cm, stride_cn, stride_wz,
+                       TILE: tl.constexpr, TILE_N: tl.constexpr):
+    item = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    z = tl.program_id(2).to(tl.int64)
+    h = tl.load(SPLITS + item * 4 + 0).to(tl.int64)
+    ti = tl.load(SPLITS + item * 4 + 1)
+    slot0 = tl.load(SPLITS + item * 4 + 2)
+    npieces = tl.load(SPLITS + item * 4 + 3)
+    offs_r = tl.arange(0, TILE)
+    offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)
+    w_ptrs = (WS + z * stride_wz + slot0.to(tl.int64) * (TILE * n_pad)
+              + offs_r[:, None] * n_pad + offs_n[None, :])
+    acc = tl.zeros((TILE, TILE_N), dtype=tl.float32)
+    for _ in range(0, npieces):
+        acc += tl.load(w_ptrs)
+        w_ptrs += TILE * n_pad
     offs_m = ti * TILE + offs_r
     c_ptrs = (C + z * stride_cz + h * stride_ch
               + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
-    if EVEN_MK and EVEN_N:
-        tl.store(c_ptrs, c)
-    else:
-        tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,8 +195,10 @@ def sdd_lut(layout, block):
     return {"hij": hij, "idx": idx, "items": int(hij.shape[0]), "tile": tile}
 
 
-def dsd_lut(layout, block, trans):
-    """Per (head, output row tile) lists of nonzero k tiles for _dsd_kernel.
+def dsd_lut(layout, block, trans, min_piece=16):
+    """Work list for _dsd_kernel: one item per (head, output row tile) with its range of
+    nonzero k tiles; a row tile with many more k tiles than the typical one (a global row)
+    is split into pieces that run in parallel and are summed by _dsd_reduce_kernel.
 
     ``layout`` describes the sparse operand as stored; with ``trans`` the operand is used
     transposed, so output rows follow the layout's columns."""
@@ -175,7 +210,7 @@ def dsd_lut(layout, block, trans):
     tiles = _tiles(idx, r)
     h, sm = tiles.shape[0], tiles.shape[1]
     present = (tiles >= 0).flatten(3).any(-1)            # [H, SM, SK]
-    counts = present.sum(-1).flatten()
+    counts = present.sum(-1).flatten()                    # steps of each (head, row tile)
     row_ptr = torch.zeros(h * sm + 1, dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(counts, 0)
     steps = present.nonzero()
@@ -184,8 +219,35 @@ def dsd_lut(layout, block, trans):
     if step_k.numel() == 0:  # keep valid pointers
         step_k = torch.zeros(1, dtype=torch.int32)
         step_idx = torch.full((1, r * r), -1, dtype=torch.int32)
-    return {"row_ptr": row_ptr.to(torch.int32).contiguous(), "step_k": step_k,
-            "step_idx": step_idx, "n_row_tiles": sm, "heads": h, "tile": tile}
+    nonempty = counts[counts > 0]
+    piece = max(min_piece, 2 * int(torch.ceil(nonempty.double().mean()).item())) \
+        if nonempty.numel() else min_piece
+    n_items = h * sm
+    split = counts > piece
+    npieces = torch.where(split, (counts + piece - 1) // piece, torch.ones_like(counts))
+    item_of = torch.repeat_interleave(torch.arange(n_items), npieces)
+    first = torch.cumsum(npieces, 0) - npieces
+    piece_no = torch.arange(item_of.numel()) - first[item_of]
+    s0 = row_ptr[item_of] + piece_no * piece
+    s1 = torch.minimum(s0 + piece, row_ptr[item_of + 1])
+    is_split = split[item_of]
+    slot = torch.where(is_split, torch.cumsum(is_split.long(), 0) - 1,
+                       torch.full_like(s0, -1))
+    items = torch.stack([item_of // sm, item_of % sm, s0, s1, slot], 1)
+    order = torch.argsort(s1 - s0, descending=True, stable=True)   # longest first
+    items = items[order]
+    split_items = split.nonzero().flatten()
+    slot0 = torch.zeros(n_items, dtype=torch.int64)
+    if split_items.numel():
+        first_slot = torch.cumsum(torch.where(split, npieces, torch.zeros_like(npieces)), 0) \
+            - torch.where(split, npieces, torch.zeros_like(npieces))
+        slot0 = first_slot
+    splits = torch.stack([split_items // sm, split_items % sm, slot0[split_items],
+                          npieces[split_items]], 1)
+    return {"items": items.to(torch.int32).contiguous(), "n_items": int(items.shape[0]),
+            "step_k": step_k, "step_idx": step_idx,
+            "splits": splits.to(torch.int32).contiguous(), "n_splits": int(splits.shape[0]),
+            "n_slots": int(is_split.sum()), "heads": h, "tile": tile}
 
 
 def lut_to(lut, device):
@@ -198,14 +260,6 @@ def lut_to(lut, device):
 def _upcast(t):
     # Triton's CPU interpreter computes bf16 dots wrongly (triton 3.9): upcast there only
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
-def _cfg(tile, tile_n, num_warps, num_stages):
-    if num_warps is None:
-        num_warps = 8 if tile * tile_n >= 128 * 128 else 4
-    if num_stages is None:
-        num_stages = 2 if tile >= 128 and tile_n >= 128 else 3
-    return num_warps, num_stages
 
 
 def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None):
@@ -224,7 +278,8 @@ def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None
     c = torch.empty((z, nnz, block, block), dtype=a.dtype, device=a.device)
     if lut["items"] == 0 or z == 0:
         return c
-    nw, ns = _cfg(tile, tile, num_warps, num_stages)
+    nw = num_warps or (8 if tile >= 128 else 4)
+    ns = num_stages or (1 if K <= tile_k else (2 if tile >= 128 else 3))
     grid = (lut["items"], z)
     _sdd_kernel[grid](
         a, b, c, lut["hij"], lut["idx"], M, N, K,
@@ -258,15 +313,27 @@ def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=F
     tile = lut["tile"]
     if tile_n is None:
         tile_n = max(16, _next_pow2(N)) if N <= 128 else (128 if tile >= 128 else 64)
+    n_tiles = triton.cdiv(N, tile_n)
+    n_pad = n_tiles * tile_n
+    ws = out
+    if lut["n_slots"]:
+        ws = torch.empty((z, lut["n_slots"], tile, n_pad), dtype=torch.float32, device=b.device)
     ar, ak = (1, block) if trans_a else (block, 1)
-    nw, ns = _cfg(tile, tile_n, num_warps, num_stages)
-    grid = (h * lut["n_row_tiles"], triton.cdiv(N, tile_n), z)
-    _dsd_kernel[grid](
-        a, b, out, lut["row_ptr"], lut["step_k"], lut["step_idx"],
-        lut["n_row_tiles"], M, N, K,
+    if num_warps is None:
+        num_warps = 8 if tile * tile_n >= 128 * 128 else 4
+    if num_stages is None:
+        num_stages = 2
+    even_mk = M % tile == 0 and K % tile == 0
+    _dsd_kernel[(lut["n_items"], n_tiles, z)](
+        a, b, out, lut["items"], lut["step_k"], lut["step_idx"], ws,
+        M, N, K, n_pad,
         a.stride(0), ar, ak, sb[0], sb[1], b_k, b_n,
-        sc[0], sc[1], c_m, c_n,
+        sc[0], sc[1], c_m, c_n, ws.stride(0) if lut["n_slots"] else 0,
         BLOCK=block, TILE=tile, TILE_N=tile_n,
-        EVEN_MK=(M % tile == 0 and K % tile == 0), EVEN_N=(N % tile_n == 0),
-        UPCAST=_upcast(b), R=tile // block, num_warps=nw, num_stages=ns)
+        EVEN_MK=even_mk, EVEN_N=(N % tile_n == 0),
+        UPCAST=_upcast(b), R=tile // block, num_warps=num_warps, num_stages=num_stages)
+    if lut["n_splits"]:
+        _dsd_reduce_kernel[(lut["n_splits"], n_tiles, z)](
+            out, ws, lut["splits"], M, N, n_pad, sc[0], sc[1], c_m, c_n, ws.stride(0),
+            TILE=tile, TILE_N=tile_n, num_warps=4)
     return out
