@@ -257,12 +257,13 @@ def memory_rows():
 
 
 # ------------------------------------------------------------------------------- sweep
-SWEEP_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-             (128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3)]
-SWEEP_DKDV = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-              (32, 64, 4, 4), (64, 128, 8, 3)]
-SWEEP_DQ = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-            (64, 32, 4, 4), (128, 64, 8, 3)]
+SWEEP_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+             (64, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3), (64, 128, 4, 3),
+             (128, 128, 8, 3), (64, 64, 4, 4)]
+SWEEP_DKDV = [(64, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 3),
+              (32, 32, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3)]
+SWEEP_DQ = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3),
+            (128, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3)]
 
 
 def sweep(rows):
@@ -335,7 +336,9 @@ def main():
                     help="only rows whose 'seq-layout-block' id contains one of these")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--mem", action="store_true", help="also the memory rows (target 4)")
-    ap.add_argument("--sweep", action="store_true", help="tile config sweep first")
+    ap.add_argument("--sweep", nargs="*", default=None,
+                    help="tile config sweep first, on rows matching these ids (default: "
+                         "blocks 16, 64, 128)")
     ap.add_argument("--no-main", action="store_true", help="skip the main table")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
@@ -354,15 +357,16 @@ def main():
     if args.rows:
         all_rows = [r for r in all_rows if any(s in f"{r[0]}-{r[2]}-{r[3]}" for s in args.rows)]
     result = dict(meta=meta)
-    if args.sweep:
-        srows = [r for r in all_rows if r[3] in (16, 64, 128)] if not args.rows else all_rows
+    if args.sweep is not None:
+        srows = [r for r in all_rows if any(s in f"{r[0]}-{r[2]}-{r[3]}" for s in args.sweep)] \
+            if args.sweep else [r for r in all_rows if r[3] in (16, 64, 128)]
         result["sweep"] = sweep(srows)
     flex = None
     if not args.no_flex:
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 64
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 64
+        from torch import _dynamo
+        _dynamo.config.cache_size_limit = 64
+        if hasattr(_dynamo.config, "recompile_limit"):
+            _dynamo.config.recompile_limit = 64
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
     rows = []

@@ -20,8 +20,11 @@ different layout per head. float32 inputs are rejected (ValueError): use the thr
 path, or cast to bf16. `fused_supported` says, without raising, whether a call can take this
 path and why not.
 
-Look-up tables are built with device ops only (no host sync) the first time a layout is seen
-and cached per (layout tensor, block, tile sizes, causal, device). The cache holds a
+Look-up tables are built the first time a layout is seen (device ops and one host sync for
+the work list) and cached on the device per (layout tensor, block, tile sizes, seq, causal,
+device); a call that hits the cache does no host sync in forward or backward. Rows (columns)
+of the LUT much longer than the average, such as BigBird's global rows and columns, are cut
+into several work items that run in parallel; a small kernel merges their partial results. The cache holds a
 reference to the layout and keys on its storage, shape, strides and version counter, so
 views of one layout hit and an in-place change of the layout rebuilds. The op is registered
 as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.custom_op,
@@ -54,9 +57,9 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # the key tile. Keyed by head_dim, then by block (None = any block). Chosen by
 # scripts/bench_attention.py on an H100 (see benchmarks/NOTES_fused.md).
 _CONFIGS = {
-    32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 128, 4, 3))},
-    64: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 128, 4, 3))},
-    128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2))},
+    32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
+    64: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
+    128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 8, 2))},
 }
 _OVERRIDE = {}
 
@@ -181,7 +184,8 @@ def _check(q, k, v, layout, block, key_padding_mask):
 # --------------------------------------------------------------------------------------
 class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
-    __slots__ = ("idx", "bits", "nfull", "ntot", "order", "n_own", "n_other", "unit_m",
+    __slots__ = ("idx", "bits", "nfull", "ntot", "w_row", "w_lo", "w_hi", "w_slot", "n_work",
+                 "n_slots", "s_row", "s_start", "s_n", "n_split", "n_own", "n_other", "unit_m",
                  "unit_n", "fine", "bits32")
 
 
@@ -218,9 +222,25 @@ def _tile_tables(layout, block, TM, TN, N, causal, device):
     return nz, full, bits, (ur, uc, fine, a * c <= 32)
 
 
+def _split_chunk(total_tiles, device):
+    """Longest run of tiles one program takes. A row (column) of the LUT longer than this,
+    a BigBird global row say, is cut into near-equal work items that run in parallel and are
+    merged after (otherwise one program walks the whole row while the GPU idles)."""
+    if device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        n_sm = 4
+    return max(_SPLIT_MIN, -(-total_tiles // (2 * n_sm)))
+
+
+_SPLIT_MIN = 16
+
+
 def _make_lut(nz, full, bits, meta):
-    """nz/full/bits [H, n_own, n_other] -> _Lut sorted full-first per row, rows by work."""
+    """nz/full/bits [H, n_own, n_other] -> _Lut: per row the tiles, full ones first, and the
+    work items (row, lo, hi, slot), longest first. One host sync (the work list), once."""
     H, n_own, n_other = nz.shape
+    device = nz.device
     key = nz.to(torch.int8) + full.to(torch.int8)
     order_in_row = torch.sort(key, dim=-1, descending=True, stable=True).indices
     lut = _Lut()
@@ -228,11 +248,35 @@ def _make_lut(nz, full, bits, meta):
     if bits is not None:
         lut.bits = torch.gather(bits, -1, order_in_row).reshape(H * n_own, n_other).contiguous()
     else:
-        lut.bits = torch.zeros(1, dtype=torch.int64, device=nz.device)
+        lut.bits = torch.zeros(1, dtype=torch.int64, device=device)
     lut.nfull = full.sum(-1).to(torch.int32).reshape(-1).contiguous()
-    ntot = nz.sum(-1).reshape(-1)
-    lut.ntot = ntot.to(torch.int32).contiguous()
-    lut.order = torch.sort(ntot, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    lut.ntot = nz.sum(-1).reshape(-1).to(torch.int32).contiguous()
+    lens = lut.ntot.cpu().to(torch.int64)  # the one host sync of a LUT build
+    S = _split_chunk(int(lens.sum()), device)
+    nc = torch.clamp((lens + S - 1) // S, min=1)
+    R = lens.numel()
+    n_items = int(nc.sum())
+    item_row = torch.repeat_interleave(torch.arange(R), nc)
+    first = torch.cumsum(nc, 0) - nc
+    ci = torch.arange(n_items) - torch.repeat_interleave(first, nc)
+    ncr = torch.repeat_interleave(nc, nc)
+    lr = torch.repeat_interleave(lens, nc)
+    lo = ci * lr // ncr
+    hi = (ci + 1) * lr // ncr
+    is_split = ncr > 1
+    slot = torch.full((n_items,), -1, dtype=torch.int64)
+    lut.n_slots = int(is_split.sum())
+    slot[is_split] = torch.arange(lut.n_slots)
+    order = torch.sort(hi - lo, descending=True, stable=True).indices
+    work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
+    work = work.to(device)
+    lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot = work[0], work[1], work[2], work[3]
+    lut.n_work = n_items
+    split_rows = torch.nonzero(nc > 1).flatten()
+    lut.n_split = split_rows.numel()
+    s_start = slot[first[split_rows]] if lut.n_split else torch.zeros(0, dtype=torch.int64)
+    sp = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32).to(device)
+    lut.s_row, lut.s_start, lut.s_n = sp[0], sp[1], sp[2]
     lut.n_own, lut.n_other = n_own, n_other
     lut.unit_m, lut.unit_n, lut.fine, lut.bits32 = meta
     return lut
@@ -299,10 +343,13 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, q, B, N)
-    grid = (H * lut.n_own * B,)
-    _k.fused_attn_fwd_kernel[grid](
+    ns = max(lut.n_slots * B, 1)
+    ws_acc = torch.empty((ns, TM, D), dtype=torch.float32, device=q.device)
+    ws_ml = torch.empty((ns, 2, TM), dtype=torch.float32, device=q.device)
+    even = N % TM == 0 and N % TN == 0
+    _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
         q, k, v, out, lse, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_acc, ws_ml,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -312,6 +359,11 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
         num_warps=warps, num_stages=stages)
+    if lut.n_split:
+        _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
+            out, lse, ws_acc, ws_ml, lut.s_row, lut.s_start, lut.s_n,
+            out.stride(0), out.stride(1), out.stride(2), B, H, N, lut.n_own,
+            BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
     return out, lse
 
 
@@ -333,9 +385,12 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
 
     TM, TN, warps, stages = cfg["dkdv"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col")
-    _k.fused_attn_bwd_dkdv_kernel[(H * lut.n_own * B,)](
+    ns = max(lut.n_slots * B, 1)
+    ws_dk = torch.empty((ns, TN, D), dtype=torch.float32, device=q.device)
+    ws_dv = torch.empty((ns, TN, D), dtype=torch.float32, device=q.device)
+    _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -344,12 +399,19 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
         num_warps=warps, num_stages=stages)
+    if lut.n_split:
+        for ws, dst, sc in ((ws_dk, dk, scale), (ws_dv, dv, 1.0)):
+            _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
+                ws, dst, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, sc,
+                BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, num_warps=4)
 
     TM, TN, warps, stages = cfg["dq"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    _k.fused_attn_bwd_dq_kernel[(H * lut.n_own * B,)](
+    ns = max(lut.n_slots * B, 1)
+    ws_dq = torch.empty((ns, TM, D), dtype=torch.float32, device=q.device)
+    _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, do, dq, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.ntot, lut.order,
+        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -358,6 +420,10 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
         num_warps=warps, num_stages=stages)
+    if lut.n_split:
+        _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
+            ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, num_warps=4)
     return dq, dk, dv
 
 

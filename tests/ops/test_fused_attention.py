@@ -196,6 +196,33 @@ def test_other_tile_configs(cfg, block):
     run_and_compare(q, k, v, layout, block, kpm=kpm, causal=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block", [16, 64])
+def test_split_long_rows(monkeypatch, dtype, block):
+    """Rows/columns longer than the chunk are cut into work items merged afterwards (the
+    BigBird global row/column); force tiny chunks so that every path splits."""
+    monkeypatch.setattr(F_, "_SPLIT_MIN", 1)
+    F_.clear_lut_cache()
+    set_fused_config(64, None, fwd=(64, 32, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
+    try:
+        gen = torch.Generator().manual_seed(block)
+        nb = SEQ // block
+        layout = bigbird_like(HEADS, nb, gen=gen)
+        layout[0, :, 1:] = 0  # head 0: the first block column only, rows see one block
+        q, k, v = make_inputs(2, HEADS, SEQ, 64, dtype, seed=21)
+        kpm = torch.zeros(2, SEQ, device=DEV)
+        kpm[1] = float("-inf")
+        kpm[0, :block] = float("-inf")  # head 0 sees nothing in batch 0
+        kpm[0, -9:] = 0.25
+        lut = F_._get_lut(layout, block, 64, 32, SEQ, False, q.device, "row")
+        assert lut.n_split > 0
+        out = run_and_compare(q, k, v, layout, block, kpm=kpm)
+        assert (out[1] == 0).all() and (out[0, 0] == 0).all()
+        assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all()
+    finally:
+        F_.clear_lut_cache()
+
+
 def test_scale_and_noncontiguous_inputs():
     block = 32
     layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(5))

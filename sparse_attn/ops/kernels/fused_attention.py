@@ -1,17 +1,20 @@
 """Fused block-sparse flash attention: Triton kernels only.
 
-One program owns one (query tile, batch) in the forward and the dq kernel, or one
-(key tile, batch) in the dk/dv kernel, and loops over the look-up table (LUT) of the tiles
-that row / column touches. Scores never leave registers (online softmax, FlashAttention-2).
+One program owns one (work item, batch). A work item is a query tile (forward, dq) or a key
+tile (dk/dv) and a range [lo, hi) of the look-up table (LUT) of the tiles that row / column
+touches; long rows are cut into several items whose fp32 partial results go to a workspace
+(slot >= 0) and are merged by the combine / reduce kernels. Scores never leave registers
+(online softmax, FlashAttention-2).
 
 LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
   IDX   [H * n_own, n_other]  tile indices, the FULL tiles first, then the PARTIAL ones
   NFULL [H * n_own]           number of full tiles of each row (column) of tiles
-  NTOT  [H * n_own]           number of full + partial tiles
   BITS  [H * n_own, n_other]  int64, for partial tiles: one bit per (sub-row, sub-column)
                               unit of the tile that the layout keeps; bit index
                               (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
-  ORDER [H * n_own]           row (column) ids, most work first: the launch order
+  W_ROW, W_LO, W_HI, W_SLOT [n_work]: the work items (row id = h * n_own + tile, LUT range,
+                              workspace slot or -1), longest first: the launch order
+  S_ROW, S_START, S_N [n_split]: the split rows, their first slot and number of items
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
 the sequence is not a multiple of the tile (EVEN false), the bounds.
@@ -79,9 +82,25 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
 
 
 @triton.jit
+def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_om,
+               H, N, EVEN: tl.constexpr):
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    lse_ptrs = LSE + (b64 * H + h64) * N + offs_m
+    if EVEN:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
+        tl.store(lse_ptrs, lse, mask=offs_m < N)
+
+
+@triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM,
-        IDX, BITS, NFULL, NTOT, ORDER,
+        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_ACC, WS_ML,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -92,9 +111,16 @@ def fused_attn_fwd_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
+    LUT; a long row (a global row) is cut into several items whose partial results go to the
+    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
     pid = tl.program_id(0)
     b = pid % B
-    r = tl.load(ORDER + pid // B)  # = h * n_qt + query tile
+    w = pid // B
+    r = tl.load(W_ROW + w)  # = h * n_qt + query tile
+    lo = tl.load(W_LO + w)
+    hi = tl.load(W_HI + w)
+    slot = tl.load(W_SLOT + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -116,29 +142,93 @@ def fused_attn_fwd_kernel(
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
     nfull = tl.load(NFULL + r)
-    ntot = tl.load(NTOT + r)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                               0, nfull, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
-                               qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
-                               UPCAST)
+                               lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n,
+                               offs_d, bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL,
+                               HAS_KPM, EVEN, BITS32, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                               nfull, ntot, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
-                               qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
-                               UPCAST)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    lse_ptrs = LSE + (b64 * H + h64) * N + offs_m
-    if EVEN:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
+                               tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
+                               offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
+                               HAS_KPM, EVEN, BITS32, UPCAST)
+    if slot < 0:
+        _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
+                   stride_om, H, N, EVEN)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
-        tl.store(lse_ptrs, lse, mask=offs_m < N)
+        ws = slot.to(tl.int64) * B + b64
+        rr = tl.arange(0, BLOCK_M)
+        tl.store(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
+        tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
+
+
+@triton.jit
+def fused_attn_fwd_combine_kernel(
+        O, LSE, WS_ACC, WS_ML, S_ROW, S_START, S_N,
+        stride_ob, stride_oh, stride_om, B, H, N, n_qt,
+        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
+    """Merge the partial (acc, max, sum) of the work items of a split row."""
+    pid = tl.program_id(0)
+    b = pid % B
+    j = pid // B
+    r = tl.load(S_ROW + j)
+    start = tl.load(S_START + j)
+    n = tl.load(S_N + j)
+    h = r // n_qt
+    qt = r % n_qt
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rr = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = qt * BLOCK_M + rr
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for c in range(start, start + n):
+        ws = c * B + b64
+        a_c = tl.load(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :])
+        m_c = tl.load(WS_ML + ws * 2 * BLOCK_M + rr)
+        l_c = tl.load(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr)
+        m_new = tl.maximum(m_i, m_c)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a1 = tl.math.exp2(m_i - m_use)
+        a2 = tl.math.exp2(m_c - m_use)
+        l_i = l_i * a1 + l_c * a2
+        acc = acc * a1[:, None] + a_c * a2[:, None]
+        m_i = m_new
+    _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
+               stride_om, H, N, EVEN)
+
+
+@triton.jit
+def fused_attn_bwd_reduce_kernel(WS, OUT, S_ROW, S_START, S_N, B, H, N, n_own, scale,
+                                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 EVEN: tl.constexpr):
+    """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column;
+    OUT contiguous [B, H, N, HEAD_DIM]."""
+    pid = tl.program_id(0)
+    b = pid % B
+    j = pid // B
+    r = tl.load(S_ROW + j)
+    start = tl.load(S_START + j)
+    n = tl.load(S_N + j)
+    h = r // n_own
+    t = r % n_own
+    b64 = b.to(tl.int64)
+    rr = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for c in range(start, start + n):
+        ws = c * B + b64
+        acc += tl.load(WS + ws * BLOCK * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :])
+    rows = t * BLOCK + rr
+    ptrs = OUT + (b64 * H + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if EVEN:
+        tl.store(ptrs, (acc * scale).to(OUT.dtype.element_ty))
+    else:
+        tl.store(ptrs, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < N)[:, None])
 
 
 @triton.jit
@@ -197,7 +287,7 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
 @triton.jit
 def fused_attn_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, NTOT, ORDER,
+        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -210,7 +300,11 @@ def fused_attn_bwd_dq_kernel(
     """DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32."""
     pid = tl.program_id(0)
     b = pid % B
-    r = tl.load(ORDER + pid // B)
+    w = pid // B
+    r = tl.load(W_ROW + w)
+    lo = tl.load(W_LO + w)
+    hi = tl.load(W_HI + w)
+    slot = tl.load(W_SLOT + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -241,20 +335,24 @@ def fused_attn_bwd_dq_kernel(
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
     nfull = tl.load(NFULL + r)
-    ntot = tl.load(NTOT + r)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                   0, nfull, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+                   lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
                    BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                   nfull, ntot, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+                   tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
                    BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    dq = dq * sm_scale
-    dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    if EVEN:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    if slot < 0:
+        dq = dq * sm_scale
+        dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        if EVEN:
+            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+        else:
+            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
     else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
+        ws = slot.to(tl.int64) * B + b64
+        rr = tl.arange(0, BLOCK_M)
+        tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
 
 
 @triton.jit
@@ -302,7 +400,7 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
 @triton.jit
 def fused_attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, NTOT, ORDER,
+        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_DK, WS_DV,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -315,7 +413,11 @@ def fused_attn_bwd_dkdv_kernel(
     """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
     pid = tl.program_id(0)
     b = pid % B
-    c = tl.load(ORDER + pid // B)  # = h * n_kt + key tile
+    w = pid // B
+    c = tl.load(W_ROW + w)  # = h * n_kt + key tile
+    lo = tl.load(W_LO + w)
+    hi = tl.load(W_HI + w)
+    slot = tl.load(W_SLOT + w)
     h = c // n_kt
     kt = c % n_kt
     b64 = b.to(tl.int64)
@@ -350,22 +452,28 @@ def fused_attn_bwd_dkdv_kernel(
     DELTA_base = DELTA + bh * N
     col = c.to(tl.int64) * n_qt
     nfull = tl.load(NFULL + c)
-    ntot = tl.load(NTOT + c)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, 0, nfull, stride_qm, offs_m, offs_n, offs_d,
+                         IDX + col, BITS + col, lo, tl.minimum(hi, nfull), stride_qm, offs_m, offs_n, offs_d,
                          bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, False, FINE, CAUSAL,
                          HAS_KPM, EVEN, BITS32, UPCAST)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, nfull, ntot, stride_qm, offs_m, offs_n, offs_d,
+                         IDX + col, BITS + col, tl.maximum(lo, nfull), hi, stride_qm, offs_m, offs_n, offs_d,
                          bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, True, FINE, CAUSAL,
                          HAS_KPM, EVEN, BITS32, UPCAST)
-    dk = dk * sm_scale
-    out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    if EVEN:
-        tl.store(DK + out_off, dk.to(DK.dtype.element_ty))
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty))
+    if slot < 0:
+        dk = dk * sm_scale
+        out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        if EVEN:
+            tl.store(DK + out_off, dk.to(DK.dtype.element_ty))
+            tl.store(DV + out_off, dv.to(DV.dtype.element_ty))
+        else:
+            tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=(offs_n < N)[:, None])
+            tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None])
     else:
-        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=(offs_n < N)[:, None])
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None])
+        ws = slot.to(tl.int64) * B + b64
+        rr = tl.arange(0, BLOCK_N)
+        ws_off = ws * BLOCK_N * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(WS_DK + ws_off, dk)
+        tl.store(WS_DV + ws_off, dv)
