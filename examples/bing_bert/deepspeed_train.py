@@ -125,6 +125,10 @@ def parse_args(argv=None):
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no_progress_bar", action="store_true")
     p.add_argument("--job_name", default="bing_bert_sa")
+    p.add_argument("--lamb", choices=("auto", "fused", "torch"), default="auto",
+                   help="for a \"Lamb\" optimizer config: DeepSpeed's fused LAMB (a CUDA "
+                   "extension), the plain PyTorch LAMB of lamb.py, or auto (fused when it "
+                   "builds, else torch)")
     add_sparse_attention_arguments(p)
     return p.parse_args(argv)
 
@@ -163,6 +167,33 @@ class Progress:
     def close(self):
         if self.tty:
             sys.stderr.write("\n")
+
+
+def param_groups(model):
+    """bing_bert's groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def configure_lamb(ds_config, model, choice):
+    """For a ``"Lamb"`` optimizer config, return a plain PyTorch LAMB (and remove the
+    optimizer from the config DeepSpeed gets) when the fused one is not used; else None."""
+    opt = ds_config.get("optimizer") or {}
+    if str(opt.get("type", "")).lower() != "lamb" or choice == "fused":
+        return None
+    from lamb import Lamb, fused_lamb_available
+
+    if choice == "auto" and fused_lamb_available():
+        return None
+    params = dict(opt.get("params") or {})
+    ds_config.pop("optimizer")
+    ds_config.setdefault("zero_allow_untested_optimizer", True)
+    print("optimizer: DeepSpeed's fused LAMB is not used here; plain PyTorch LAMB "
+          "(examples/bing_bert/lamb.py) with the config's parameters", file=sys.stderr,
+          flush=True)
+    return Lamb(param_groups(model), **params)
 
 
 def write_jsonl(path, record):
@@ -234,7 +265,9 @@ def main(argv=None) -> int:
         bert_config, sparsity_config=run.sparsity_config,
         use_transformer_kernel=args.deepspeed_transformer_kernel,
         transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed})
-    engine, _, _, _ = run.initialize(model=model, model_parameters=model.parameters())
+    client_optimizer = configure_lamb(run.ds_config, model, args.lamb)
+    engine, _, _, _ = run.initialize(model=model, model_parameters=param_groups(model),
+                                     optimizer=client_optimizer)
 
     rank, world = engine.global_rank, engine.world_size
     micro = engine.train_micro_batch_size_per_gpu()

@@ -91,6 +91,21 @@ def split_sentences(doc: str) -> List[str]:
     return sentences
 
 
+def merge_documents(docs: List[str], min_chars: int) -> List[str]:
+    merged, current = [], []
+    for doc in docs:
+        current.append(doc)
+        if sum(len(d) for d in current) >= min_chars:
+            merged.append("\n".join(current))
+            current = []
+    if current:
+        if merged:
+            merged[-1] += "\n" + "\n".join(current)
+        else:
+            merged.append("\n".join(current))
+    return merged
+
+
 # -- vocab -----------------------------------------------------------------------------------
 def train_vocab(docs: List[str], vocab_size: int, out_path: str) -> None:
     from tokenizers import BertWordPieceTokenizer
@@ -222,6 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_fraction", type=float, default=0.05,
                    help="fraction of documents held out for evaluation")
     p.add_argument("--instances_per_shard", type=int, default=20000)
+    p.add_argument("--min_doc_chars", type=int, default=0,
+                   help="merge consecutive documents until each has this many characters "
+                   "(long-sequence data from short documents, e.g. 40000 for 4096 tokens)")
     p.add_argument("--limit_files", type=int, default=0,
                    help="use only the first N standard-library modules (quick tests)")
     p.add_argument("--seed", type=int, default=12345)
@@ -243,6 +261,8 @@ def main(argv=None) -> int:
                  f"standard library"
         with open(os.path.join(args.output_dir, "corpus.txt"), "w", encoding="utf-8") as f:
             f.write("\n\n".join(" ".join(d.split()) for d in docs) + "\n")
+    if args.min_doc_chars:
+        docs = merge_documents(docs, args.min_doc_chars)
     vocab_path = os.path.join(args.output_dir, "vocab.txt")
     if args.vocab:
         if not os.path.isfile(args.vocab):

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# BERT-base, sequence 4096, block-sparse attention (bigbird block 64), config
+# configs/bing_bert/ds_sa_bert_base_seq4096.json. NUM_GPUS=8 bash $0 for eight GPUs.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/ds_sa_train_bert_gpu.sh" base 4096 "$@"

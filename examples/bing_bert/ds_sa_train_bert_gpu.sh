@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# BERT pre-training with block-sparse attention on GPUs (bing_bert style). Called by the
+# ds_sa_train_bert_{base,large}_seq{128,512,4096}.sh scripts:
+#   ds_sa_train_bert_gpu.sh MODEL SEQ [extra deepspeed_train.py arguments]
+# MODEL: base | large; SEQ: 128 | 512 | 4096. Environment:
+#   NUM_GPUS (1)  NUM_NODES/HOSTFILE (one node)  STEPS (the config's total_num_steps)
+#   DATA_DIR, OUT_DIR, DS_CONFIG  INPUT (text files; default: Python stdlib docstrings)
+#   VOCAB (a vocab.txt; default: trained on the corpus)
+set -euo pipefail
+MODEL="$1"; SEQ="$2"; shift 2
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+DS_CONFIG="${DS_CONFIG:-$ROOT/configs/bing_bert/ds_sa_bert_${MODEL}_seq${SEQ}.json}"
+DATA_DIR="${DATA_DIR:-$ROOT/out/bing_bert/data/stdlib_seq$SEQ}"
+OUT_DIR="${OUT_DIR:-$ROOT/out/bing_bert/${MODEL}_seq${SEQ}}"
+NUM_GPUS="${NUM_GPUS:-1}"
+STEPS="${STEPS:-$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['scheduler']['params']['total_num_steps'])" "$DS_CONFIG")}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ ! -f "$DATA_DIR/meta.json" ]; then
+  PREP=(--output_dir "$DATA_DIR" --max_seq_length "$SEQ")
+  if [ -n "${INPUT:-}" ]; then PREP+=(--input $INPUT); fi
+  if [ -n "${VOCAB:-}" ]; then PREP+=(--vocab "$VOCAB"); fi
+  # long sequences from short documents: merge stdlib modules to about 10 characters x SEQ
+  if [ "$SEQ" -gt 512 ] && [ -z "${INPUT:-}" ]; then PREP+=(--min_doc_chars $((SEQ * 10)) --dupe_factor 10); fi
+  python "$HERE/prepare_data.py" "${PREP[@]}"
+fi
+mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR/metrics.jsonl"
+LAUNCH=(deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29518}")
+if [ -n "${HOSTFILE:-}" ]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$NUM_GPUS"); fi
+"${LAUNCH[@]}" "$HERE/deepspeed_train.py" \
+  --deepspeed_sparse_attention \
+  --deepspeed_config "$DS_CONFIG" \
+  --bert_config "$HERE/bert_config_${MODEL}.json" \
+  --data_dir "$DATA_DIR" \
+  --output_dir "$OUT_DIR" \
+  --max_seq_length "$SEQ" \
+  --max_steps "$STEPS" \
+  --log_every 10 \
+  --eval_every 100 \
+  --save_every 500 \
+  --job_name "bing_bert_${MODEL}_seq${SEQ}" \
+  "$@" 2>&1 | tee "$OUT_DIR/train.log"
