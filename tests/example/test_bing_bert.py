@@ -2,6 +2,7 @@
 (gloo) with sparse attention, checkpoint resume, two ranks with ZeRO-2, and clear errors."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -187,15 +188,17 @@ def test_checkpoint_resumes_to_the_same_next_step_loss(first_run, data_dir, test
         assert abs(r["loss"] - expected[r["step"]]) < 1e-4, (r, expected[r["step"]])
 
 
-def test_two_ranks_zero2_same_layout(data_dir, test_config, tmp_path):
+@pytest.mark.parametrize("stage, bf16", [(2, False), (3, True)], ids=["zero2", "zero3_bf16"])
+def test_two_ranks_zero_same_layout(data_dir, test_config, tmp_path, stage, bf16):
     with open(test_config) as f:
         cfg = json.load(f)
-    cfg["zero_optimization"] = {"stage": 2}
+    cfg["zero_optimization"] = {"stage": stage}
+    cfg["bf16"] = {"enabled": bf16}
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = 4, 2
     cfg["csv_monitor"]["enabled"] = False
-    path = tmp_path / "ds_zero2.json"
+    path = tmp_path / f"ds_zero{stage}.json"
     path.write_text(json.dumps(cfg))
-    out = str(tmp_path / "zero2")
+    out = str(tmp_path / f"zero{stage}")
     log = launch(common(data_dir, str(path), out) + ["--max_steps", "3", "--eval_every", "0",
                                                       "--num_threads", "1"], num_ranks=2)
     sums = {line.split("layout ")[1].split(";")[0] for line in log.splitlines()
@@ -204,7 +207,12 @@ def test_two_ranks_zero2_same_layout(data_dir, test_config, tmp_path):
              if line.startswith("rank ") and "/2:" in line}
     assert ranks == {"rank 0", "rank 1"} and len(sums) == 1, log[-3000:]
     assert "same on all 2 ranks" in log
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    with open(os.path.join(out, "run_info.json")) as f:
+        seen = json.load(f)["ds_config_seen"]
+    assert seen["zero_optimization"]["stage"] == stage and "sparse_attention" not in seen
 
 
 # -- clear errors of the training script (in process; they stop before DeepSpeed starts) ----
