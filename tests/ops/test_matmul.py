@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from reference import REL_TOL, assert_rel_close, rel_error
+from reference import REL_TOL, assert_rel_close, layout_to_token_mask, rel_error
 from sparse_attn.ops import matmul as mm_mod
 from sparse_attn.ops.matmul import MatMul
 
@@ -266,23 +266,32 @@ def test_cuda_graph_capture():
     """After one warm-up call the forward does no host-device sync: it can be captured."""
     block, z, h, seq, d = 64, 2, 4, 1024, 64
     layout = random_layout(h, seq // block, seed=11)
+    from sparse_attn.ops.softmax import Softmax
+    layout[0, 3, :] = 1                          # a global row: split dsd, long softmax launch
     sdd = MatMul(layout, block, "sdd", trans_b=True)
     dsd = MatMul(layout, block, "dsd")
+    sm = Softmax(layout, block)
     q, k, v = (torch.randn(z, h, seq, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = dsd(sdd(q, k), v)                      # warm-up: tables, compilation
+    kpm = torch.zeros(z, seq, device="cuda")
+
+    def fwd():
+        return dsd(sm(sdd(q, k), scale=0.125, key_padding_mask=kpm), v)
+
+    out = fwd()                                  # warm-up: tables, compilation
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        dsd(sdd(q, k), v)
+        fwd()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = dsd(sdd(q, k), v)
+        out = fwd()
     q.copy_(torch.randn_like(q))
     g.replay()
     torch.cuda.synchronize()
-    p = blocks_of(q.double() @ k.double().transpose(-1, -2), layout, block)
-    ref = densify(p, layout, block) @ v.double()
+    sc = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    sc = sc.masked_fill(~layout_to_token_mask(layout, block).cuda()[None], float("-inf"))
+    ref = torch.softmax(sc, -1).nan_to_num(0.0) @ v.double()
     assert_rel_close(out, ref, torch.bfloat16)
 
 
@@ -331,3 +340,29 @@ def test_global_rows_split(backend, mode, ta, tb):
     ref.backward(g.double())
     assert_rel_close(a.grad, a64.grad, torch.float32, factor=2)
     assert_rel_close(b.grad, b64.grad, torch.float32, factor=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("mode", MODES)
+def test_rectangular_layout_not_tile_multiple(backend, block, mode):
+    """Layout [2, 5, 3]: rows and columns that are not multiples of the kernel's 64-wide
+    tile (block 16, 32) and differ from each other; all four transpose pairs."""
+    z, d = 2, 32
+    layout = (torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(block)) < 0.5).long()
+    layout[:, 0, 0] = 1
+    for ta, tb in TRANS:
+        torch.manual_seed(block + 2 * ta + tb)
+        a, b = make_inputs(mode, layout, block, ta, tb, torch.float32, z, d)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        c = MatMul(layout, block, mode, ta, tb, backend=backend)(a, b)
+        a64 = a.detach().double().requires_grad_(True)
+        b64 = b.detach().double().requires_grad_(True)
+        ref = reference(mode, a64, b64, layout, block, ta, tb)
+        assert_rel_close(c, ref, torch.float32)
+        g = torch.randn(c.shape, device=c.device)
+        c.backward(g)
+        ref.backward(g.double())
+        assert_rel_close(a.grad, a64.grad, torch.float32, factor=2)
+        assert_rel_close(b.grad, b64.grad, torch.float32, factor=2)

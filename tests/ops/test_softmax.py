@@ -1,7 +1,6 @@
 """Block-sparse Softmax against a float64 dense masked softmax: scale, rpe, both mask modes,
 bool/int/float masks, fully masked rows; forward and gradient; both backends (Triton kernels
 on CUDA or through TRITON_INTERPRET=1 on CPU, and the pure-PyTorch backend)."""
-import os
 
 import pytest
 import torch
@@ -213,6 +212,32 @@ def test_global_row_two_pass(backend):
     x64 = x.detach().double().requires_grad_(True)
     ref = reference_softmax(x64, layout, block, 0.5, None, kpm.double().to(DEVICE), False,
                             None, None)
+    assert_rel_close(y, ref, torch.float32)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    y.backward(dy)
+    ref.backward(dy.double())
+    assert_rel_close(x.grad, x64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rectangular_layout(backend):
+    """Layout [2, 5, 3] at block 16 (80 query rows, 48 keys) with rpe and both masks."""
+    block, z = 16, 2
+    layout = (torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(3)) < 0.5).long()
+    layout[:, :, 0] = 1
+    nnz = int(layout.sum())
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(z, nnz, block, block, generator=g).to(DEVICE).requires_grad_(True)
+    rpe = torch.randn(1, 2, 80, 48, generator=g).to(DEVICE)
+    kpm = torch.zeros(z, 48)
+    kpm[1, 40:] = float("-inf")
+    am = (torch.rand(80, 48, generator=g) < 0.8).float()
+    y = Softmax(layout, block, backend=backend)(x, scale=0.3, rpe=rpe,
+                                                key_padding_mask=kpm.to(DEVICE),
+                                                attn_mask=am.to(DEVICE))
+    x64 = x.detach().double().requires_grad_(True)
+    ref = reference_softmax(x64, layout, block, 0.3, rpe.double(), kpm.double().to(DEVICE),
+                            False, am.to(DEVICE), True)
     assert_rel_close(y, ref, torch.float32)
     dy = torch.randn(y.shape, generator=g).to(DEVICE)
     y.backward(dy)
