@@ -261,10 +261,13 @@ def main(argv=None) -> int:
     micro = run.ds_config.get("train_micro_batch_size_per_gpu")
     fp16 = bool(run.ds_config.get("fp16", {}).get("enabled"))
     torch.manual_seed(args.seed)
-    model = BertForPreTraining(
-        bert_config, sparsity_config=run.sparsity_config,
-        use_transformer_kernel=args.deepspeed_transformer_kernel,
-        transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed})
+    try:
+        model = BertForPreTraining(
+            bert_config, sparsity_config=run.sparsity_config,
+            use_transformer_kernel=args.deepspeed_transformer_kernel,
+            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed})
+    except ValueError as err:
+        return error(str(err))
     client_optimizer = configure_lamb(run.ds_config, model, args.lamb)
     engine, _, _, _ = run.initialize(model=model, model_parameters=param_groups(model),
                                      optimizer=client_optimizer)
