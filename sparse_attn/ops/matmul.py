@@ -22,6 +22,7 @@ a module-level cache (``_LUT_CACHE``); calls after the first do no host-device
 synchronisation, so the forward and backward can be captured in a CUDA graph.
 """
 import hashlib
+import operator
 import os
 import weakref
 
@@ -78,11 +79,21 @@ def resolve_backend(requested, device):
 _LAYOUT_SEEN = {}
 
 
+def as_block(block, who):
+    """The block size as a Python int, or ValueError."""
+    try:
+        b = operator.index(block) if not isinstance(block, bool) else None
+    except TypeError:
+        b = None
+    if b not in BLOCKS:
+        raise ValueError(f"{who}: argument 'block' is {block!r}; allowed: {BLOCKS}")
+    return b
+
+
 def canonical_layout(layout, block, who):
     """(CPU int64 layout, content key), remembered per layout object and version so that
     building a MatMul/Softmax per call costs no device copy (and no sync) after the first."""
-    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCKS:
-        raise ValueError(f"{who}: argument 'block' is {block!r}; allowed: {BLOCKS}")
+    block = as_block(block, who)
     if torch.is_tensor(layout):
         hit = _LAYOUT_SEEN.get(id(layout))
         if hit is not None and hit[0]() is layout and hit[1] == layout._version:
@@ -102,8 +113,7 @@ def check_layout(layout, block, who):
     if layout.dim() != 3:
         raise ValueError(f"{who}: argument 'layout' has shape {tuple(layout.shape)}; expected 3 "
                          "dimensions [heads, rows/block, cols/block]")
-    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCKS:
-        raise ValueError(f"{who}: argument 'block' is {block!r}; allowed: {BLOCKS}")
+    as_block(block, who)
     lay = layout.detach().to("cpu")
     if lay.is_floating_point() or lay.is_complex():
         if not bool(((lay == 0) | (lay == 1)).all()):
@@ -237,7 +247,7 @@ class MatMul:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{who}: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
         self.layout, self._key = canonical_layout(layout, block, who)
-        self.block = block
+        self.block = block = as_block(block, who)
         self.mode = mode
         self.trans_a = bool(trans_a)
         self.trans_b = bool(trans_b)

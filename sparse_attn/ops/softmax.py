@@ -21,7 +21,7 @@ Gradients flow to ``x`` only (rpe and masks are constants). Output has ``x``'s d
 import torch
 
 from . import blocksparse_torch as _bt
-from .matmul import BACKENDS, cached, canonical_layout, check_dtype, resolve_backend
+from .matmul import BACKENDS, as_block, cached, canonical_layout, check_dtype, resolve_backend
 
 MASK_MODES = ("add", "mul")
 
@@ -96,7 +96,7 @@ class Softmax:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"Softmax: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
         self.layout, self._key = canonical_layout(layout, block, "Softmax")
-        self.block = block
+        self.block = block = as_block(block, "Softmax")
         self.backend = backend
         self.spdims = tuple(self.layout.shape)
         self.nnz = int(self.layout.sum())
