@@ -141,8 +141,9 @@ def patch_bert_model(model: nn.Module, sparsity_config, *, pad_token_id: Optiona
                      max_position: Optional[int] = None) -> nn.Module:
     """Make ``model``'s BERT self-attention block-sparse (in place); returns the model.
 
-    ``max_position``: the longest sequence the model will see (default: its position table).
-    ``pad_token_id`` is accepted for symmetry with ``pad_to_block_size``; the encoder padding
+    ``max_position``: the longest sequence the model will see, where its layout is built
+    (default: its position table). A model that already has ``BertSparseSelfAttention`` layers
+    keeps them as they are. ``pad_token_id`` is accepted for symmetry with ``pad_to_block_size``; the encoder padding
     does not need it (padded positions are masked and cut off).
     """
     from sparse_attn.sparse_attention_utils import SparseAttentionUtils

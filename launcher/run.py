@@ -81,6 +81,14 @@ class SparseAttentionRun:
     args: Any = field(default=None, repr=False)
 
     @property
+    def layout_length(self) -> Optional[int]:
+        """The sequence length the layout is built at (``max_seq_length`` rounded up to the
+        block; None when unknown): patched layers use it, and ``layout_checksum`` is its."""
+        if self.sparsity_config is None or self.max_seq_length is None:
+            return None
+        return -(-self.max_seq_length // self.block) * self.block
+
+    @property
     def block(self) -> Optional[int]:
         return self.sparsity_config.block if self.sparsity_config is not None else None
 
@@ -106,7 +114,7 @@ class SparseAttentionRun:
         from .patching import patch_bert_model
 
         return patch_bert_model(model, self.sparsity_config, pad_token_id=pad_token_id,
-                                max_position=self.max_position_embeddings)
+                                max_position=self.layout_length)
 
     # -- DeepSpeed ---------------------------------------------------------------------
     def write_config(self) -> str:

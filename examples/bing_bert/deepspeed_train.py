@@ -219,9 +219,9 @@ def evaluate(engine, data, micro, world, rank, n_batches, device):
             total += float(loss)
             count += 1
     engine.train()
-    value = torch.tensor([total, count], dtype=torch.float64)
+    value = torch.tensor([total, count], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(value)
+        torch.distributed.all_reduce(value)  # on the device: NCCL takes no CPU tensors
     return float(value[0] / value[1])
 
 
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
         model = BertForPreTraining(
             bert_config, sparsity_config=run.sparsity_config,
             use_transformer_kernel=args.deepspeed_transformer_kernel,
-            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed})
+            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed},
+            sparse_max_seq_length=run.layout_length)
     except ValueError as err:
         return error(str(err))
     client_optimizer = configure_lamb(run.ds_config, model, args.lamb)
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     print(f"rank {rank}/{world}: {run.describe()}; transformer kernel "
           f"{'on' if args.deepspeed_transformer_kernel else 'off'}", flush=True)
     if is_main:
-        seen = {k: v for k, v in engine._config._param_dict.items()}
+        seen = dict(getattr(engine._config, "_param_dict", None) or engine.config)
         info = {"sparse_attention": run.enabled, "describe": run.describe(),
                 "layout_checksum": run.layout_checksum,
                 "transformer_kernel": bool(args.deepspeed_transformer_kernel),
@@ -335,8 +336,9 @@ def main(argv=None) -> int:
         losses = torch.stack(step_losses).mean(0).double()
         step_losses = []
         if world > 1:
+            losses = losses.to(device)  # NCCL reduces device tensors only
             torch.distributed.all_reduce(losses)
-            losses /= world
+            losses = (losses / world).cpu()
         loss_v, mlm_v, nsp_v = (float(x) for x in losses)
         lr = engine.get_lr()[0]
         window_loss.append(loss_v)

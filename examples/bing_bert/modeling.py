@@ -206,7 +206,8 @@ def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: boo
 
 class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
-                 transformer_kernel_args: Optional[dict] = None):
+                 transformer_kernel_args: Optional[dict] = None,
+                 sparse_max_seq_length: Optional[int] = None):
         super().__init__()
         if use_transformer_kernel and sparsity_config is not None:
             raise ValueError("DeepSpeed transformer kernels cannot run sparse attention")
@@ -220,6 +221,9 @@ class BertEncoder(nn.Module):
                 for layer in self.layer:
                     layer.attention.self = BertSparseSelfAttention(
                         config, sparsity_config=sparsity_config)
+                    if sparse_max_seq_length:  # the layout's length (default: the positions)
+                        layer.attention.self.sparse_self_attention.max_seq_length = \
+                            sparse_max_seq_length
         self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, attention_mask, output_all_encoded_layers=False):
@@ -248,14 +252,15 @@ class BertModel(nn.Module):
     """Embeddings + encoder + pooler. ``sparsity_config``: block-sparse self-attention."""
 
     def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
-                 transformer_kernel_args: Optional[dict] = None):
+                 transformer_kernel_args: Optional[dict] = None,
+                 sparse_max_seq_length: Optional[int] = None):
         super().__init__()
         self.config = config
         self.pad_token_id = config.pad_token_id or 0
         self.sparse_attention_config = sparsity_config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, sparsity_config, use_transformer_kernel,
-                                   transformer_kernel_args)
+                                   transformer_kernel_args, sparse_max_seq_length)
         self.pooler = BertPooler(config)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -313,11 +318,12 @@ class BertForPreTraining(nn.Module):
     """
 
     def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
-                 transformer_kernel_args: Optional[dict] = None):
+                 transformer_kernel_args: Optional[dict] = None,
+                 sparse_max_seq_length: Optional[int] = None):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, sparsity_config, use_transformer_kernel,
-                              transformer_kernel_args)
+                              transformer_kernel_args, sparse_max_seq_length)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.apply(self._init_weights)
 
