@@ -32,13 +32,16 @@ class LauncherConfigError(ValueError):
 
 
 def _ensure_log_handler() -> None:
-    """Make the launcher's log lines visible when the script configured no logging."""
+    """Make the launcher's INFO lines visible: its own level is INFO unless the user set one
+    (so a root configured at WARNING still shows them), and it gets a stderr handler when
+    the script configured no logging at all."""
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
     if logger.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[sparse_attn.launcher] %(levelname)s: %(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 def _rank() -> int:
