@@ -83,6 +83,16 @@ def bench(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
+def bench_graph(fn, grad_to_none=None):
+    """GPU time alone: replays of a CUDA graph of fn (no host launch overhead)."""
+    from triton.testing import do_bench_cudagraph
+    try:
+        return do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    except Exception as e:  # capture not possible: report, keep going
+        print("graph timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return float("nan")
+
+
 def reference_f32(q, k, v, layout, blk):
     """Dense masked attention in float32 (TF32 off), autograd-capable."""
     N = q.shape[2]
@@ -180,6 +190,11 @@ def run_row(N, B, name, blk, args, flex):
     t["dense_fb"] = bench(dense_fb, [q, k, v])
     t["fused_fwd"] = bench(fused_f)
     t["fused_fb"] = bench(fused_fb, [q, k, v])
+    if args.graph:
+        t["graph_dense_fwd"] = bench_graph(dense_f)
+        t["graph_dense_fb"] = bench_graph(dense_fb, [q, k, v])
+        t["graph_fused_fwd"] = bench_graph(fused_f)
+        t["graph_fused_fb"] = bench_graph(fused_fb, [q, k, v])
     if flex is not None:
         try:
             bm, how = flex_setup(Ld, blk, N, dev)
@@ -257,13 +272,12 @@ def memory_rows():
 
 
 # ------------------------------------------------------------------------------- sweep
-SWEEP_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-             (64, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3), (64, 128, 4, 3),
-             (128, 128, 8, 3), (64, 64, 4, 4)]
-SWEEP_DKDV = [(64, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 3), (64, 32, 4, 3),
-              (32, 32, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3)]
-SWEEP_DQ = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (64, 32, 4, 3),
-            (128, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3)]
+_BASE_FWD = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4),
+             (128, 64, 8, 3)]
+_BASE_BWD = [(64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]
+SWEEP_FWD = [c + (o,) for c in _BASE_FWD for o in (False, True)]
+SWEEP_DKDV = [c + (o,) for c in _BASE_BWD for o in (False, True)]
+SWEEP_DQ = [c + (o,) for c in _BASE_BWD for o in (False, True)]
 
 
 def sweep(rows):
@@ -281,8 +295,8 @@ def sweep(rows):
             set_fused_config()
             set_fused_config(D, None, fwd=cfg)
             try:
-                line["fwd"][str(cfg)] = bench(lambda: fused_block_sparse_attention(q, k, v, Ld,
-                                                                                   blk))
+                line["fwd"][str(cfg)] = bench_graph(
+                    lambda: fused_block_sparse_attention(q, k, v, Ld, blk))
             except Exception as e:
                 line["fwd"][str(cfg)] = f"{type(e).__name__}"
         for kern, lst in (("dkdv", SWEEP_DKDV), ("dq", SWEEP_DQ)):
@@ -291,7 +305,7 @@ def sweep(rows):
                 set_fused_config(D, None, **{kern: cfg})
                 try:
                     out, lse = fused_mod._forward_impl(q, k, v, Ld, None, blk, D ** -0.5, False)
-                    line[kern][str(cfg)] = bench(lambda: fused_mod._backward_impl(
+                    line[kern][str(cfg)] = bench_graph(lambda: fused_mod._backward_impl(
                         do, q, k, v, out, lse, Ld, None, blk, D ** -0.5, False))
                 except Exception as e:
                     line[kern][str(cfg)] = f"{type(e).__name__}"
@@ -340,10 +354,16 @@ def main():
                     help="tile config sweep first, on rows matching these ids (default: "
                          "blocks 16, 64, 128)")
     ap.add_argument("--no-main", action="store_true", help="skip the main table")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time fused and dense as CUDA graph replays (GPU time alone)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="only join these JSON files (from earlier runs) into one table")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "..", "benchmarks"))
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args)
     import triton
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
@@ -387,25 +407,46 @@ def main():
     result["rows"] = rows
     if args.mem:
         result["memory"] = memory_rows()
+    write_outputs(result, args)
+
+
+def write_outputs(result, args):
+    meta, rows = result["meta"], result.get("rows", [])
     os.makedirs(args.outdir, exist_ok=True)
     base = os.path.join(args.outdir, f"attention_{args.tag}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
+    cmds = meta["command"] if isinstance(meta["command"], list) else [meta["command"]]
     md = [f"# Fused block-sparse attention benchmark ({meta['device']})", "",
           f"Date {meta['date']}; torch {meta['torch']}; triton {meta['triton']}; bf16, "
           f"{H} heads, head_dim {D}; times in ms ({meta['timing']}).", "",
-          f"Command: `{meta['command']}`", "",
+          "Command(s), run from the repository root on the GPU machine:", ""] + \
+        [f"    {c}" for c in cmds] + ["",
           "Density: of the block layout; tile density: of the tile-level layout the fused "
           "forward visits. TFLOP/s of the fused kernel count only the tiles it computes "
           "(FlashAttention convention: 2 matmuls forward, 5 backward). Targets: T1 fused "
           "faster than Flex fwd and fwd+bwd; T2 faster than dense SDPA fwd and fwd+bwd (rows "
           "with tile density < 50%); T3 >= 60% of dense TFLOP/s forward and >= 50% "
           "fwd+bwd (blocks 64, 128). Max rel err: fused vs float32 reference, two heads, "
-          "output and dq/dk/dv.", ""]
+          "output and dq/dk/dv. All times are eager calls (host launch cost included), as a "
+          "user sees them.", ""]
     if rows:
         md += [HEADER] + [fmt_row(r) for r in rows] + [""]
+        if any("graph_fused_fwd" in r["ms"] for r in rows):
+            md += ["GPU time alone (CUDA graph replays, no host launch cost), ms:", "",
+                   "| seq x batch | layout, block | dense fwd | fused fwd | dense fwd+bwd | "
+                   "fused fwd+bwd |", "| --- | --- | --- | --- | --- | --- |"]
+            for r in rows:
+                t = r["ms"]
+                if "graph_fused_fwd" in t:
+                    md.append(f"| {r['seq']} x{r['batch']} | {r['layout']} {r['block']} | "
+                              f"{t['graph_dense_fwd']:.3f} | {t['graph_fused_fwd']:.3f} | "
+                              f"{t['graph_dense_fb']:.3f} | {t['graph_fused_fb']:.3f} |")
+            md.append("")
     if "memory" in result:
         md += ["## Memory (forward+backward, BigBird block 64, batch 1, 16 heads)", "",
+               "Peak allocated during one forward+backward (inputs, grads and do included; "
+               "extra = above what was allocated before the call).", "",
                "| seq | fused peak GiB (extra) | fused fwd+bwd ms | dense SDPA peak GiB (extra)"
                " | dense fwd+bwd ms |", "| --- | --- | --- | --- | --- |"]
         for m in result["memory"]:
@@ -421,6 +462,19 @@ def main():
         import shutil
         shutil.copy(base + ".json", out)
         shutil.copy(base + ".md", out)
+
+
+def merge(paths, args):
+    """Join the JSON of several runs (e.g. one per seq) into one table."""
+    parts = [json.load(open(p_)) for p_ in paths]
+    meta = dict(parts[0]["meta"])
+    meta["command"] = [p_["meta"]["command"] for p_ in parts]
+    meta["date"] = ", ".join(p_["meta"]["date"] for p_ in parts)
+    result = dict(meta=meta, rows=[r for p_ in parts for r in p_.get("rows", [])])
+    for p_ in parts:
+        if "memory" in p_:
+            result["memory"] = p_["memory"]
+    write_outputs(result, args)
 
 
 if __name__ == "__main__":

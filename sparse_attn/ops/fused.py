@@ -75,6 +75,13 @@ def set_fused_config(head_dim=None, block=None, **kernels):
     _OVERRIDE.setdefault((head_dim, block), {}).update(kernels)
 
 
+def _tiles(cfg):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, one_loop]) -> 5-tuple. one_loop sends every
+    tile through the masked loop instead of a mask-free loop over full tiles then a masked
+    one (fewer pipeline fills when rows are short and mostly partial)."""
+    return tuple(cfg) + (False,) * (5 - len(cfg))
+
+
 def _config(head_dim, block):
     table = _CONFIGS[head_dim]
     cfg = dict(table.get(block, table[None]))
@@ -328,9 +335,9 @@ def _prep(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kpm_arg(kpm, q, B, N):
-    if kpm is None:
-        return q.new_zeros(1, dtype=torch.float32), 0, False
+def _kpm_arg(kpm, dummy, B, N):
+    if kpm is None:  # never read (HAS_KPM is False): any float32 tensor will do
+        return dummy, 0, False
     kpm = kpm.reshape(B, N).to(torch.float32).contiguous()
     return kpm, kpm.stride(0), True
 
@@ -338,14 +345,16 @@ def _kpm_arg(kpm, q, B, N):
 def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, N, D = q.shape
-    TM, TN, warps, stages = _config(D, block)["fwd"]
+    TM, TN, warps, stages, one_loop = _tiles(_config(D, block)["fwd"])
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, q, B, N)
-    ns = max(lut.n_slots * B, 1)
-    ws_acc = torch.empty((ns, TM, D), dtype=torch.float32, device=q.device)
-    ws_ml = torch.empty((ns, 2, TM), dtype=torch.float32, device=q.device)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, lse, B, N)
+    if lut.n_slots:
+        ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
+    else:  # no split row: the workspace is never touched
+        ws_acc = ws_ml = lse
     even = N % TM == 0 and N % TN == 0
     _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
         q, k, v, out, lse, kpm_t,
@@ -358,6 +367,7 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
@@ -373,8 +383,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     out = out.contiguous()
     B, H, N, D = q.shape
     cfg = _config(D, block)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, q, B, N)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
     rows = B * H * N
     DB = 64
     _k.fused_attn_bwd_delta_kernel[(triton.cdiv(rows, DB),)](out, do, delta, rows,
@@ -383,11 +393,13 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
 
-    TM, TN, warps, stages = cfg["dkdv"]
+    TM, TN, warps, stages, one_loop = _tiles(cfg["dkdv"])
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col")
-    ns = max(lut.n_slots * B, 1)
-    ws_dk = torch.empty((ns, TN, D), dtype=torch.float32, device=q.device)
-    ws_dv = torch.empty((ns, TN, D), dtype=torch.float32, device=q.device)
+    if lut.n_slots:
+        ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
+        ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
+    else:
+        ws_dk = ws_dv = delta
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
@@ -398,6 +410,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         for ws, dst, sc in ((ws_dk, dk, scale), (ws_dv, dv, 1.0)):
@@ -405,10 +418,12 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
                 ws, dst, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, sc,
                 BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, num_warps=4)
 
-    TM, TN, warps, stages = cfg["dq"]
+    TM, TN, warps, stages, one_loop = _tiles(cfg["dq"])
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    ns = max(lut.n_slots * B, 1)
-    ws_dq = torch.empty((ns, TM, D), dtype=torch.float32, device=q.device)
+    if lut.n_slots:
+        ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
+    else:
+        ws_dq = delta
     _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, do, dq, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
@@ -419,6 +434,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
@@ -476,8 +492,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedBlockSparseAttention(torch.autograd.Function):
-    """Thin eager autograd.Function over the same kernels (the public function uses the
-    custom op, which also works under torch.compile). ``apply(q, k, v, layout, block,
+    """Thin autograd.Function over the kernels: what the public function uses in eager mode
+    (under torch.compile it uses the custom op instead). ``apply(q, k, v, layout, block,
     scale, causal, key_padding_mask)``; arguments as validated by the public function."""
 
     @staticmethod
@@ -517,5 +533,10 @@ def fused_block_sparse_attention(q, k, v, layout, block, *, scale=None, causal=F
     kpm = None
     if key_padding_mask is not None:
         kpm = key_padding_mask.reshape(q.shape[0], q.shape[2])
-    out, _ = _fwd_op(q, k, v, layout, kpm, int(block), scale, bool(causal))
-    return out
+    if torch.compiler.is_compiling():
+        # traced as one opaque custom op (fake + autograd registrations): no graph break
+        out, _ = _fwd_op(q, k, v, layout, kpm, int(block), scale, bool(causal))
+        return out
+    # eager: the same kernels through a plain autograd.Function, which costs less host time
+    # per call than the custom op's dispatch
+    return FusedBlockSparseAttention.apply(q, k, v, layout, int(block), scale, bool(causal), kpm)

@@ -184,6 +184,7 @@ def test_seq_not_multiple_of_tile(block, seq, causal):
     dict(fwd=(64, 64, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2)),
     dict(fwd=(128, 128, 8, 2), dq=(128, 128, 8, 2), dkdv=(128, 128, 8, 2)),  # 64 bits/tile
     dict(fwd=(64, 128, 4, 2), dq=(32, 128, 4, 2), dkdv=(128, 32, 4, 2)),
+    dict(fwd=(64, 32, 4, 3, True), dq=(64, 32, 4, 3, True), dkdv=(32, 64, 4, 3, True)),
 ])
 @pytest.mark.parametrize("block", [16, 128])
 def test_other_tile_configs(cfg, block):
@@ -231,10 +232,23 @@ def test_scale_and_noncontiguous_inputs():
     run_and_compare(q, k, v, layout, block, scale=0.3)
 
 
-def test_autograd_function():
+def test_custom_op_eager_autograd():
+    """The registered op (what torch.compile sees) differentiates in eager mode too."""
     block = 64
     layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(9))
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=9)
+
+    def fn(q, k, v, layout, block, scale=None, causal=False, key_padding_mask=None):
+        out, _ = torch.ops.sparse_attn.fused_attention_fwd(q, k, v, layout, key_padding_mask,
+                                                           block, q.shape[-1] ** -0.5, causal)
+        return out
+    run_and_compare(q, k, v, layout, block, fn=fn, causal=True)
+
+
+def test_autograd_function():
+    block = 32
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(9))
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=10)
 
     def fn(q, k, v, layout, block, scale=None, causal=False, key_padding_mask=None):
         return FusedBlockSparseAttention.apply(q, k, v, layout, block, q.shape[-1] ** -0.5,

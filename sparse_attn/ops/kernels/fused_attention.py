@@ -110,7 +110,8 @@ def fused_attn_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+        BITS32: tl.constexpr, UPCAST: tl.constexpr,
+        ONE_LOOP: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
@@ -141,14 +142,18 @@ def fused_attn_fwd_kernel(
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
-    nfull = tl.load(NFULL + r)
+    if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
+        nfull = 0
+    else:
+        nfull = tl.load(NFULL + r)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                               lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n,
-                               offs_d, bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL,
-                               HAS_KPM, EVEN, BITS32, UPCAST)
+    if not ONE_LOOP:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
+                                   BITS + row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
+                                   offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
+                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
                                tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
                                offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
@@ -296,7 +301,8 @@ def fused_attn_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+        BITS32: tl.constexpr, UPCAST: tl.constexpr,
+        ONE_LOOP: tl.constexpr):
     """DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32."""
     pid = tl.program_id(0)
     b = pid % B
@@ -334,14 +340,20 @@ def fused_attn_bwd_dq_kernel(
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
-    nfull = tl.load(NFULL + r)
+    if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
+        nfull = 0
+    else:
+        nfull = tl.load(NFULL + r)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if not ONE_LOOP:
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+                       lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                       bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
+                       UPCAST)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                   lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
-                   BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
-                   tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
-                   BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+                   tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                   bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
+                   UPCAST)
     if slot < 0:
         dq = dq * sm_scale
         dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
@@ -409,7 +421,8 @@ def fused_attn_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-        BITS32: tl.constexpr, UPCAST: tl.constexpr):
+        BITS32: tl.constexpr, UPCAST: tl.constexpr,
+        ONE_LOOP: tl.constexpr):
     """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
     pid = tl.program_id(0)
     b = pid % B
@@ -451,17 +464,21 @@ def fused_attn_bwd_dkdv_kernel(
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
     col = c.to(tl.int64) * n_qt
-    nfull = tl.load(NFULL + c)
+    if ONE_LOOP:
+        nfull = 0
+    else:
+        nfull = tl.load(NFULL + c)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if not ONE_LOOP:
+        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
+                             IDX + col, BITS + col, lo, tl.minimum(hi, nfull), stride_qm,
+                             offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                             False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, lo, tl.minimum(hi, nfull), stride_qm, offs_m, offs_n, offs_d,
-                         bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, False, FINE, CAUSAL,
-                         HAS_KPM, EVEN, BITS32, UPCAST)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, tl.maximum(lo, nfull), hi, stride_qm, offs_m, offs_n, offs_d,
-                         bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM, True, FINE, CAUSAL,
-                         HAS_KPM, EVEN, BITS32, UPCAST)
+                         IDX + col, BITS + col, tl.maximum(lo, nfull), hi, stride_qm,
+                         offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                         True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     if slot < 0:
         dk = dk * sm_scale
         out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
