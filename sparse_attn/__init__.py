@@ -10,7 +10,7 @@ from .sparsity_config import (
     SparsityConfig,
     VariableSparsityConfig,
 )
-from .ops.attention import block_sparse_attention
+from .ops import MatMul, Softmax, block_sparse_attention
 from .sparse_self_attention import SparseSelfAttention
 from .bert_sparse_self_attention import BertSparseSelfAttention
 from .sparse_attention_utils import SparseAttentionUtils
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "SparsityConfig", "DenseSparsityConfig", "FixedSparsityConfig", "VariableSparsityConfig",
     "BigBirdSparsityConfig", "BSLongformerSparsityConfig", "LocalSlidingWindowSparsityConfig",
-    "block_sparse_attention", "SparseSelfAttention", "BertSparseSelfAttention",
+    "MatMul", "Softmax", "block_sparse_attention", "SparseSelfAttention", "BertSparseSelfAttention",
     "SparseAttentionUtils",
 ]
