@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tiny BERT (2 layers, hidden 128, 2 heads) pre-training with block-sparse attention on CPU:
 # sequence 512, Fixed layout with block 16 (configs/bing_bert/ds_sa_bert_tiny_cpu.json),
-# 300 steps, a few minutes on 2 cores. Data: docstrings of Python's standard library
+# 500 steps, a few minutes on 2 cores. Data: docstrings of Python's standard library
 # (prepared on first use). Pass extra training arguments after the script name, e.g.
 #   bash ds_sa_train_bert_tiny_cpu.sh --max_steps 100
 set -euo pipefail
@@ -26,7 +26,7 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" "$HERE/deepspeed_tr
   --data_dir "$DATA_DIR" \
   --output_dir "$OUT_DIR" \
   --max_seq_length $SEQ \
-  --max_steps 300 \
+  --max_steps 500 \
   --log_every 10 \
   --eval_every 100 \
   --save_every 100 \

@@ -79,7 +79,9 @@ def test_config(tmp_path_factory):
         cfg = json.load(f)
     assert "sparse_attention" in cfg
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = 4, 2
-    cfg["scheduler"]["params"].update(total_num_steps=40, warmup_num_steps=4)
+    cfg["optimizer"]["params"]["lr"] = 1e-3
+    cfg["scheduler"]["params"].update(total_num_steps=40, warmup_num_steps=4,
+                                      warmup_max_lr=1e-3)
     cfg["tensorboard"]["enabled"] = False
     path = tmp_path_factory.mktemp("bing_bert_cfg") / "ds_tiny_test.json"
     path.write_text(json.dumps(cfg, indent=2))
@@ -90,7 +92,7 @@ def common(data_dir, config, out):
     return ["--deepspeed_sparse_attention", "--deepspeed_config", config,
             "--bert_config", os.path.join(EXAMPLE, "bert_config_tiny.json"),
             "--data_dir", data_dir, "--output_dir", out, "--max_seq_length", str(SEQ),
-            "--log_every", "1", "--eval_batches", "2", "--no_progress_bar"]
+            "--log_every", "1", "--eval_batches", "8", "--no_progress_bar"]
 
 
 def test_prepare_data_shards(data_dir):
