@@ -201,6 +201,20 @@ def write_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def single_process_env() -> None:
+    """Started with plain ``python`` (no launcher): run as a world of one process instead of
+    letting DeepSpeed look for MPI."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
 def error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return 2
@@ -257,6 +271,7 @@ def main(argv=None) -> int:
 
     import deepspeed
 
+    single_process_env()
     os.makedirs(args.output_dir, exist_ok=True)
     micro = run.ds_config.get("train_micro_batch_size_per_gpu")
     fp16 = bool(run.ds_config.get("fp16", {}).get("enabled"))

@@ -26,7 +26,10 @@ if [ ! -f "$DATA_DIR/meta.json" ]; then
   python "$HERE/prepare_data.py" "${PREP[@]}"
 fi
 mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR/metrics.jsonl"
+case " $* " in
+  *" --load_checkpoint_dir"*) ;;            # resuming: keep the curve so far
+  *) rm -f "$OUT_DIR/metrics.jsonl" ;;
+esac
 LAUNCH=(deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29518}")
 if [ -n "${HOSTFILE:-}" ]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$NUM_GPUS"); fi
 "${LAUNCH[@]}" "$HERE/deepspeed_train.py" \
@@ -41,4 +44,4 @@ if [ -n "${HOSTFILE:-}" ]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE" --num_n
   --eval_every 100 \
   --save_every 500 \
   --job_name "bing_bert_${MODEL}_seq${SEQ}" \
-  "$@" 2>&1 | tee "$OUT_DIR/train.log"
+  "$@" 2>&1 | tee -a "$OUT_DIR/train.log"

@@ -18,7 +18,10 @@ if [ ! -f "$DATA_DIR/meta.json" ]; then
   python "$HERE/prepare_data.py" --output_dir "$DATA_DIR" --max_seq_length $SEQ
 fi
 mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR/metrics.jsonl"
+case " $* " in
+  *" --load_checkpoint_dir"*) ;;            # resuming: keep the curve so far
+  *) rm -f "$OUT_DIR/metrics.jsonl" ;;
+esac
 deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" "$HERE/deepspeed_train.py" \
   --deepspeed_sparse_attention \
   --deepspeed_config "$DS_CONFIG" \
@@ -30,4 +33,4 @@ deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29517}" "$HERE/deepspeed_tr
   --log_every 10 \
   --eval_every 100 \
   --save_every 100 \
-  "$@" 2>&1 | tee "$OUT_DIR/train.log"
+  "$@" 2>&1 | tee -a "$OUT_DIR/train.log"
