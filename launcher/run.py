@@ -207,6 +207,7 @@ def prepare_from_config(config, *, sparse_attention: bool, num_heads: int,
 
     The function behind ``prepare_sparse_attention``, for code without argparse (e.g. a
     Hugging Face ``Trainer``: pass ``run.ds_config`` as ``TrainingArguments(deepspeed=...)``).
+    On DeepSpeed's CPU accelerator it also calls ``avoid_cpu_op_builds()``.
 
     Raises ``LauncherConfigError`` for: no config, a missing or malformed file, an invalid
     block, ``sparse_attention=True`` without a block, a block that does not divide
@@ -215,6 +216,7 @@ def prepare_from_config(config, *, sparse_attention: bool, num_heads: int,
     from sparse_attn.config import split_deepspeed_config
 
     _ensure_log_handler()
+    avoid_cpu_op_builds()
     if config is None:
         raise LauncherConfigError(
             "no DeepSpeed config: pass --deepspeed_config ds.json (a JSON file with the "
@@ -316,6 +318,5 @@ def prepare_sparse_attention(args, *, num_heads: int, max_seq_length: Optional[i
     if getattr(args, "deepscale_config", None) is not None:
         args.deepscale_config = None
     run.args = args
-    avoid_cpu_op_builds()
     run.write_config()
     return run
