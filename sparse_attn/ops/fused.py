@@ -5,9 +5,9 @@
 
 One Triton kernel computes the forward pass: for each query tile it loops over the nonzero
 key tiles of its row of the layout with an online softmax, never writing the block-sparse
-score tensor to memory. The backward pass is FlashAttention-2 style: a small kernel for
-delta = rowsum(dO * O), one kernel for dK/dV (over the column look-up table: the query tiles
-that see a key tile) and one for dQ (over the row look-up table).
+score tensor to memory. The backward pass is FlashAttention-2 style: one kernel for dQ (over
+the row look-up table; it also writes delta = rowsum(dO * O)) and one for dK/dV (over the
+column look-up table: the query tiles that see a key tile).
 
 Tiles are tensor-core sized (64 or 128 rows/columns). A layout whose block is smaller than a
 tile (block 16 or 32) runs on the tile-level layout (a tile is visited when any of its
@@ -24,7 +24,8 @@ Look-up tables are built the first time a layout is seen (device ops and one hos
 the work list) and cached on the device per (layout tensor, block, tile sizes, seq, causal,
 device); a call that hits the cache does no host sync in forward or backward. Rows (columns)
 of the LUT much longer than the average, such as BigBird's global rows and columns, are cut
-into several work items that run in parallel; a small kernel merges their partial results. The cache holds a
+into several work items that run in parallel; a small kernel merges their partial results.
+The cache holds a
 reference to the layout and keys on its storage, shape, strides and version counter, so
 views of one layout hit and an in-place change of the layout rebuilds. The op is registered
 as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.custom_op,
@@ -58,7 +59,10 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # scripts/bench_attention.py on an H100 (see benchmarks/NOTES_fused.md).
 _CONFIGS = {
     32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
-    64: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
+    64: {None: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3)),
+         16: dict(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(32, 64, 4, 3)),
+         32: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 3)),
+         128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))},
     128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 8, 2))},
 }
 _OVERRIDE = {}
@@ -170,9 +174,9 @@ def _check(q, k, v, layout, block, key_padding_mask):
         raise ValueError(f"seq (q.shape[2]) = {N} is not a multiple of block = {block}")
     nb = N // block
     if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != (H, nb, nb):
+        got = tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout)
         raise ValueError(f"layout must be [heads, seq // block, seq // block] = "
-                         f"[{H}, {nb}, {nb}], got "
-                         f"{tuple(layout.shape) if isinstance(layout, torch.Tensor) else type(layout)}")
+                         f"[{H}, {nb}, {nb}], got {got}")
     if layout.dtype.is_floating_point or layout.is_complex():
         raise ValueError(f"layout must be an integer (0/1) or bool tensor, got {layout.dtype}")
     if key_padding_mask is not None:
@@ -274,7 +278,12 @@ def _make_lut(nz, full, bits, meta):
     slot = torch.full((n_items,), -1, dtype=torch.int64)
     lut.n_slots = int(is_split.sum())
     slot[is_split] = torch.arange(lut.n_slots)
-    order = torch.sort(hi - lo, descending=True, stable=True).indices
+    # Launch order: items at least half a chunk long first, longest first (they bound the
+    # run time); the rest in natural (head, tile) order, so that neighbouring tiles, which
+    # share most of their key/value tiles, run together and hit L2.
+    ln = hi - lo
+    order = torch.sort(torch.where(ln >= (S + 1) // 2, ln, torch.zeros_like(ln)),
+                       descending=True, stable=True).indices
     work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
     work = work.to(device)
     lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot = work[0], work[1], work[2], work[3]
@@ -385,13 +394,33 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     cfg = _config(D, block)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
-    rows = B * H * N
-    DB = 64
-    _k.fused_attn_bwd_delta_kernel[(triton.cdiv(rows, DB),)](out, do, delta, rows,
-                                                             HEAD_DIM=D, BLOCK=DB)
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
+
+    # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
+    TM, TN, warps, stages, one_loop = _tiles(cfg["dq"])
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
+    if lut.n_slots:
+        ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
+    else:
+        ws_dq = lse  # never touched
+    _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
+        q, k, v, out, do, dq, lse, delta, kpm_t,
+        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        ONE_LOOP=one_loop,
+        num_warps=warps, num_stages=stages)
+    if lut.n_split:
+        _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
+            ws_dq, dq, ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
     TM, TN, warps, stages, one_loop = _tiles(cfg["dkdv"])
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col")
@@ -399,7 +428,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
         ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
     else:
-        ws_dk = ws_dv = delta
+        ws_dk = ws_dv = lse
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
@@ -413,33 +442,9 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
-        for ws, dst, sc in ((ws_dk, dk, scale), (ws_dv, dv, 1.0)):
-            _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-                ws, dst, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, sc,
-                BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, num_warps=4)
-
-    TM, TN, warps, stages, one_loop = _tiles(cfg["dq"])
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    if lut.n_slots:
-        ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
-    else:
-        ws_dq = delta
-    _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
-        q, k, v, do, dq, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
-        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
-        ONE_LOOP=one_loop,
-        num_warps=warps, num_stages=stages)
-    if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
-            BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, num_warps=4)
+            ws_dk, dk, ws_dv, dv, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv
 
 

@@ -208,11 +208,11 @@ def fused_attn_fwd_combine_kernel(
 
 
 @triton.jit
-def fused_attn_bwd_reduce_kernel(WS, OUT, S_ROW, S_START, S_N, B, H, N, n_own, scale,
-                                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 EVEN: tl.constexpr):
-    """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column;
-    OUT contiguous [B, H, N, HEAD_DIM]."""
+def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, S_ROW, S_START, S_N, B, H, N, n_own,
+                                 scale, scale2, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 EVEN: tl.constexpr, TWO: tl.constexpr):
+    """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column
+    (and OUT2 from WS2 with scale2 when TWO); OUT, OUT2 contiguous [B, H, N, HEAD_DIM]."""
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
@@ -225,28 +225,24 @@ def fused_attn_bwd_reduce_kernel(WS, OUT, S_ROW, S_START, S_N, B, H, N, n_own, s
     rr = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    acc2 = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for c in range(start, start + n):
         ws = c * B + b64
-        acc += tl.load(WS + ws * BLOCK * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :])
+        off = ws * BLOCK * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
+        acc += tl.load(WS + off)
+        if TWO:
+            acc2 += tl.load(WS2 + off)
     rows = t * BLOCK + rr
-    ptrs = OUT + (b64 * H + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    ptrs = (b64 * H + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
     if EVEN:
-        tl.store(ptrs, (acc * scale).to(OUT.dtype.element_ty))
+        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty))
+        if TWO:
+            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty))
     else:
-        tl.store(ptrs, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < N)[:, None])
-
-
-@triton.jit
-def fused_attn_bwd_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    """delta[row] = sum_d dO[row, d] * O[row, d]; O and dO contiguous [rows, HEAD_DIM]."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    msk = (rows < n_rows)[:, None]
-    ptr = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
-    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < N)[:, None])
+        if TWO:
+            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty),
+                     mask=(rows < N)[:, None])
 
 
 @triton.jit
@@ -291,7 +287,7 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
 
 @triton.jit
 def fused_attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, KPM,
+        Q, K, V, O, DO, DQ, LSE, DELTA, KPM,
         IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -303,7 +299,9 @@ def fused_attn_bwd_dq_kernel(
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
         ONE_LOOP: tl.constexpr):
-    """DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32."""
+    """O, DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32.
+    Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
+    after this one) reads; the items of a split row all write the same values."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
@@ -320,18 +318,22 @@ def fused_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     bh = b64 * H + h64
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do_off = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     if EVEN:
         q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
+        do = tl.load(DO + do_off)
+        o = tl.load(O + do_off)
         lse = tl.load(LSE + bh * N + offs_m)
-        delta = tl.load(DELTA + bh * N + offs_m)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * N + offs_m, delta)
     else:
         mrow = offs_m < N
         q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
+        do = tl.load(DO + do_off, mask=mrow[:, None], other=0.0)
+        o = tl.load(O + do_off, mask=mrow[:, None], other=0.0)
         lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
-        delta = tl.load(DELTA + bh * N + offs_m, mask=mrow, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * N + offs_m, delta, mask=mrow)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
     KPM_base = KPM + b64 * stride_kpmb
