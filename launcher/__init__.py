@@ -25,6 +25,7 @@ from .run import (
     LauncherConfigError,
     SparseAttentionRun,
     avoid_cpu_op_builds,
+    model_layout_checksums,
     prepare_from_config,
     prepare_sparse_attention,
 )
@@ -32,5 +33,5 @@ from .run import (
 __all__ = [
     "add_sparse_attention_arguments", "prepare_sparse_attention", "prepare_from_config",
     "SparseAttentionRun", "LauncherConfigError", "patch_bert_model", "add_encoder_padding",
-    "avoid_cpu_op_builds",
+    "avoid_cpu_op_builds", "model_layout_checksums",
 ]

@@ -134,7 +134,8 @@ class SparseAttentionRun:
         """``deepspeed.initialize`` with the cleaned config; returns what it returns.
 
         Pass ``model``, ``model_parameters``, ``optimizer``... as to ``deepspeed.initialize``.
-        After it, every rank's layout checksum is compared (ranks that disagree raise).
+        After it, every rank's layout checksum (of the layouts the model's sparse layers use)
+        is compared across ranks; ranks that disagree raise.
         """
         import deepspeed
 
@@ -143,12 +144,28 @@ class SparseAttentionRun:
             result = deepspeed.initialize(args=self.args, **kwargs)
         else:
             result = deepspeed.initialize(config=copy.deepcopy(self.ds_config), **kwargs)
-        self.check_layouts_match()
+        self.check_layouts_match(kwargs.get("model"))
         return result
 
-    def check_layouts_match(self) -> None:
-        """Raise when the ranks of an initialised process group built different layouts."""
-        if not self.enabled or self.layout_checksum is None:
+    def check_layouts_match(self, model=None) -> None:
+        """Compare this rank's layout checksum with every other rank's; raise if they differ.
+
+        With ``model``, the checksum is that of the layouts its sparse layers actually use
+        (it replaces ``layout_checksum``; a warning says when it differs from the config's
+        layout at ``max_seq_length``)."""
+        if not self.enabled:
+            return
+        if model is not None:
+            found = model_layout_checksums(model)
+            if found:
+                local = found[0] if len(found) == 1 else _combine(found)
+                if self.layout_checksum is not None and local != self.layout_checksum:
+                    logger.warning(
+                        "the model's sparse layers use layout %s, not the config's layout %s "
+                        "at max_seq_length %s (were they built for another length?)", local,
+                        self.layout_checksum, self.max_seq_length)
+                self.layout_checksum = local
+        if self.layout_checksum is None:
             return
         import torch.distributed as dist
 
@@ -161,6 +178,34 @@ class SparseAttentionRun:
             raise RuntimeError(f"ranks built different sparse attention layouts: {sums}")
         logger.info("rank %d: %s (same on all %d ranks)", dist.get_rank(), self.describe(),
                     len(sums))
+
+
+def _combine(checksums) -> str:
+    import hashlib
+
+    return "combined:" + hashlib.sha1("|".join(checksums).encode()).hexdigest()[:12]
+
+
+def model_layout_checksums(model) -> list:
+    """Checksums (sorted, distinct) of the layouts the sparse layers of ``model`` use: its
+    ``SparseSelfAttention`` modules and, for a transformers model switched to
+    ``"block_sparse"``, the layout stored in its config."""
+    from sparse_attn.sparse_self_attention import SparseSelfAttention
+    from sparse_attn.sparsity_config import layout_checksum
+
+    sums = {layout_checksum(m.master_layout) for m in model.modules()
+            if isinstance(m, SparseSelfAttention)}
+    settings = getattr(getattr(model, "config", None), "sparse_attention", None)
+    if isinstance(settings, dict) and "transformers" in sys.modules:
+        from sparse_attn import hf
+
+        sc = hf.get_sparsity_config(model)
+        if sc is not None:
+            length = int(settings.get("max_seq_length") or 0)
+            if length:
+                length = -(-length // sc.block) * sc.block
+                sums.add(layout_checksum(sc.make_layout(length)))
+    return sorted(sums)
 
 
 _TEMP_DIRS = []

@@ -339,3 +339,28 @@ def test_hf_trainer_recipe_runs_under_the_deepspeed_launcher(tmp_path):
     assert "trainer finished with sparse attention: mode bigbird" in out
     assert "built successfully" not in out  # no DeepSpeed C++ op JIT-built on CPU
     assert digest(cfg) == before
+
+
+def test_model_layout_checksum_matches_config_layout():
+    """The checksum a run reports is that of the layouts the patched layers use."""
+    from launcher import model_layout_checksums
+    from modeling import BertConfig, BertForPreTraining
+
+    transformers = pytest.importorskip("transformers")
+    block = {"mode": "bigbird", "block": 16, "num_random_blocks": 2,
+             "different_layout_per_head": True}
+    run = prepare_from_config(dict(BASE, sparse_attention=block), sparse_attention=True,
+                              num_heads=2, max_seq_length=256, max_position_embeddings=512)
+    user = BertForPreTraining(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64,
+                                         max_position_embeddings=512))
+    run.patch_model(user)
+    assert model_layout_checksums(user) == [run.layout_checksum]
+    hf_model = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512))
+    run.patch_model(hf_model)
+    assert model_layout_checksums(hf_model) == [run.layout_checksum]
+    before = run.layout_checksum
+    run.check_layouts_match(user)  # no process group: compares nothing, keeps the checksum
+    assert run.layout_checksum == before
