@@ -22,7 +22,7 @@ if [ ! -f "$DATA_DIR/meta.json" ]; then
   if [ -n "${INPUT:-}" ]; then PREP+=(--input $INPUT); fi
   if [ -n "${VOCAB:-}" ]; then PREP+=(--vocab "$VOCAB"); fi
   # long sequences from short documents: merge stdlib modules to about 10 characters x SEQ
-  if [ "$SEQ" -gt 512 ] && [ -z "${INPUT:-}" ]; then PREP+=(--min_doc_chars $((SEQ * 10)) --dupe_factor 10); fi
+  if [ "$SEQ" -gt 512 ] && [ -z "${INPUT:-}" ]; then PREP+=(--min_doc_chars $((SEQ * 10)) --dupe_factor 10 --eval_fraction 0.1); fi
   python "$HERE/prepare_data.py" "${PREP[@]}"
 fi
 mkdir -p "$OUT_DIR"
