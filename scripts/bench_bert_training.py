@@ -124,8 +124,7 @@ def run_variant(kind, args, seq, device, dtype):
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     result = {"variant": kind, "seq": seq, "desc": desc, "step_ms": statistics.median(times),
               "step_ms_all": times, "peak_gib": peak, "loss": float(loss.detach())}
-    del model, encoder, head, opt
-    return result
+    return result  # the model and optimizer are freed with this frame
 
 
 def free(device):

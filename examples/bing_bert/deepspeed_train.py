@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -268,8 +267,6 @@ def main(argv=None) -> int:
     except LauncherConfigError as err:
         return error(str(err))
     fill_monitor_paths(run.ds_config, args.output_dir, args.job_name)
-
-    import deepspeed
 
     single_process_env()
     os.makedirs(args.output_dir, exist_ok=True)
