@@ -364,3 +364,42 @@ def test_model_layout_checksum_matches_config_layout():
     before = run.layout_checksum
     run.check_layouts_match(user)  # no process group: compares nothing, keeps the checksum
     assert run.layout_checksum == before
+
+
+@pytest.mark.parametrize("kind", ["additive4d", "keep2d", "bool2d", "none", "kwargs"])
+def test_encoder_padding_hooks_mask_kinds(kind):
+    """add_encoder_padding pads hidden states and any mask convention, and cuts back."""
+    from launcher import add_encoder_padding
+
+    seen = {}
+
+    class Encoder(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, output_all=True):
+            seen["hidden"], seen["mask"] = hidden_states.shape, attention_mask
+            return [hidden_states * 2, hidden_states + 1]
+
+    enc = add_encoder_padding(Encoder(), block=16)
+    add_encoder_padding(enc, block=16)  # idempotent
+    h = torch.randn(2, 20, 8)
+    keep = torch.ones(2, 20)
+    keep[1, 15:] = 0
+    masks = {"additive4d": ((1 - keep) * -10000.0)[:, None, None, :], "keep2d": keep.long(),
+             "bool2d": keep.bool(), "none": None, "kwargs": keep.long()}
+    if kind == "kwargs":
+        out = enc(hidden_states=h, attention_mask=masks[kind])
+    else:
+        out = enc(h, masks[kind])
+    assert seen["hidden"] == (2, 32, 8)
+    assert [tuple(o.shape) for o in out] == [(2, 20, 8), (2, 20, 8)]
+    torch.testing.assert_close(out[0], h * 2)
+    m = seen["mask"]
+    assert m.shape[-1] == 32
+    if kind == "additive4d" or kind == "none":
+        assert bool((m[..., 20:] < -1000).all()) and bool((m[0, ..., :20] == 0).all())
+    elif kind == "bool2d":
+        assert not m[:, 20:].any() and m[0, :20].all()
+    else:
+        assert int(m[:, 20:].sum()) == 0 and int(m[0, :20].sum()) == 20
+    h2 = torch.randn(2, 32, 8)  # already a multiple: untouched
+    out = enc(h2, None)
+    assert seen["hidden"] == (2, 32, 8) and seen["mask"] is None
