@@ -10,12 +10,12 @@ setup(
     install_requires=["torch>=2.4", "pydantic>=2.5", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "deepspeed": ["deepspeed>=0.19"],
-        "hf": ["transformers>=5,<6", "tokenizers"],
+        "deepspeed": ["deepspeed>=0.19", "tensorboard"],
+        "hf": ["transformers>=5,<6", "tokenizers", "accelerate>=1.1"],
         "viz": ["matplotlib"],
         "test": ["pytest>=8", "triton>=3.2", "matplotlib"],
         "dev": ["pytest>=8", "triton>=3.2", "matplotlib", "transformers>=5,<6", "tokenizers",
-                "deepspeed>=0.19"],
+                "accelerate>=1.1", "deepspeed>=0.19", "tensorboard"],
     },
     entry_points={"console_scripts": ["sparse-attn=sparse_attn.__main__:main"]},
 )
