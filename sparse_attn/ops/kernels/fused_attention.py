@@ -13,11 +13,13 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
                               unit of the tile that the layout keeps; bit index
                               (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
   W_ROW, W_LO, W_HI, W_SLOT [n_work]: the work items (row id = h * n_own + tile, LUT range,
-                              workspace slot or -1), longest first: the launch order
+                              workspace slot or -1) in launch order: long items first,
+                              the rest in (head, tile) order (neighbours share K/V in L2)
   S_ROW, S_START, S_N [n_split]: the split rows, their first slot and number of items
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
-the sequence is not a multiple of the tile (EVEN false), the bounds.
+the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
+end have no bit set, so such tiles are always partial).
 
 Scores are kept in base 2: s2 = q.k * scale * log2(e) (+ kpm * log2(e)); LSE is stored in the
 same units (+inf for a row that sees no key, so that its probabilities and gradients are 0).
