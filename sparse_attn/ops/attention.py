@@ -78,13 +78,13 @@ def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_m
     return MatMul(layout, block, "dsd")(probs, v)
 
 
-def select_backend(q, rpe=None, attn_mask=None) -> str:
+def select_backend(q, k, v, layout, block, rpe=None, attn_mask=None) -> str:
     """The backend ``"auto"`` resolves to for this call."""
     if not q.is_cuda:
         return "torch"
     from .fused import fused_supported
 
-    if fused_supported(q, q, q, rpe=rpe, attn_mask=attn_mask) is None:
+    if fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout, block=block) is None:
         return "fused"
     return "triton"
 
@@ -123,11 +123,12 @@ def block_sparse_attention(
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     check_attention_inputs(q, k, v, layout, block, key_padding_mask, rpe, attn_mask)
     if backend == "auto":
-        backend = select_backend(q, rpe, attn_mask)
+        backend = select_backend(q, k, v, layout, block, rpe, attn_mask)
     if backend == "fused":
         from .fused import fused_block_sparse_attention, fused_supported
 
-        reason = fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask)
+        reason = fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout,
+                                 block=block)
         if reason is not None:
             raise ValueError(f"the fused backend cannot take this call: {reason}")
         return fused_block_sparse_attention(q, k, v, layout, block, scale=scale, causal=causal,
