@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests of the module layer and the fused kernel, the BERT
+# training benchmark (issue 6), and a short bf16 BERT-base training run at sequence 4096
+# through the deepspeed launcher. Results go under $OUT (default out/gpu).
+#   bash scripts/gpu_check.sh            # everything
+#   STAGES="bench tests" bash scripts/gpu_check.sh
+# DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"bench tests train"}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+date -u +%FT%TZ >> "$OUT/device.txt"
+for stage in $STAGES; do
+  case $stage in
+    bench)
+      timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py \
+        --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
+        tests/modules tests/ops/test_fused_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    train)
+      python3 - <<'PY'
+import json
+cfg = json.load(open("configs/bing_bert/ds_sa_bert_base_seq4096.json"))
+cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] = 4
+cfg["scheduler"]["params"]["total_num_steps"] = 200
+cfg["scheduler"]["params"]["warmup_num_steps"] = 20
+cfg["tensorboard"]["enabled"] = False  # tensorboard is not on the GPU image
+json.dump(cfg, open("/tmp/ds_base_seq4096_short.json", "w"), indent=2)
+PY
+      DS_CONFIG=/tmp/ds_base_seq4096_short.json OUT_DIR=/tmp/train_base_seq4096 \
+        timeout "${TRAIN_TIMEOUT:-200}" bash examples/bing_bert/ds_sa_train_bert_base_seq4096.sh \
+        --lamb torch --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
+      echo "train exit $?"; grep -E "step +[0-9]+|eval|loss" "$OUT/train_base_seq4096.log" | tail -12
+      cp /tmp/train_base_seq4096/metrics.jsonl "$OUT/train_base_seq4096_metrics.jsonl" ;;
+  esac
+done
