@@ -519,7 +519,10 @@ def test_dense_layout_gradients_and_bf16_match_unpatched():
 def test_gradient_checkpointing_and_autocast_train_step():
     model = make("bert", "ForMaskedLM")
     sahf.enable_sparse_attention(model, BigBirdSparsityConfig(HEADS, BLOCK, num_random_blocks=1))
-    model.activation_checkpointing_enable()
+    # transformers renamed gradient_checkpointing_enable during 5.x; take whichever is there
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable()
     model.train()
     ids, mask = batch("bert", seq=40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
