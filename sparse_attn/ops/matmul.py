@@ -17,6 +17,10 @@ Backends: Triton kernels when the tensors are on CUDA, or on CPU tensors when
 otherwise. Force one with ``backend="triton"`` / ``backend="torch"`` (constructor keyword)
 or by setting the module attribute ``sparse_attn.ops.matmul.default_backend``.
 
+Precision: fp16/bf16 products accumulate in float32. float32 inputs on the GPU go through the
+tensor cores in TF32 (Triton's default for a float32 ``tl.dot``; relative error near 3e-4),
+as DeepSpeed's kernels did on A100; the PyTorch backend computes them in full float32.
+
 Look-up tables are built from the layout once per (layout content, block, device) and kept in
 a module-level cache (``_LUT_CACHE``); calls after the first do no host-device
 synchronisation, so the forward and backward can be captured in a CUDA graph.
