@@ -45,7 +45,8 @@ for _ in range(3):
     t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"ms": sorted(times)[1] * 1e3, "peak_rss_mb": (peak - base) / 1024,
-                  "density": layout.float().mean().item()}}))
+                  "density": layout.float().mean().item(),
+                  "scores_mb": int(layout.sum()) * 64 * 64 * 4 / 2**20}}))
 """
 
 
@@ -66,18 +67,22 @@ def main():
     args = ap.parse_args()
     rows = []
     kinds = ("sparse", "sdpa", "masked")
-    print("fwd+bwd ms and peak memory growth (MB) over the inputs; sparse = this backend, "
-          "sdpa = dense scaled_dot_product_attention, masked = dense masked softmax")
+    print("fwd+bwd ms and peak RSS growth (MB) over the inputs (coarse: the allocator keeps "
+          "freed memory); sparse = this backend, sdpa = dense scaled_dot_product_attention, "
+          "masked = dense masked softmax; scores MB = size of one fp32 score tensor, "
+          "nonzero blocks only (sparse) or seq x seq (dense)")
     print("| seq | density | " + " | ".join(f"{k} ms" for k in kinds) + " | "
-          + " | ".join(f"{k} MB" for k in kinds) + " |")
-    print("|" + " --- |" * (2 + 2 * len(kinds)))
+          + " | ".join(f"{k} MB" for k in kinds) + " | sparse scores MB | dense scores MB |")
+    print("|" + " --- |" * (4 + 2 * len(kinds)))
     fmt = lambda r, key: f"{r[key]:.0f}" if key in r else r.get("error", "?")[:40]
     for seq in args.seqs:
         res = {k: point(seq, k, args.threads) for k in kinds}
         rows.append({"seq": seq, **res})
         print(f"| {seq} | {res['sparse'].get('density', 0):.3f} | "
               + " | ".join(fmt(res[k], "ms") for k in kinds) + " | "
-              + " | ".join(fmt(res[k], "peak_rss_mb") for k in kinds) + " |", flush=True)
+              + " | ".join(fmt(res[k], "peak_rss_mb") for k in kinds)
+              + f" | {res['sparse'].get('scores_mb', 0):.0f} | {4 * seq * seq * 4 / 2**20:.0f} |",
+              flush=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
             "command": "python " + " ".join(sys.argv)}
