@@ -122,13 +122,14 @@ def block_sparse_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     check_attention_inputs(q, k, v, layout, block, key_padding_mask, rpe, attn_mask)
-    if backend == "auto":
+    checked = backend == "auto"  # select_backend has asked the fused path already
+    if checked:
         backend = select_backend(q, k, v, layout, block, rpe, attn_mask)
     if backend == "fused":
         from .fused import fused_block_sparse_attention, fused_supported
 
-        reason = fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout,
-                                 block=block)
+        reason = None if checked else fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask,
+                                                      layout=layout, block=block)
         if reason is not None:
             raise ValueError(f"the fused backend cannot take this call: {reason}")
         return fused_block_sparse_attention(q, k, v, layout, block, scale=scale, causal=causal,
