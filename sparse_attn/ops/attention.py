@@ -62,20 +62,37 @@ def check_attention_inputs(q, k, v, layout, block, key_padding_mask=None, rpe=No
                 f"{(batch, heads, seq, seq)}") from None
 
 
-def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
-                            attn_mask):
+_THREE_KERNEL_OPS: dict = {}
+
+
+def _three_kernel_ops(layout, block):
+    """(sdd, softmax, dsd) for one layout tensor, built once: constructing them reads the
+    layout on the host, which must not happen on every call."""
     from .matmul import MatMul
     from .softmax import Softmax
 
+    key = (layout.data_ptr(), tuple(layout.shape), layout._version, str(layout.device), block)
+    hit = _THREE_KERNEL_OPS.get(key)
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    ops = (MatMul(layout, block, "sdd", trans_a=False, trans_b=True), Softmax(layout, block),
+           MatMul(layout, block, "dsd"))
+    if len(_THREE_KERNEL_OPS) > 64:
+        _THREE_KERNEL_OPS.clear()
+    _THREE_KERNEL_OPS[key] = (layout, ops)  # the reference keeps the key's storage alive
+    return ops
+
+
+def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
+                            attn_mask):
+    sdd, softmax, dsd = _three_kernel_ops(layout, block)
     seq = q.shape[2]
     if causal:
         future = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
         attn_mask = future if attn_mask is None else attn_mask + future
-    scores = MatMul(layout, block, "sdd", trans_a=False, trans_b=True)(q, k)
-    probs = Softmax(layout, block)(
-        scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        key_padding_mask_mode="add", attn_mask_mode="add")
-    return MatMul(layout, block, "dsd")(probs, v)
+    probs = softmax(sdd(q, k), scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
+                    attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
+    return dsd(probs, v)
 
 
 def select_backend(q, k, v, layout, block, rpe=None, attn_mask=None) -> str:
