@@ -291,8 +291,11 @@ def main(argv=None) -> int:
     device = engine.device
     is_main = rank == 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    print(f"rank {rank}/{world}: {run.describe()}; transformer kernel "
-          f"{'on' if args.deepspeed_transformer_kernel else 'off'}", flush=True)
+    # One write per line: ranks share the launcher's stdout, and print() writes the text
+    # and the newline separately, so two ranks' lines could interleave.
+    sys.stdout.write(f"rank {rank}/{world}: {run.describe()}; transformer kernel "
+                     f"{'on' if args.deepspeed_transformer_kernel else 'off'}\n")
+    sys.stdout.flush()
     if is_main:
         seen = dict(getattr(engine._config, "_param_dict", None) or engine.config)
         info = {"sparse_attention": run.enabled, "describe": run.describe(),
