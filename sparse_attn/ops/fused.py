@@ -47,6 +47,7 @@ except Exception:  # pragma: no cover - triton missing
     _k = None
     _HAVE_TRITON = False
 
+
 __all__ = ["fused_block_sparse_attention", "fused_supported", "FusedBlockSparseAttention",
            "set_fused_config"]
 
@@ -73,6 +74,7 @@ def set_fused_config(head_dim=None, block=None, **kernels):
 
     ``set_fused_config()`` with no argument clears every override. Used by the benchmark.
     """
+    _CONFIG_CACHE.clear()
     if head_dim is None:
         _OVERRIDE.clear()
         return
@@ -86,11 +88,18 @@ def _tiles(cfg):
     return tuple(cfg) + (False,) * (5 - len(cfg))
 
 
+_CONFIG_CACHE = {}
+
+
 def _config(head_dim, block):
-    table = _CONFIGS[head_dim]
-    cfg = dict(table.get(block, table[None]))
-    cfg.update(_OVERRIDE.get((head_dim, None), {}))
-    cfg.update(_OVERRIDE.get((head_dim, block), {}))
+    """{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, one_loop)}, overrides applied."""
+    cfg = _CONFIG_CACHE.get((head_dim, block))
+    if cfg is None:
+        table = _CONFIGS[head_dim]
+        cfg = dict(table.get(block, table[None]))
+        cfg.update(_OVERRIDE.get((head_dim, None), {}))
+        cfg.update(_OVERRIDE.get((head_dim, block), {}))
+        cfg = _CONFIG_CACHE[(head_dim, block)] = {name: _tiles(c) for name, c in cfg.items()}
     return cfg
 
 
@@ -98,7 +107,11 @@ def _config(head_dim, block):
 # Checks
 # --------------------------------------------------------------------------------------
 def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # Triton reads the variable when a kernel is defined, so reading it once is enough
+    return _INTERPRET
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fused_supported(q, k, v, *, rpe=None, attn_mask=None, layout=None, block=None):
@@ -311,9 +324,12 @@ def _layout_key(layout):
             tuple(layout.stride()), layout.dtype, str(layout.device), version)
 
 
-def _get_lut(layout, block, TM, TN, N, causal, device, kind):
-    """kind 'row' (forward, dq) or 'col' (dk/dv). Cached; built with device ops only."""
-    key = (_layout_key(layout), block, TM, TN, N, bool(causal), str(device), kind)
+def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
+    """kind 'row' (forward, dq) or 'col' (dk/dv). Cached; built with device ops only.
+    ``layout_key``: ``_layout_key(layout)`` when the caller has it already."""
+    if layout_key is None:
+        layout_key = _layout_key(layout)
+    key = (layout_key, block, TM, TN, N, causal, device, kind)
     hit = _LUT_CACHE.get(key)
     if hit is not None:
         _LUT_CACHE.move_to_end(key)
@@ -354,7 +370,7 @@ def _kpm_arg(kpm, dummy, B, N):
 def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     q, k, v = _prep(q), _prep(k), _prep(v)
     B, H, N, D = q.shape
-    TM, TN, warps, stages, one_loop = _tiles(_config(D, block)["fwd"])
+    TM, TN, warps, stages, one_loop = _config(D, block)["fwd"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
@@ -392,6 +408,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     out = out.contiguous()
     B, H, N, D = q.shape
     cfg = _config(D, block)
+    lkey = _layout_key(layout)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -399,8 +416,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
 
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
-    TM, TN, warps, stages, one_loop = _tiles(cfg["dq"])
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
+    TM, TN, warps, stages, one_loop = cfg["dq"]
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row", lkey)
     if lut.n_slots:
         ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
     else:
@@ -422,8 +439,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
             ws_dq, dq, ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
-    TM, TN, warps, stages, one_loop = _tiles(cfg["dkdv"])
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col")
+    TM, TN, warps, stages, one_loop = cfg["dkdv"]
+    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col", lkey)
     if lut.n_slots:
         ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
         ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
