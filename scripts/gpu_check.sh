@@ -4,6 +4,7 @@
 # through the deepspeed launcher. Results go under $OUT (default out/gpu).
 #   bash scripts/gpu_check.sh            # everything
 #   STAGES="bench tests" bash scripts/gpu_check.sh
+#   STAGES=split bash scripts/gpu_check.sh   # host vs GPU time per step at 4096 and 16384
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,10 @@ for stage in $STAGES; do
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py \
         --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
+    split)
+      for seq in 4096 16384; do
+        timeout "${SPLIT_TIMEOUT:-150}" python3 scripts/profile_bert_step.py --seq $seq --split
+      done 2>&1 | tee "$OUT/host_gpu_split.log" ;;
     tests)
       timeout "${TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
         tests/modules tests/ops/test_fused_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
