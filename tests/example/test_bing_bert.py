@@ -192,12 +192,15 @@ def test_checkpoint_resumes_to_the_same_next_step_loss(first_run, data_dir, test
         assert abs(r["loss"] - expected[r["step"]]) < 1e-4, (r, expected[r["step"]])
 
 
-@pytest.mark.parametrize("stage, bf16", [(2, False), (3, True)], ids=["zero2", "zero3_bf16"])
-def test_two_ranks_zero_same_layout(data_dir, test_config, tmp_path, stage, bf16):
+# fp16 is GPU-only: DeepSpeed's CPU accelerator rejects it ("Type fp16 is not supported")
+@pytest.mark.parametrize("stage, precision", [(0, "bf16"), (1, "fp32"), (2, "fp32"), (3, "bf16")],
+                         ids=["zero0_bf16", "zero1", "zero2", "zero3_bf16"])
+def test_two_ranks_zero_same_layout(data_dir, test_config, tmp_path, stage, precision):
     with open(test_config) as f:
         cfg = json.load(f)
     cfg["zero_optimization"] = {"stage": stage}
-    cfg["bf16"] = {"enabled": bf16}
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    cfg["fp16"] = {"enabled": precision == "fp16", "initial_scale_power": 8}
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = 4, 2
     cfg["csv_monitor"]["enabled"] = False
     path = tmp_path / f"ds_zero{stage}.json"
