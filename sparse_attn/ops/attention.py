@@ -65,18 +65,42 @@ def check_attention_inputs(q, k, v, layout, block, key_padding_mask=None, rpe=No
 _THREE_KERNEL_OPS: dict = {}
 
 
-def _three_kernel_ops(layout, block):
-    """(sdd, softmax, dsd) for one layout tensor, built once: constructing them reads the
-    layout on the host, which must not happen on every call."""
-    from .matmul import MatMul
-    from .softmax import Softmax
+class _ThreeKernelOps:
+    """sdd, softmax and dsd for one (layout, block), and the causal cut of its blocks."""
 
+    def __init__(self, layout, block):
+        from .matmul import MatMul
+        from .softmax import Softmax
+
+        self.sdd = MatMul(layout, block, "sdd", trans_a=False, trans_b=True)
+        self.softmax = Softmax(layout, block)
+        self.dsd = MatMul(layout, block, "dsd")
+        self.block = block
+        self._nonzero = layout.nonzero()  # the block order of the block-sparse scores
+        self._cut = {}
+
+    def causal_cut(self, device):
+        """``[nnz, block, block]`` bool on ``device``, True where a key comes after its
+        query: the upper triangle of diagonal blocks and all of any block above the
+        diagonal. Built once per device."""
+        cut = self._cut.get(device)
+        if cut is None:
+            nz, b = self._nonzero.to(device), self.block
+            future = torch.ones(b, b, dtype=torch.bool, device=device).triu(1)
+            diagonal = (nz[:, 1] == nz[:, 2])[:, None, None]
+            above = (nz[:, 2] > nz[:, 1])[:, None, None]
+            cut = self._cut[device] = (diagonal & future) | above
+        return cut
+
+
+def _three_kernel_ops(layout, block):
+    """The ``_ThreeKernelOps`` of one layout tensor, built once: constructing them reads the
+    layout on the host, which must not happen on every call."""
     key = (layout.data_ptr(), tuple(layout.shape), layout._version, str(layout.device), block)
     hit = _THREE_KERNEL_OPS.get(key)
     if hit is not None and hit[0] is layout:
         return hit[1]
-    ops = (MatMul(layout, block, "sdd", trans_a=False, trans_b=True), Softmax(layout, block),
-           MatMul(layout, block, "dsd"))
+    ops = _ThreeKernelOps(layout, block)
     if len(_THREE_KERNEL_OPS) > 64:
         _THREE_KERNEL_OPS.clear()
     _THREE_KERNEL_OPS[key] = (layout, ops)  # the reference keeps the key's storage alive
@@ -85,14 +109,14 @@ def _three_kernel_ops(layout, block):
 
 def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
                             attn_mask):
-    sdd, softmax, dsd = _three_kernel_ops(layout, block)
-    seq = q.shape[2]
+    ops = _three_kernel_ops(layout, block)
+    scores = ops.sdd(q, k)  # [batch, nnz, block, block]
     if causal:
-        future = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
-        attn_mask = future if attn_mask is None else attn_mask + future
-    probs = softmax(sdd(q, k), scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
-                    attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
-    return dsd(probs, v)
+        # masked on the block-sparse scores: no [seq, seq] mask is built
+        scores = scores.masked_fill(ops.causal_cut(scores.device), float("-inf"))
+    probs = ops.softmax(scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
+                        attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
+    return ops.dsd(probs, v)
 
 
 def select_backend(q, k, v, layout, block, rpe=None, attn_mask=None) -> str:
@@ -127,7 +151,8 @@ def block_sparse_attention(
         layout: ``[heads, seq // block, seq // block]`` 0/1.
         block: block size in tokens.
         scale: score scale; ``head_dim ** -0.5`` by default.
-        causal: mask future keys inside diagonal blocks (unidirectional layouts).
+        causal: drop keys after the query: the upper triangle of diagonal blocks, and
+            whole blocks above the diagonal (unidirectional layouts have none).
         key_padding_mask: additive float ``[batch, seq]`` (0 keeps, ``-inf`` drops).
         rpe: added to the scaled scores, broadcastable to ``[batch, heads, seq, seq]``.
         attn_mask: additive float ``[seq, seq]``.

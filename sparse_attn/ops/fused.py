@@ -542,8 +542,8 @@ def fused_block_sparse_attention(q, k, v, layout, block, *, scale=None, causal=F
     layout: [heads, seq // block, seq // block] 0/1 (int or bool, any device); a different
     pattern per head is fine. block: a power of two >= 16.
     scale: softmax scale, default head_dim ** -0.5.
-    causal: also drop keys after the query (inside diagonal blocks, for unidirectional
-    layouts).
+    causal: also drop keys after the query: the upper triangle of diagonal blocks, and whole
+    blocks above the diagonal (unidirectional layouts have none).
     key_padding_mask: additive float [batch, seq] (0 keeps, -inf drops, other values are
     added to the scores of that key); no gradient flows to it.
     A query row that sees no key returns zeros (and zero gradients), never NaN.

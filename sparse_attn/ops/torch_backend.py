@@ -84,7 +84,8 @@ def torch_block_sparse_attention(
         q, k, v: ``[batch, heads, seq, head_dim]``, one floating dtype.
         layout: ``[heads, seq // block, seq // block]`` 0/1.
         scale: score scale, ``head_dim ** -0.5`` by default.
-        causal: mask keys after the query inside diagonal blocks (unidirectional layouts).
+        causal: drop keys after the query: the upper triangle of diagonal blocks, and
+            whole blocks above the diagonal (unidirectional layouts have none).
         key_padding_mask: additive ``[batch, seq]`` (0 keeps, ``-inf`` drops).
         rpe: added to the scaled scores; broadcastable to ``[batch, heads, seq, seq]``; only
             the nonzero blocks are read.
@@ -121,7 +122,8 @@ def _attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe, att
         s = s + kpm[:, :, None, :]
     if causal:
         future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-        s = s.masked_fill(idx.diagonal[:, None, None] & future, float("-inf"))
+        cut = (idx.diagonal[:, None, None] & future) | (idx.col > idx.row)[:, None, None]
+        s = s.masked_fill(cut, float("-inf"))
 
     # Softmax across the blocks of each block-row: segment max, exp, segment sum.
     block_max = s.amax(-1).detach()  # [batch, nnz, block]

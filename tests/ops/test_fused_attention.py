@@ -146,6 +146,19 @@ def test_deepspeed_like_layouts(kind, block, causal):
     run_and_compare(q, k, v, layout.bool(), block, causal=causal)
 
 
+@pytest.mark.parametrize("block", [16, 64])
+def test_causal_drops_blocks_above_the_diagonal(block):
+    """causal=True with a layout that is not lower-triangular: every key after its query is
+    dropped, whole blocks above the diagonal included (as in the other backends)."""
+    gen = torch.Generator().manual_seed(block + 1)
+    nb = SEQ // block
+    layout = random_layout(HEADS, nb, p=0.4, gen=gen)  # blocks on both sides of the diagonal
+    layout[:, torch.arange(nb), torch.arange(nb)] = 1
+    assert layout.triu(1).any()
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=block + 3)
+    run_and_compare(q, k, v, layout, block, causal=True)
+
+
 def test_fully_padded_batch_row_and_empty_rows():
     block, d = 32, 64
     nb = SEQ // block
