@@ -249,10 +249,36 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+def _keep_marker_when_saved() -> None:
+    """Make every saved config of a sparse model record ``attn_implementation``.
+
+    transformers moves ``attn_implementation`` out of a loaded config's attributes, so a
+    model loaded and saved again before any forward pass would write its sparse settings
+    without the marker, and the next plain ``from_pretrained`` would build it dense: a
+    silent change of results. Serialising the config puts the marker back.
+    """
+    cls = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    original = cls.to_dict
+    if getattr(original, "_sparse_attn_marker", False):
+        return
+
+    def to_dict(self):
+        out = original(self)
+        if isinstance(out.get(CONFIG_KEY), dict) and \
+                getattr(self, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            out["attn_implementation"] = ATTN_IMPLEMENTATION
+        return out
+
+    to_dict.__doc__, to_dict.__wrapped__ = original.__doc__, original
+    to_dict._sparse_attn_marker = True
+    cls.to_dict = to_dict
+
+
 def register() -> None:
     """Register ``"block_sparse"`` with transformers (done on import; idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, sparse_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _sparse_mask)
+    _keep_marker_when_saved()
 
 
 register()

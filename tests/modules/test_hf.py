@@ -552,3 +552,27 @@ def test_extend_after_enable_updates_max_seq_length():
     SparseAttentionUtils.extend_position_embedding(model, 256)
     assert model.config.sparse_attention["max_seq_length"] == 256
     assert model(torch.randint(3, 120, (1, 250))).last_hidden_state.shape == (1, 250, HIDDEN)
+
+
+def test_load_and_save_again_without_forward_stays_sparse(tmp_path):
+    """transformers drops ``attn_implementation`` from a loaded config's attributes; a model
+    saved again before any forward pass must still load sparse (not silently dense)."""
+    model = make("bert")
+    cfg = BigBirdSparsityConfig(HEADS, BLOCK, num_random_blocks=1, seed=3)
+    sahf.enable_sparse_attention(model, cfg, max_seq_length=128)
+    model.eval()
+    ids, mask = batch("bert", seq=45)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask)[0]
+    model.save_pretrained(tmp_path / "a")
+    cls = type(model)
+    cls.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")  # no forward between
+    again = cls.from_pretrained(tmp_path / "b").eval()
+    assert sahf.is_sparse(again)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask)[0], want)
+    # a dense model's config is untouched
+    dense = make("bert")
+    dense.save_pretrained(tmp_path / "dense")
+    assert not sahf.is_sparse(cls.from_pretrained(tmp_path / "dense"))
+    assert dense.config.to_dict().get("attn_implementation") != sahf.ATTN_IMPLEMENTATION
