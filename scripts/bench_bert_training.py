@@ -147,7 +147,14 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="a 2-layer, hidden-64 model at short lengths: checks the script runs")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--split-min", type=int, default=None,
+                   help="fused kernel: rows of up to this many tiles are not split "
+                        "(sparse_attn.ops.fused.set_fused_config(split_min=...))")
     args = p.parse_args(argv)
+    if args.split_min is not None:
+        from sparse_attn.ops.fused import set_fused_config
+
+        set_fused_config(split_min=args.split_min)
     if args.tiny:
         args.hidden, args.layers, args.heads = 64, 2, 2
         if args.seqs == [4096, 16384, 65536]:

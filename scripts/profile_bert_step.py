@@ -75,17 +75,23 @@ def host_gpu_split(fn, reps=5, sleep_ms=300):
     return statistics.median(host), statistics.median(gpu), max(host), sleep_ms
 
 
-def split_report(seq, variants):
-    """Host and GPU time per training step for each variant, and the syncs in one step."""
+def split_report(seq, variants, split_mins=(None,)):
+    """Host and GPU time per training step for each variant, and the syncs in one step.
+    Sparse variants run once per ``split_mins`` value (None: the default)."""
     import warnings
 
     from bench_bert_training import build
+    from sparse_attn.ops.fused import set_fused_config
 
     class A:  # the benchmark's BERT-base arguments
         block, hidden, layers, heads = 64, 768, 12, 12
 
     print(f"== host vs GPU time per step, seq {seq} (GPU busy while the host enqueues)")
-    for variant in variants:
+    runs = [(v, m) for v in variants for m in (split_mins if v.startswith("sparse") else (None,))]
+    for variant, split_min in runs:
+        set_fused_config()
+        if split_min is not None:
+            set_fused_config(split_min=split_min)
         torch.manual_seed(0)
         model, encoder, head, desc = build(variant, A, seq)
         model.to("cuda", torch.bfloat16).train()
@@ -115,7 +121,9 @@ def split_report(seq, variants):
         syncs = sorted({str(w.message).splitlines()[0][:120] for w in caught
                         if "synchroniz" in str(w.message)})
         flag = "  (host waited for the GPU: a sync)" if worst >= sleep else ""
-        print(f"{desc:<48} host {host:7.1f} ms  GPU {gpu:7.1f} ms  -> bound by "
+        if split_min is not None:
+            desc = f"{desc}, split_min {split_min}"
+        print(f"{desc:<64} host {host:7.1f} ms  GPU {gpu:7.1f} ms  -> bound by "
               f"{'host' if host > gpu else 'GPU'}{flag}; {len(syncs)} kinds of syncing call")
         for line in syncs:
             print(f"    sync: {line}")
@@ -162,9 +170,12 @@ def main():
     ap.add_argument("--variant", default="sparse_bigbird")
     ap.add_argument("--split", action="store_true",
                     help="host vs GPU time and syncs per step for dense and sparse variants")
+    ap.add_argument("--split-mins", type=int, nargs="+", default=[16, 1024],
+                    help="with --split: run the sparse variants with each split_min")
     args = ap.parse_args()
     if args.split:
-        split_report(args.seq, ["dense_sdpa", "sparse_bigbird", "sparse_fixed"])
+        split_report(args.seq, ["dense_sdpa", "sparse_bigbird", "sparse_fixed"],
+                     args.split_mins)
         attention_split(args.seq)
         return
     from bench_bert_training import build

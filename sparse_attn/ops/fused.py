@@ -69,16 +69,30 @@ _CONFIGS = {
 _OVERRIDE = {}
 
 
-def set_fused_config(head_dim=None, block=None, **kernels):
-    """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``.
+def set_fused_config(head_dim=None, block=None, *, split_min=None, **kernels):
+    """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``, or the
+    shortest run of tiles a LUT row is cut into (``split_min``; rows up to that length are
+    never split, which saves the merge launches at the cost of one long program).
 
-    ``set_fused_config()`` with no argument clears every override. Used by the benchmark.
+    ``set_fused_config()`` with no argument clears every override. Used by the benchmarks.
     """
+    global _SPLIT_MIN
     _CONFIG_CACHE.clear()
-    if head_dim is None:
+    if head_dim is None and split_min is None and not kernels:  # reset everything
         _OVERRIDE.clear()
+        if _SPLIT_MIN != _SPLIT_MIN_DEFAULT:
+            _SPLIT_MIN = _SPLIT_MIN_DEFAULT
+            clear_lut_cache()
         return
-    _OVERRIDE.setdefault((head_dim, block), {}).update(kernels)
+    if split_min is not None:
+        if not isinstance(split_min, int) or isinstance(split_min, bool) or split_min < 1:
+            raise ValueError(f"split_min must be a positive int, got {split_min!r}")
+        _SPLIT_MIN = split_min
+        clear_lut_cache()
+    if kernels:
+        if head_dim not in _CONFIGS:
+            raise ValueError(f"tile configs need head_dim in {tuple(_CONFIGS)}, got {head_dim!r}")
+        _OVERRIDE.setdefault((head_dim, block), {}).update(kernels)
 
 
 def _tiles(cfg):
@@ -257,7 +271,8 @@ def _split_chunk(total_tiles, device):
     return max(_SPLIT_MIN, -(-total_tiles // (2 * n_sm)))
 
 
-_SPLIT_MIN = 16
+_SPLIT_MIN_DEFAULT = 16
+_SPLIT_MIN = _SPLIT_MIN_DEFAULT
 
 
 def _make_lut(nz, full, bits, meta):

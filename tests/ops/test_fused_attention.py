@@ -146,6 +146,30 @@ def test_deepspeed_like_layouts(kind, block, causal):
     run_and_compare(q, k, v, layout.bool(), block, causal=causal)
 
 
+def test_split_min_knob():
+    """Rows up to split_min tiles stay whole (no merge launches); the reset restores it."""
+    block = 16
+    layout = bigbird_like(HEADS, SEQ // block, gen=torch.Generator().manual_seed(5))
+    dev = torch.device(DEV)
+
+    def n_split():
+        return F_._get_lut(layout, block, 64, 32, SEQ, False, dev, "row").n_split
+
+    set_fused_config(split_min=1)
+    assert n_split() > 0
+    set_fused_config(split_min=10 ** 6)
+    assert n_split() == 0
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=4)
+    run_and_compare(q, k, v, layout, block)
+    set_fused_config()
+    assert F_._SPLIT_MIN == F_._SPLIT_MIN_DEFAULT
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="split_min"):
+            set_fused_config(split_min=bad)
+    with pytest.raises(ValueError, match="head_dim"):
+        set_fused_config(fwd=(64, 64, 4, 3))
+
+
 @pytest.mark.parametrize("block", [16, 64])
 def test_causal_drops_blocks_above_the_diagonal(block):
     """causal=True with a layout that is not lower-triangular: every key after its query is
@@ -212,11 +236,10 @@ def test_other_tile_configs(cfg, block):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("block", [16, 64])
-def test_split_long_rows(monkeypatch, dtype, block):
+def test_split_long_rows(dtype, block):
     """Rows/columns longer than the chunk are cut into work items merged afterwards (the
     BigBird global row/column); force tiny chunks so that every path splits."""
-    monkeypatch.setattr(F_, "_SPLIT_MIN", 1)
-    F_.clear_lut_cache()
+    set_fused_config(split_min=1)
     set_fused_config(64, None, fwd=(64, 32, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 64, 4, 2))
     try:
         gen = torch.Generator().manual_seed(block)
