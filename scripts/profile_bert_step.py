@@ -46,6 +46,36 @@ def attention_alone(seq, heads=12, dim=64, block=64):
         print(f"attention alone fwd+bwd [1,{heads},{seq},{dim}] {name}: {ms:.3f} ms")
 
 
+class _Base:  # the benchmark's BERT-base arguments
+    block, hidden, layers, heads = 64, 768, 12, 12
+
+
+def make_step(variant, seq):
+    """(step function, description): one BERT-base MLM training step of ``variant`` at
+    ``seq`` (batch 1, bf16, AdamW), as in scripts/bench_bert_training.py; warmed up."""
+    from bench_bert_training import build
+
+    torch.manual_seed(0)
+    model, encoder, head, desc = build(variant, _Base, seq)
+    model.to("cuda", torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(5, 30522, (1, seq), device="cuda")
+    pos = torch.randperm(seq, device="cuda")[: seq // 7]
+    labels = torch.randint(5, 30522, (pos.numel(),), device="cuda")
+
+    def step():
+        h = encoder(input_ids=ids)[0]
+        loss = torch.nn.functional.cross_entropy(head(h[0, pos]).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step, desc
+
+
 def host_gpu_split(fn, reps=5, sleep_ms=300):
     """(median host ms, median GPU ms, max host ms) of ``fn`` with the GPU kept busy while
     the host enqueues it (see the module docstring)."""
@@ -80,11 +110,7 @@ def split_report(seq, variants, split_mins=(None,)):
     Sparse variants run once per ``split_mins`` value (None: the default)."""
     import warnings
 
-    from bench_bert_training import build
     from sparse_attn.ops.fused import set_fused_config
-
-    class A:  # the benchmark's BERT-base arguments
-        block, hidden, layers, heads = 64, 768, 12, 12
 
     print(f"== host vs GPU time per step, seq {seq} (GPU busy while the host enqueues)")
     runs = [(v, m) for v in variants for m in (split_mins if v.startswith("sparse") else (None,))]
@@ -92,23 +118,7 @@ def split_report(seq, variants, split_mins=(None,)):
         set_fused_config()
         if split_min is not None:
             set_fused_config(split_min=split_min)
-        torch.manual_seed(0)
-        model, encoder, head, desc = build(variant, A, seq)
-        model.to("cuda", torch.bfloat16).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(5, 30522, (1, seq), device="cuda")
-        pos = torch.randperm(seq, device="cuda")[: seq // 7]
-        labels = torch.randint(5, 30522, (pos.numel(),), device="cuda")
-
-        def step():
-            h = encoder(input_ids=ids)[0]
-            loss = torch.nn.functional.cross_entropy(head(h[0, pos]).float(), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
+        step, desc = make_step(variant, seq)
         host, gpu, worst, sleep = host_gpu_split(step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -127,7 +137,7 @@ def split_report(seq, variants, split_mins=(None,)):
               f"{'host' if host > gpu else 'GPU'}{flag}; {len(syncs)} kinds of syncing call")
         for line in syncs:
             print(f"    sync: {line}")
-        del model, opt
+        del step
         torch.cuda.empty_cache()
 
 
@@ -178,29 +188,7 @@ def main():
                      args.split_mins)
         attention_split(args.seq)
         return
-    from bench_bert_training import build
-
-    class A:  # the benchmark's BERT-base arguments
-        block, hidden, layers, heads = 64, 768, 12, 12
-
-    torch.manual_seed(0)
-    model, encoder, head, desc = build(args.variant, A, args.seq)
-    model.to("cuda", torch.bfloat16).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(5, 30522, (1, args.seq), device="cuda")
-    pos = torch.randperm(args.seq, device="cuda")[: args.seq // 7]
-    labels = torch.randint(5, 30522, (pos.numel(),), device="cuda")
-
-    def step():
-        h = encoder(input_ids=ids)[0]
-        loss = torch.nn.functional.cross_entropy(head(h[0, pos]).float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step, desc = make_step(args.variant, args.seq)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
