@@ -358,6 +358,10 @@ def main():
                     help="also time fused and dense as CUDA graph replays (GPU time alone)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only join these JSON files (from earlier runs) into one table")
+    ap.add_argument("--split-min", type=int, default=None,
+                    help="fused kernel: rows of up to this many tiles are not split "
+                         "(set_fused_config(split_min=...)) in the main table; default: the "
+                         "library's")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "..", "benchmarks"))
@@ -380,7 +384,9 @@ def main():
     if args.sweep is not None:
         srows = [r for r in all_rows if any(s in f"{r[0]}-{r[2]}-{r[3]}" for s in args.sweep)] \
             if args.sweep else [r for r in all_rows if r[3] in (16, 64, 128)]
-        result["sweep"] = sweep(srows)
+        result["sweep"] = sweep(srows)  # with the default split_min
+    if args.split_min is not None:
+        set_fused_config(split_min=args.split_min)
     flex = None
     if not args.no_flex:
         from torch import _dynamo
