@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh            # everything
 #   STAGES="bench tests" bash scripts/gpu_check.sh
 #   STAGES=split bash scripts/gpu_check.sh   # host vs GPU time per step at 4096 and 16384
+#   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +29,8 @@ for stage in $STAGES; do
         timeout "${SPLIT_TIMEOUT:-150}" python3 scripts/profile_bert_step.py --seq $seq --split
       done 2>&1 | tee "$OUT/host_gpu_split.log" ;;
     tests)
-      timeout "${TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
-        tests/modules tests/ops/test_fused_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider -x \
+        ${TESTS:-tests/ops tests/modules} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     train)
       python3 - <<'PY'
 import json
