@@ -110,6 +110,9 @@ class SparseSelfAttention(nn.Module):
         self.max_seq_length = max_seq_length
         self._master_layout: Optional[torch.Tensor] = None
         self._layouts: Dict[Tuple[str, int], torch.Tensor] = {}
+        # Built now, as DeepSpeed did: building it inside a torch.compile'd forward (random
+        # generators, Python loops) would break the graph.
+        self.master_layout
 
     # -- layout ------------------------------------------------------------------------------
     @property
@@ -122,7 +125,7 @@ class SparseSelfAttention(nn.Module):
 
     @property
     def master_layout(self) -> torch.Tensor:
-        """The ``[heads, nb, nb]`` layout at ``max_seq_length`` (built on first use, on CPU)."""
+        """The ``[heads, nb, nb]`` layout at ``max_seq_length`` (built once, on CPU)."""
         if self._master_layout is None:
             block = self.block
             length = -(-self.max_seq_length // block) * block
