@@ -102,14 +102,24 @@ class SparseSelfAttention(nn.Module):
                 f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")
         _check_mode("key_padding_mask_mode", key_padding_mask_mode)
         _check_mode("attn_mask_mode", attn_mask_mode)
-        if not isinstance(max_seq_length, int) or max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
         self.sparsity_config = sparsity_config
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
-        self.max_seq_length = max_seq_length
         self._master_layout: Optional[torch.Tensor] = None
         self._layouts: Dict[Tuple[str, int], torch.Tensor] = {}
+        self.max_seq_length = max_seq_length  # builds the master layout
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_seq_length must be a positive integer, got {value!r}")
+        self._max_seq_length = value
+        self._master_layout = None
+        self._layouts = {}
         # Built now, as DeepSpeed did: building it inside a torch.compile'd forward (random
         # generators, Python loops) would break the graph.
         self.master_layout
