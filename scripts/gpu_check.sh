@@ -6,6 +6,7 @@
 #   STAGES="bench tests" bash scripts/gpu_check.sh
 #   STAGES=split bash scripts/gpu_check.sh   # host vs GPU time per step at 4096 and 16384
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
+#   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/gpu_check.sh
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ date -u +%FT%TZ >> "$OUT/device.txt"
 for stage in $STAGES; do
   case $stage in
     bench)
-      timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py \
+      timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py ${BENCH_ARGS:-} \
         --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
     split)
       for seq in 4096 16384; do
