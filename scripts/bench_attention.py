@@ -95,7 +95,6 @@ def bench_graph(fn, grad_to_none=None):
 
 def reference_f32(q, k, v, layout, blk):
     """Dense masked attention in float32 (TF32 off), autograd-capable."""
-    N = q.shape[2]
     s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     keep = layout.bool().repeat_interleave(blk, 1).repeat_interleave(blk, 2)[None]
     s = s.masked_fill(~keep, float("-inf"))

@@ -11,10 +11,8 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 
 POINT = r"""
 import json, resource, sys, time, torch

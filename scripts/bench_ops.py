@@ -227,7 +227,7 @@ def main():
 
 
 def markdown(meta, records):
-    out = [f"# Block-sparse ops benchmark\n",
+    out = ["# Block-sparse ops benchmark\n",
            f"- device: {meta['device']}; date: {meta['date']}; torch {meta['torch']}, "
            f"triton {meta['triton']}",
            f"- command: `{meta['command']}`",

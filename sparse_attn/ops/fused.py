@@ -31,7 +31,6 @@ views of one layout hit and an in-place change of the layout rebuilds. The op is
 as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.custom_op,
 with fake and autograd registrations), so ``torch.compile`` traces it without graph breaks.
 """
-import math
 import os
 from collections import OrderedDict
 from typing import Optional

@@ -1,6 +1,5 @@
 """Layouts against loop-by-loop restatements of DeepSpeed's rules (DESIGN.md), plus
 structural properties: shapes, symmetry, empty upper triangles, determinism by seed."""
-import itertools
 import subprocess
 import sys
 import textwrap
