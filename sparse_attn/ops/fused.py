@@ -395,23 +395,20 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     else:  # no split row: the workspace is never touched
         ws_acc = ws_ml = lse
     even = N % TM == 0 and N % TN == 0
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
         q, k, v, out, lse, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_acc, ws_ml,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
-        ONE_LOOP=one_loop,
+        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm, EVEN=even, BITS32=lut.bits32,
+        UPCAST=_upcast(q), ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
             out, lse, ws_acc, ws_ml, lut.s_row, lut.s_start, lut.s_n,
-            out.stride(0), out.stride(1), out.stride(2), B, H, N, lut.n_own,
+            so[0], so[1], so[2], B, H, N, lut.n_own,
             BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
     return out, lse
 
@@ -423,6 +420,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     B, H, N, D = q.shape
     cfg = _config(D, block)
     lkey = _layout_key(layout)
+    upcast = _upcast(q)
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -439,13 +438,11 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, out, do, dq, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
         ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
@@ -463,13 +460,11 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=bool(causal), HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=_upcast(q),
+        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
+        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
         ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
