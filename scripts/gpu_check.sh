@@ -4,7 +4,7 @@
 # through the deepspeed launcher. Results go under $OUT (default out/gpu).
 #   bash scripts/gpu_check.sh            # everything
 #   STAGES="bench tests" bash scripts/gpu_check.sh
-#   STAGES=split bash scripts/gpu_check.sh   # host vs GPU time per step at 4096 and 16384
+#   STAGES="launch split" bash scripts/gpu_check.sh   # launch cost; host vs GPU per step
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/gpu_check.sh
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
@@ -25,6 +25,8 @@ for stage in $STAGES; do
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py ${BENCH_ARGS:-} \
         --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
+    launch)
+      python3 scripts/bench_launch.py 2>&1 | tee "$OUT/bench_launch.log" ;;
     split)
       for seq in 4096 16384; do
         timeout "${SPLIT_TIMEOUT:-150}" python3 scripts/profile_bert_step.py --seq $seq --split
