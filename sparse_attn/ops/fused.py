@@ -221,9 +221,8 @@ def _check(q, k, v, layout, block, key_padding_mask):
 # --------------------------------------------------------------------------------------
 class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
-    __slots__ = ("idx", "bits", "nfull", "ntot", "w_row", "w_lo", "w_hi", "w_slot", "n_work",
-                 "n_slots", "s_row", "s_start", "s_n", "n_split", "n_own", "n_other", "unit_m",
-                 "unit_n", "fine", "bits32")
+    __slots__ = ("idx", "bits", "nfull", "ntot", "work", "n_work", "n_slots", "split",
+                 "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine", "bits32")
 
 
 def _tile_tables(layout, block, TM, TN, N, causal, device):
@@ -312,14 +311,13 @@ def _make_lut(nz, full, bits, meta):
     order = torch.sort(torch.where(ln >= (S + 1) // 2, ln, torch.zeros_like(ln)),
                        descending=True, stable=True).indices
     work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
-    work = work.to(device)
-    lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot = work[0], work[1], work[2], work[3]
+    lut.work = work.to(device).contiguous()  # [4, n_work]: row, lo, hi, slot
     lut.n_work = n_items
     split_rows = torch.nonzero(nc > 1).flatten()
     lut.n_split = split_rows.numel()
     s_start = slot[first[split_rows]] if lut.n_split else torch.zeros(0, dtype=torch.int64)
-    sp = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32).to(device)
-    lut.s_row, lut.s_start, lut.s_n = sp[0], sp[1], sp[2]
+    split = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32)
+    lut.split = split.to(device).contiguous()  # [3, n_split]: row, first slot, items
     lut.n_own, lut.n_other = n_own, n_other
     lut.unit_m, lut.unit_n, lut.fine, lut.bits32 = meta
     return lut
@@ -398,17 +396,17 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
         q, k, v, out, lse, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_acc, ws_ml,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E,
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm, EVEN=even, BITS32=lut.bits32,
         UPCAST=_upcast(q), ONE_LOOP=one_loop,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
-            out, lse, ws_acc, ws_ml, lut.s_row, lut.s_start, lut.s_n,
-            so[0], so[1], so[2], B, H, N, lut.n_own,
+            out, lse, ws_acc, ws_ml, lut.split,
+            so[0], so[1], so[2], B, H, N, lut.n_own, lut.n_split,
             BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
     return out, lse
 
@@ -437,9 +435,9 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dq = lse  # never touched
     _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, out, do, dq, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
@@ -447,7 +445,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dq, dq, ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            ws_dq, dq, ws_dq, dq, lut.split, B, H, N, lut.n_own, lut.n_split, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
     TM, TN, warps, stages, one_loop = cfg["dkdv"]
@@ -459,9 +457,9 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dk = ws_dv = lse
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
@@ -469,7 +467,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dk, dk, ws_dv, dv, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            ws_dk, dk, ws_dv, dv, lut.split, B, H, N, lut.n_own, lut.n_split, scale,
             1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv
 

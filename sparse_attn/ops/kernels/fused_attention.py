@@ -12,10 +12,12 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
   BITS  [H * n_own, n_other]  int64, for partial tiles: one bit per (sub-row, sub-column)
                               unit of the tile that the layout keeps; bit index
                               (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
-  W_ROW, W_LO, W_HI, W_SLOT [n_work]: the work items (row id = h * n_own + tile, LUT range,
-                              workspace slot or -1) in launch order: long items first,
-                              the rest in (head, tile) order (neighbours share K/V in L2)
-  S_ROW, S_START, S_N [n_split]: the split rows, their first slot and number of items
+  WORK  [4, n_work]          the work items: rows (row id = h * n_own + tile), LUT range
+                              lo and hi, workspace slot or -1; in launch order: long items
+                              first, the rest in (head, tile) order (neighbours share K/V in
+                              L2). One tensor, so one pointer argument (each pointer costs a
+                              driver call per launch)
+  SPLIT [3, n_split]          the split rows, their first slot and number of items
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
 the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
@@ -102,13 +104,13 @@ def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, strid
 @triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_ACC, WS_ML,
+        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, qk_scale,
+        B, H, N, n_qt, n_kt, n_work, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
@@ -120,10 +122,10 @@ def fused_attn_fwd_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(W_ROW + w)  # = h * n_qt + query tile
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    r = tl.load(WORK + w)  # = h * n_qt + query tile
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -173,16 +175,16 @@ def fused_attn_fwd_kernel(
 
 @triton.jit
 def fused_attn_fwd_combine_kernel(
-        O, LSE, WS_ACC, WS_ML, S_ROW, S_START, S_N,
-        stride_ob, stride_oh, stride_om, B, H, N, n_qt,
+        O, LSE, WS_ACC, WS_ML, SPLIT,
+        stride_ob, stride_oh, stride_om, B, H, N, n_qt, n_split,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
     """Merge the partial (acc, max, sum) of the work items of a split row."""
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
-    r = tl.load(S_ROW + j)
-    start = tl.load(S_START + j)
-    n = tl.load(S_N + j)
+    r = tl.load(SPLIT + j)
+    start = tl.load(SPLIT + n_split + j)
+    n = tl.load(SPLIT + 2 * n_split + j)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -210,7 +212,7 @@ def fused_attn_fwd_combine_kernel(
 
 
 @triton.jit
-def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, S_ROW, S_START, S_N, B, H, N, n_own,
+def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, B, H, N, n_own, n_split,
                                  scale, scale2, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  EVEN: tl.constexpr, TWO: tl.constexpr):
     """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column
@@ -218,9 +220,9 @@ def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, S_ROW, S_START, S_N, B, H, 
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
-    r = tl.load(S_ROW + j)
-    start = tl.load(S_START + j)
-    n = tl.load(S_N + j)
+    r = tl.load(SPLIT + j)
+    start = tl.load(SPLIT + n_split + j)
+    n = tl.load(SPLIT + 2 * n_split + j)
     h = r // n_own
     t = r % n_own
     b64 = b.to(tl.int64)
@@ -290,12 +292,12 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
 @triton.jit
 def fused_attn_bwd_dq_kernel(
         Q, K, V, O, DO, DQ, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS,
+        IDX, BITS, NFULL, WORK, WS,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, qk_scale, sm_scale,
+        B, H, N, n_qt, n_kt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
@@ -307,10 +309,10 @@ def fused_attn_bwd_dq_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(W_ROW + w)
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    r = tl.load(WORK + w)
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -416,12 +418,12 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
 @triton.jit
 def fused_attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_DK, WS_DV,
+        IDX, BITS, NFULL, WORK, WS_DK, WS_DV,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_kpmb,
-        B, H, N, n_kt, n_qt, qk_scale, sm_scale,
+        B, H, N, n_kt, n_qt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
@@ -431,10 +433,10 @@ def fused_attn_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    c = tl.load(W_ROW + w)  # = h * n_kt + key tile
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    c = tl.load(WORK + w)  # = h * n_kt + key tile
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = c // n_kt
     kt = c % n_kt
     b64 = b.to(tl.int64)
