@@ -285,7 +285,7 @@ def _make_lut(nz, full, bits, meta):
     if bits is not None:
         lut.bits = torch.gather(bits, -1, order_in_row).reshape(H * n_own, n_other).contiguous()
     else:
-        lut.bits = torch.zeros(1, dtype=torch.int64, device=device)
+        lut.bits = None  # coarse layout: no masks inside tiles
     lut.nfull = full.sum(-1).to(torch.int32).reshape(-1).contiguous()
     lut.ntot = nz.sum(-1).reshape(-1).to(torch.int32).contiguous()
     lens = lut.ntot.cpu().to(torch.int64)  # the one host sync of a LUT build
@@ -372,9 +372,9 @@ def _prep(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kpm_arg(kpm, dummy, B, N):
-    if kpm is None:  # never read (HAS_KPM is False): any float32 tensor will do
-        return dummy, 0, False
+def _kpm_arg(kpm, B, N):
+    if kpm is None:  # None: HAS_KPM is False and no pointer is passed
+        return None, 0, False
     kpm = kpm.reshape(B, N).to(torch.float32).contiguous()
     return kpm, kpm.stride(0), True
 
@@ -386,12 +386,12 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, lse, B, N)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
     if lut.n_slots:
         ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
         ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
-    else:  # no split row: the workspace is never touched
-        ws_acc = ws_ml = lse
+    else:  # no split row: no workspace (HAS_SPLIT is False)
+        ws_acc = ws_ml = None
     even = N % TM == 0 and N % TN == 0
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
@@ -401,7 +401,7 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
         s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm, EVEN=even, BITS32=lut.bits32,
-        UPCAST=_upcast(q), ONE_LOOP=one_loop,
+        UPCAST=_upcast(q), ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
@@ -421,7 +421,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     upcast = _upcast(q)
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
@@ -432,7 +432,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     if lut.n_slots:
         ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
     else:
-        ws_dq = lse  # never touched
+        ws_dq = None
     _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, out, do, dq, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
@@ -441,7 +441,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop,
+        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
@@ -454,7 +454,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
         ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
     else:
-        ws_dk = ws_dv = lse
+        ws_dk = ws_dv = None
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
@@ -463,7 +463,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop,
+        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](

@@ -102,6 +102,16 @@ def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, strid
 
 
 @triton.jit
+def _tile_store(OUT, x, bh, offs_r, offs_d, N, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
+    """x (fp32 [rows, HEAD_DIM]) -> rows offs_r of OUT[b, h], contiguous [B, H, N, HEAD_DIM]."""
+    ptrs = OUT + bh * N * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    if EVEN:
+        tl.store(ptrs, x.to(OUT.dtype.element_ty))
+    else:
+        tl.store(ptrs, x.to(OUT.dtype.element_ty), mask=(offs_r < N)[:, None])
+
+
+@triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM,
         IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
@@ -115,7 +125,7 @@ def fused_attn_fwd_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
@@ -140,12 +150,19 @@ def fused_attn_fwd_kernel(
         q = tl.load(q_ptrs, mask=(offs_m < N)[:, None], other=0.0)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
-    KPM_base = KPM + b64 * stride_kpmb
+    if HAS_KPM:
+        KPM_base = KPM + b64 * stride_kpmb
+    else:  # None: no pointer argument to pass
+        KPM_base = KPM
     bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
         (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
+    if FINE:
+        BITS_row = BITS + row
+    else:  # None
+        BITS_row = BITS
     if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
         nfull = 0
     else:
@@ -155,22 +172,27 @@ def fused_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
-                                   BITS + row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
+                                   BITS_row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
                                    offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
                                    FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS_row,
                                tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
                                offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
                                HAS_KPM, EVEN, BITS32, UPCAST)
-    if slot < 0:
+    if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
+        if slot < 0:
+            _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
+                       stride_om, H, N, EVEN)
+        else:
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_M)
+            tl.store(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :],
+                     acc)
+            tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
+            tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
+    else:
         _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
                    stride_om, H, N, EVEN)
-    else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_M)
-        tl.store(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
-        tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
 
 
 @triton.jit
@@ -302,7 +324,7 @@ def fused_attn_bwd_dq_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """O, DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32.
     Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
     after this one) reads; the items of a split row all write the same values."""
@@ -340,37 +362,42 @@ def fused_attn_bwd_dq_kernel(
         tl.store(DELTA + bh * N + offs_m, delta, mask=mrow)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
-    KPM_base = KPM + b64 * stride_kpmb
+    if HAS_KPM:
+        KPM_base = KPM + b64 * stride_kpmb
+    else:  # None: no pointer argument to pass
+        KPM_base = KPM
     bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
         (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
+    if FINE:
+        BITS_row = BITS + row
+    else:  # None
+        BITS_row = BITS
     if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
         nfull = 0
     else:
         nfull = tl.load(NFULL + r)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
                        lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
                        UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
                    tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                    bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
                    UPCAST)
-    if slot < 0:
-        dq = dq * sm_scale
-        dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        if EVEN:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    if HAS_SPLIT:  # else WS is None and every slot is -1
+        if slot < 0:
+            _tile_store(DQ, dq * sm_scale, bh, offs_m, offs_d, N, HEAD_DIM, EVEN)
         else:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_M)
+            tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
     else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_M)
-        tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
+        _tile_store(DQ, dq * sm_scale, bh, offs_m, offs_d, N, HEAD_DIM, EVEN)
 
 
 @triton.jit
@@ -428,7 +455,7 @@ def fused_attn_bwd_dkdv_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
     pid = tl.program_id(0)
     b = pid % B
@@ -470,6 +497,10 @@ def fused_attn_bwd_dkdv_kernel(
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
     col = c.to(tl.int64) * n_qt
+    if FINE:
+        BITS_col = BITS + col
+    else:  # None
+        BITS_col = BITS
     if ONE_LOOP:
         nfull = 0
     else:
@@ -478,25 +509,23 @@ def fused_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                             IDX + col, BITS + col, lo, tl.minimum(hi, nfull), stride_qm,
+                             IDX + col, BITS_col, lo, tl.minimum(hi, nfull), stride_qm,
                              offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                              False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, tl.maximum(lo, nfull), hi, stride_qm,
+                         IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
                          offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                          True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    if slot < 0:
-        dk = dk * sm_scale
-        out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        if EVEN:
-            tl.store(DK + out_off, dk.to(DK.dtype.element_ty))
-            tl.store(DV + out_off, dv.to(DV.dtype.element_ty))
+    if HAS_SPLIT:  # else WS_DK, WS_DV are None and every slot is -1
+        if slot < 0:
+            _tile_store(DK, dk * sm_scale, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
+            _tile_store(DV, dv, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
         else:
-            tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=(offs_n < N)[:, None])
-            tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None])
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_N)
+            ws_off = ws * BLOCK_N * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(WS_DK + ws_off, dk)
+            tl.store(WS_DV + ws_off, dv)
     else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_N)
-        ws_off = ws * BLOCK_N * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(WS_DK + ws_off, dk)
-        tl.store(WS_DV + ws_off, dv)
+        _tile_store(DK, dk * sm_scale, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
+        _tile_store(DV, dv, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
