@@ -384,7 +384,9 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     B, H, N, D = q.shape
     TM, TN, warps, stages, one_loop = _config(D, block)["fwd"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    # q's memory format: for a [B, N, H, D] projection seen as [B, H, N, D] (Hugging Face),
+    # out.transpose(1, 2) is then contiguous and the incoming gradient needs no copy
+    out = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
     if lut.n_slots:
@@ -412,19 +414,19 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
 
 
 def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
-    q, k, v = _prep(q), _prep(k), _prep(v)
-    do = do.contiguous()
-    out = out.contiguous()
+    q, k, v, do, out = _prep(q), _prep(k), _prep(v), _prep(do), _prep(out)
     B, H, N, D = q.shape
     cfg = _config(D, block)
     lkey = _layout_key(layout)
     upcast = _upcast(q)
     sq, sk, sv = q.stride(), k.stride(), v.stride()
+    so, sdo = out.stride(), do.stride()
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
+    # gradients in the memory format of their inputs: no copy on the way back through a
+    # [B, N, H, D] -> [B, H, N, D] view
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sdq, sdk, sdv = dq.stride(), dk.stride(), dv.stride()
 
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
     TM, TN, warps, stages, one_loop = cfg["dq"]
@@ -437,6 +439,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         q, k, v, out, do, dq, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sdq[0], sdq[1], sdq[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
@@ -445,7 +448,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dq, dq, ws_dq, dq, lut.split, B, H, N, lut.n_own, lut.n_split, scale,
+            ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
+            lut.n_split, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
     TM, TN, warps, stages, one_loop = cfg["dkdv"]
@@ -459,6 +463,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        sdo[0], sdo[1], sdo[2], sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
@@ -467,7 +472,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dk, dk, ws_dv, dv, lut.split, B, H, N, lut.n_own, lut.n_split, scale,
+            ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
+            lut.n_split, scale,
             1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv
 
@@ -484,8 +490,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Ten
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, layout, key_padding_mask, block, scale, causal):
-    B, H, N, D = q.shape
-    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32))
+    B, H, N, D = q.shape  # strides as _forward_impl gives them
+    return (torch.empty_like(_prep(q)), q.new_empty((B, H, N), dtype=torch.float32))
 
 
 @torch.library.custom_op("sparse_attn::fused_attention_bwd", mutates_args=())
@@ -498,8 +504,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_bwd_op.register_fake
 def _bwd_fake(do, q, k, v, out, lse, layout, key_padding_mask, block, scale, causal):
-    B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
+    return tuple(torch.empty_like(_prep(t)) for t in (q, k, v))  # as _backward_impl does
 
 
 def _setup_context(ctx, inputs, output):

@@ -102,9 +102,10 @@ def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, strid
 
 
 @triton.jit
-def _tile_store(OUT, x, bh, offs_r, offs_d, N, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
-    """x (fp32 [rows, HEAD_DIM]) -> rows offs_r of OUT[b, h], contiguous [B, H, N, HEAD_DIM]."""
-    ptrs = OUT + bh * N * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+def _tile_store(OUT, x, b64, h64, offs_r, offs_d, s_b, s_h, s_m, N, EVEN: tl.constexpr):
+    """x (fp32 [rows, HEAD_DIM]) -> rows offs_r of OUT[b, h]; OUT [B, H, N, HEAD_DIM] with
+    strides (s_b, s_h, s_m, 1)."""
+    ptrs = OUT + b64 * s_b + h64 * s_h + offs_r[:, None] * s_m + offs_d[None, :]
     if EVEN:
         tl.store(ptrs, x.to(OUT.dtype.element_ty))
     else:
@@ -234,11 +235,12 @@ def fused_attn_fwd_combine_kernel(
 
 
 @triton.jit
-def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, B, H, N, n_own, n_split,
-                                 scale, scale2, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 EVEN: tl.constexpr, TWO: tl.constexpr):
+def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, s_b, s_h, s_m, s2_b, s2_h, s2_m,
+                                 B, H, N, n_own, n_split, scale, scale2, BLOCK: tl.constexpr,
+                                 HEAD_DIM: tl.constexpr, EVEN: tl.constexpr, TWO: tl.constexpr):
     """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column
-    (and OUT2 from WS2 with scale2 when TWO); OUT, OUT2 contiguous [B, H, N, HEAD_DIM]."""
+    (and OUT2 from WS2 with scale2 when TWO); OUT, OUT2 [B, H, N, HEAD_DIM] with strides
+    (s_b, s_h, s_m, 1) and (s2_b, s2_h, s2_m, 1)."""
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
@@ -259,16 +261,10 @@ def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, B, H, N, n_own, n_sp
         if TWO:
             acc2 += tl.load(WS2 + off)
     rows = t * BLOCK + rr
-    ptrs = (b64 * H + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    if EVEN:
-        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty))
-        if TWO:
-            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty))
-    else:
-        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < N)[:, None])
-        if TWO:
-            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty),
-                     mask=(rows < N)[:, None])
+    h64 = h.to(tl.int64)
+    _tile_store(OUT, acc * scale, b64, h64, rows, offs_d, s_b, s_h, s_m, N, EVEN)
+    if TWO:
+        _tile_store(OUT2, acc2 * scale2, b64, h64, rows, offs_d, s2_b, s2_h, s2_m, N, EVEN)
 
 
 @triton.jit
@@ -318,6 +314,9 @@ def fused_attn_bwd_dq_kernel(
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_dob, stride_doh, stride_dom,
+        stride_dqb, stride_dqh, stride_dqm,
         stride_kpmb,
         B, H, N, n_qt, n_kt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -325,7 +324,8 @@ def fused_attn_bwd_dq_kernel(
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
         ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
-    """O, DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32.
+    """O, DO, DQ: [B, H, N, HEAD_DIM] with their own strides (last one 1); LSE, DELTA
+    contiguous [B, H, N] float32.
     Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
     after this one) reads; the items of a split row all write the same values."""
     pid = tl.program_id(0)
@@ -344,19 +344,21 @@ def fused_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     bh = b64 * H + h64
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_off = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + \
+        offs_d[None, :]
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     if EVEN:
         q = tl.load(q_ptrs)
-        do = tl.load(DO + do_off)
-        o = tl.load(O + do_off)
+        do = tl.load(do_ptrs)
+        o = tl.load(o_ptrs)
         lse = tl.load(LSE + bh * N + offs_m)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta)
     else:
         mrow = offs_m < N
         q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
-        do = tl.load(DO + do_off, mask=mrow[:, None], other=0.0)
-        o = tl.load(O + do_off, mask=mrow[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
+        o = tl.load(o_ptrs, mask=mrow[:, None], other=0.0)
         lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta, mask=mrow)
@@ -391,18 +393,20 @@ def fused_attn_bwd_dq_kernel(
                    UPCAST)
     if HAS_SPLIT:  # else WS is None and every slot is -1
         if slot < 0:
-            _tile_store(DQ, dq * sm_scale, bh, offs_m, offs_d, N, HEAD_DIM, EVEN)
+            _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
+                        stride_dqm, N, EVEN)
         else:
             ws = slot.to(tl.int64) * B + b64
             rr = tl.arange(0, BLOCK_M)
             tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
     else:
-        _tile_store(DQ, dq * sm_scale, bh, offs_m, offs_d, N, HEAD_DIM, EVEN)
+        _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
+                        stride_dqm, N, EVEN)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, BITS, lo, hi,
-                stride_qm, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
+                stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr,
                 FINE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 EVEN: tl.constexpr, BITS32: tl.constexpr, UPCAST: tl.constexpr):
@@ -410,7 +414,7 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
         qt = tl.load(IDX + it)
         rows = qt * BLOCK_M + offs_m
         q_ptrs = Q_base + rows[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        do_ptrs = DO_base + rows[:, None] * stride_dom + offs_d[None, :]
         if PARTIAL and not EVEN:
             mrow = rows < N
             q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
@@ -449,6 +453,9 @@ def fused_attn_bwd_dkdv_kernel(
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_dom,
+        stride_dkb, stride_dkh, stride_dkn,
+        stride_dvb, stride_dvh, stride_dvn,
         stride_kpmb,
         B, H, N, n_kt, n_qt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -456,7 +463,8 @@ def fused_attn_bwd_dkdv_kernel(
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
         ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
-    """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
+    """Column LUT: one program per (key tile, batch); DO, DK, DV [B, H, N, D] with their own
+    strides (last one 1)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
@@ -493,7 +501,7 @@ def fused_attn_bwd_dkdv_kernel(
     if not BITS32:
         bitidxT = bitidxT.to(tl.int64)
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
-    DO_base = DO + bh * N * HEAD_DIM
+    DO_base = DO + b64 * stride_dob + h64 * stride_doh
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
     col = c.to(tl.int64) * n_qt
@@ -510,16 +518,18 @@ def fused_attn_bwd_dkdv_kernel(
     if not ONE_LOOP:
         dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
                              IDX + col, BITS_col, lo, tl.minimum(hi, nfull), stride_qm,
-                             offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                             stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                              False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
                          IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
-                         offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                         stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                          True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     if HAS_SPLIT:  # else WS_DK, WS_DV are None and every slot is -1
         if slot < 0:
-            _tile_store(DK, dk * sm_scale, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
-            _tile_store(DV, dv, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
+            _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
+                        stride_dkn, N, EVEN)
+            _tile_store(DV, dv, b64, h64, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn,
+                        N, EVEN)
         else:
             ws = slot.to(tl.int64) * B + b64
             rr = tl.arange(0, BLOCK_N)
@@ -527,5 +537,7 @@ def fused_attn_bwd_dkdv_kernel(
             tl.store(WS_DK + ws_off, dk)
             tl.store(WS_DV + ws_off, dv)
     else:
-        _tile_store(DK, dk * sm_scale, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
-        _tile_store(DV, dv, bh, offs_n, offs_d, N, HEAD_DIM, EVEN)
+        _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
+                    stride_dkn, N, EVEN)
+        _tile_store(DV, dv, b64, h64, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, N,
+                    EVEN)
