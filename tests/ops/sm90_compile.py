@@ -1,0 +1,128 @@
+"""Compile the fused-attention kernels for an H100 (sm_90) on a machine without a GPU.
+
+Run by tests/ops/test_compile_sm90.py in a subprocess without TRITON_INTERPRET. Triton's own
+compiler (and the ptxas it ships) builds every kernel of the forward and backward pass for
+a set of cases that between them take every value of every constexpr: tile shapes of each
+head_dim, fine layouts (blocks 16, 32) and coarse ones (64, 128), causal, key padding,
+split rows, a sequence that is not a multiple of the tile, the one-loop variant. A
+stand-in driver answers Triton's questions about the device and records each launch
+instead of running it, so what is checked is that the kernels compile (the interpreter,
+which runs them in CI, never compiles them), not their results. Prints one line per case
+and exits 1 on the first failure.
+"""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia import driver as nvidia  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+LAUNCHES = []
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        assert kernel, f"{name}: empty binary"
+        return (object(), name, 64, 0, 1024)  # module, function, registers, spills, threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+
+class _RecordingLauncher:
+    def __init__(self, src, metadata):
+        self.name = src.fn.__name__
+
+    def __call__(self, *args):
+        LAUNCHES.append(self.name)
+
+
+class _H100(nvidia.CudaDriver):
+    def __init__(self):  # no CUDA library is loaded
+        self.utils = _Utils()
+        self.launcher_cls = _RecordingLauncher
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_capability(self, device=0):
+        return (9, 0)
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    @staticmethod
+    def is_active():
+        return True
+
+
+# (block, head_dim, seq, key padding, causal, split rows, fwd tile override)
+CASES = [
+    (16, 64, 1024, True, False, True, None),
+    (32, 64, 1024, False, True, False, None),
+    (64, 64, 1024, False, False, True, None),
+    (128, 64, 1024, True, True, False, None),
+    (64, 32, 1024, True, False, False, None),
+    (16, 128, 1024, False, True, True, None),
+    (16, 64, 1008, True, False, False, None),  # 1008 is not a multiple of the 64-row tile
+    (16, 64, 1024, False, False, False, (64, 32, 4, 3, True)),  # one loop
+]
+
+
+def main() -> int:
+    triton.runtime.driver.set_active(_H100())
+    from sparse_attn import BigBirdSparsityConfig, FixedSparsityConfig
+    from sparse_attn.ops import fused
+
+    fused._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
+    fused._upcast = lambda q: False  # the GPU variant of every kernel
+    for block, d, seq, kpm, causal, split, tiles in CASES:
+        fused.set_fused_config()
+        if tiles is not None:
+            fused.set_fused_config(d, None, fwd=tiles)
+        chunk = 4 if split else 1 << 30  # tiles per work item: split every row, or none
+        fused._split_chunk = lambda total, device, chunk=chunk: chunk
+        fused.clear_lut_cache()
+        if causal:
+            sc = FixedSparsityConfig(2, block, attention="unidirectional", num_local_blocks=4)
+        else:
+            sc = BigBirdSparsityConfig(2, block, different_layout_per_head=True,
+                                       num_random_blocks=1)
+        layout = sc.make_layout(seq)
+        q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
+        mask = torch.zeros(2, seq) if kpm else None
+        LAUNCHES.clear()
+        try:
+            out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
+            fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5, causal)
+        except Exception as err:
+            print(f"FAIL block {block} head_dim {d} seq {seq} kpm {kpm} causal {causal} "
+                  f"split {split}: {type(err).__name__}: {err}")
+            return 1
+        want = 6 if split else 3
+        if len(LAUNCHES) != want:
+            print(f"FAIL: {len(LAUNCHES)} launches, expected {want}: {LAUNCHES}")
+            return 1
+        print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
+              f"{causal!s:5} split {split!s:5}: {', '.join(LAUNCHES)}")
+    print(f"compiled for sm_90 with triton {triton.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
