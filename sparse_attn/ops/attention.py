@@ -80,17 +80,27 @@ class _ThreeKernelOps:
         self._cut = {}
 
     def causal_cut(self, device):
-        """``[nnz, block, block]`` bool on ``device``, True where a key comes after its
-        query: the upper triangle of diagonal blocks and all of any block above the
-        diagonal. Built once per device."""
+        """(diagonal, above, future) on ``device``: the positions (in the block-sparse
+        order) of the diagonal blocks and of any blocks above the diagonal, and the
+        ``[block, block]`` bool upper triangle. Built once per device."""
         cut = self._cut.get(device)
         if cut is None:
-            nz, b = self._nonzero.to(device), self.block
-            future = torch.ones(b, b, dtype=torch.bool, device=device).triu(1)
-            diagonal = (nz[:, 1] == nz[:, 2])[:, None, None]
-            above = (nz[:, 2] > nz[:, 1])[:, None, None]
-            cut = self._cut[device] = (diagonal & future) | above
+            nz = self._nonzero.to(device)
+            future = torch.ones(self.block, self.block, dtype=torch.bool, device=device).triu(1)
+            cut = self._cut[device] = (torch.nonzero(nz[:, 1] == nz[:, 2]).flatten(),
+                                       torch.nonzero(nz[:, 2] > nz[:, 1]).flatten(), future)
         return cut
+
+    def apply_causal(self, scores):
+        """Drop keys after their query in block-sparse ``[batch, nnz, block, block]`` scores:
+        only the diagonal blocks are touched (and blocks above the diagonal, which
+        unidirectional layouts do not have, are dropped whole). Out of place."""
+        diagonal, above, future = self.causal_cut(scores.device)
+        cut = scores.index_select(1, diagonal).masked_fill(future, float("-inf"))
+        scores = scores.index_copy(1, diagonal, cut)
+        if above.numel():
+            scores = scores.index_fill(1, above, float("-inf"))
+        return scores
 
 
 def _three_kernel_ops(layout, block):
@@ -112,8 +122,7 @@ def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_m
     ops = _three_kernel_ops(layout, block)
     scores = ops.sdd(q, k)  # [batch, nnz, block, block]
     if causal:
-        # masked on the block-sparse scores: no [seq, seq] mask is built
-        scores = scores.masked_fill(ops.causal_cut(scores.device), float("-inf"))
+        scores = ops.apply_causal(scores)  # no [seq, seq] mask is built
     probs = ops.softmax(scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
                         attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
     return ops.dsd(probs, v)

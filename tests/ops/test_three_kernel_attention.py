@@ -99,7 +99,8 @@ def test_matches_reference(backend, dtype, block, name):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
 def test_causal_builds_no_seq_by_seq_mask(monkeypatch):
-    """The causal cut is [nnz, block, block], built once per layout; nothing of seq x seq."""
+    """Causal masking touches the diagonal blocks only, with a [block, block] triangle built
+    once per layout; nothing of seq x seq."""
     seq, block = 256, 16
     gen = torch.Generator().manual_seed(0)
     layout = causal_layout(seq // block, gen).to(DEVICE)
@@ -120,8 +121,9 @@ def test_causal_builds_no_seq_by_seq_mask(monkeypatch):
     out = block_sparse_attention(q, k, v, layout, block, causal=True, backend="triton")
     assert not big, f"built a [seq, seq] tensor: {big}"
     ops = dispatch._three_kernel_ops(layout, block)
-    cut = ops.causal_cut(q.device)
-    assert cut.shape == (int(layout.sum()), block, block)
+    diagonal, above, future = cut = ops.causal_cut(q.device)
+    assert diagonal.numel() == H * (seq // block) and above.numel() == 0
+    assert future.shape == (block, block)
     assert ops.causal_cut(q.device) is cut  # cached
     ref = reference_attention(q, k, v, layout, block, causal=True)
     assert_rel_close(out, ref, torch.float32)
