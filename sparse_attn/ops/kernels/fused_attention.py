@@ -12,12 +12,15 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
   BITS  [H * n_own, n_other]  int64, for partial tiles: one bit per (sub-row, sub-column)
                               unit of the tile that the layout keeps; bit index
                               (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
-  WORK  [4, n_work]          the work items: rows (row id = h * n_own + tile), LUT range
+  WORK  [4, n_work]           the work items: rows (row id = h * n_own + tile), LUT range
                               lo and hi, workspace slot or -1; in launch order: long items
                               first, the rest in (head, tile) order (neighbours share K/V in
                               L2). One tensor, so one pointer argument (each pointer costs a
                               driver call per launch)
   SPLIT [3, n_split]          the split rows, their first slot and number of items
+KPM, BITS and the workspaces are None (no pointer argument at all) when HAS_KPM, FINE or
+HAS_SPLIT is off. O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the
+gradients can keep the memory format of q, k, v.
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
 the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
