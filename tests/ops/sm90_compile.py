@@ -1,10 +1,12 @@
-"""Compile the fused-attention kernels for an H100 (sm_90) on a machine without a GPU.
+"""Compile the Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
 Run by tests/ops/test_compile_sm90.py in a subprocess without TRITON_INTERPRET. Triton's own
-compiler (and the ptxas it ships) builds every kernel of the forward and backward pass for
-a set of cases that between them take every value of every constexpr: tile shapes of each
-head_dim, fine layouts (blocks 16, 32) and coarse ones (64, 128), causal, key padding,
-split rows, a sequence that is not a multiple of the tile, the one-loop variant. A
+compiler (and the ptxas it ships) builds every kernel of the fused forward and backward pass
+for a set of cases that between them take every value of every constexpr: tile shapes of
+each head_dim, fine layouts (blocks 16, 32) and coarse ones (64, 128), causal, key padding,
+split rows, a sequence that is not a multiple of the tile, the one-loop variant. Then the
+MatMul (sdd, dsd, dds, forward and backward, so every transpose) and Softmax (rpe, key
+padding and attention masks, forward and backward) kernels for each dtype and block. A
 stand-in driver answers Triton's questions about the device and records each launch
 instead of running it, so what is checked is that the kernels compile (the interpreter,
 which runs them in CI, never compiles them), not their results. Prints one line per case
@@ -120,8 +122,47 @@ def main() -> int:
             return 1
         print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
               f"{causal!s:5} split {split!s:5}: {', '.join(LAUNCHES)}")
+    if not compile_matmul_softmax():
+        return 1
     print(f"compiled for sm_90 with triton {triton.__version__}")
     return 0
+
+
+# (dtype, block): every dtype and every block at least once
+BLOCK_CASES = [(torch.float32, 16), (torch.float16, 32), (torch.bfloat16, 64),
+               (torch.float32, 128), (torch.bfloat16, 16)]
+
+
+def compile_matmul_softmax() -> bool:
+    from sparse_attn.ops import MatMul, Softmax
+    from sparse_attn.ops import matmul as mm
+    from sparse_attn.ops.kernels import matmul as km
+
+    mm._interpreting = lambda: True  # the Triton backend for CPU tensors; nothing runs
+    km._upcast = lambda t: False  # the GPU variant of every kernel
+    for dtype, block in BLOCK_CASES:
+        seq, d, heads = 4 * block, 64, 2
+        layout = (torch.rand(heads, 4, 4, generator=torch.Generator().manual_seed(block))
+                  < 0.6).long()
+        layout[:, 0, 0] = 1
+        q, k = (torch.randn(2, heads, seq, d).to(dtype).requires_grad_() for _ in range(2))
+        LAUNCHES.clear()
+        try:
+            sdd = MatMul(layout, block, "sdd", trans_b=True, backend="triton")
+            dsd = MatMul(layout, block, "dsd", backend="triton")
+            dds = MatMul(layout, block, "dds", backend="triton")
+            softmax = Softmax(layout, block, backend="triton")
+            scores = sdd(q, k)
+            probs = softmax(scores, scale=0.125, rpe=torch.randn(1, heads, seq, seq).to(dtype),
+                            key_padding_mask=torch.zeros(2, seq), attn_mask=torch.ones(seq, seq))
+            out = dsd(probs, k) + dds(q.transpose(-1, -2).contiguous(), probs).transpose(-1, -2)
+            out.float().sum().backward()
+        except Exception as err:
+            print(f"FAIL MatMul/Softmax {dtype} block {block}: {type(err).__name__}: {err}")
+            return False
+        print(f"ok MatMul/Softmax {str(dtype)[6:]:8} block {block:3d}: {len(LAUNCHES)} launches "
+              f"of {len(set(LAUNCHES))} kernels")
+    return True
 
 
 if __name__ == "__main__":
