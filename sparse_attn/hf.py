@@ -143,9 +143,6 @@ def _settings(config) -> _Settings:
         if len(_BY_DICT) > 256:
             _BY_DICT.clear()
         _BY_DICT[id(data)] = (data, copy.deepcopy(data), settings)
-    # keep the marker that makes a plain from_pretrained load the model sparse again
-    if config.__dict__.get("attn_implementation") != ATTN_IMPLEMENTATION:
-        config.__dict__["attn_implementation"] = ATTN_IMPLEMENTATION
     return settings
 
 

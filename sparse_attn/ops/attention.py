@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .torch_backend import torch_block_sparse_attention
+from .torch_backend import block_index, mask_future, torch_block_sparse_attention
 
 BACKENDS = ("auto", "fused", "triton", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,52 +65,18 @@ def check_attention_inputs(q, k, v, layout, block, key_padding_mask=None, rpe=No
 _THREE_KERNEL_OPS: dict = {}
 
 
-class _ThreeKernelOps:
-    """sdd, softmax and dsd for one (layout, block), and the causal cut of its blocks."""
-
-    def __init__(self, layout, block):
-        from .matmul import MatMul
-        from .softmax import Softmax
-
-        self.sdd = MatMul(layout, block, "sdd", trans_a=False, trans_b=True)
-        self.softmax = Softmax(layout, block)
-        self.dsd = MatMul(layout, block, "dsd")
-        self.block = block
-        self._nonzero = layout.nonzero()  # the block order of the block-sparse scores
-        self._cut = {}
-
-    def causal_cut(self, device):
-        """(diagonal, above, future) on ``device``: the positions (in the block-sparse
-        order) of the diagonal blocks and of any blocks above the diagonal, and the
-        ``[block, block]`` bool upper triangle. Built once per device."""
-        cut = self._cut.get(device)
-        if cut is None:
-            nz = self._nonzero.to(device)
-            future = torch.ones(self.block, self.block, dtype=torch.bool, device=device).triu(1)
-            cut = self._cut[device] = (torch.nonzero(nz[:, 1] == nz[:, 2]).flatten(),
-                                       torch.nonzero(nz[:, 2] > nz[:, 1]).flatten(), future)
-        return cut
-
-    def apply_causal(self, scores):
-        """Drop keys after their query in block-sparse ``[batch, nnz, block, block]`` scores:
-        only the diagonal blocks are touched (and blocks above the diagonal, which
-        unidirectional layouts do not have, are dropped whole). Out of place."""
-        diagonal, above, future = self.causal_cut(scores.device)
-        cut = scores.index_select(1, diagonal).masked_fill(future, float("-inf"))
-        scores = scores.index_copy(1, diagonal, cut)
-        if above.numel():
-            scores = scores.index_fill(1, above, float("-inf"))
-        return scores
-
-
 def _three_kernel_ops(layout, block):
-    """The ``_ThreeKernelOps`` of one layout tensor, built once: constructing them reads the
+    """(sdd, softmax, dsd) for one layout tensor, built once: constructing them reads the
     layout on the host, which must not happen on every call."""
+    from .matmul import MatMul
+    from .softmax import Softmax
+
     key = (layout.data_ptr(), tuple(layout.shape), layout._version, str(layout.device), block)
     hit = _THREE_KERNEL_OPS.get(key)
     if hit is not None and hit[0] is layout:
         return hit[1]
-    ops = _ThreeKernelOps(layout, block)
+    ops = (MatMul(layout, block, "sdd", trans_a=False, trans_b=True), Softmax(layout, block),
+           MatMul(layout, block, "dsd"))
     if len(_THREE_KERNEL_OPS) > 64:
         _THREE_KERNEL_OPS.clear()
     _THREE_KERNEL_OPS[key] = (layout, ops)  # the reference keeps the key's storage alive
@@ -119,13 +85,13 @@ def _three_kernel_ops(layout, block):
 
 def _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe,
                             attn_mask):
-    ops = _three_kernel_ops(layout, block)
-    scores = ops.sdd(q, k)  # [batch, nnz, block, block]
+    sdd, softmax, dsd = _three_kernel_ops(layout, block)
+    scores = sdd(q, k)  # [batch, nnz, block, block], blocks in layout.nonzero() order
     if causal:
-        scores = ops.apply_causal(scores)  # no [seq, seq] mask is built
-    probs = ops.softmax(scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
-                        attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
-    return ops.dsd(probs, v)
+        scores = mask_future(scores, block_index(layout, q.device), block)
+    probs = softmax(scores, scale=scale, rpe=rpe, key_padding_mask=key_padding_mask,
+                    attn_mask=attn_mask, key_padding_mask_mode="add", attn_mask_mode="add")
+    return dsd(probs, v)
 
 
 def select_backend(q, k, v, layout, block, rpe=None, attn_mask=None) -> str:

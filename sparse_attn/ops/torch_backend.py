@@ -17,7 +17,8 @@ class BlockIndex(NamedTuple):
     """Nonzero blocks of a ``[heads, nb, nb]`` layout, in (head, row, col) order.
 
     head, row, col: int64 ``[nnz]``; segment: ``head * nb + row`` (the block-row id);
-    diagonal: bool ``[nnz]``, ``row == col``.
+    diagonal, above: int64 positions (into the nnz blocks) of the blocks on the diagonal and
+    of those above it (a unidirectional layout has none).
     """
 
     head: torch.Tensor
@@ -25,6 +26,7 @@ class BlockIndex(NamedTuple):
     col: torch.Tensor
     segment: torch.Tensor
     diagonal: torch.Tensor
+    above: torch.Tensor
     num_heads: int
     num_blocks: int
 
@@ -40,11 +42,26 @@ def block_index(layout: torch.Tensor, device: torch.device) -> BlockIndex:
         return hit[1]
     heads, nb, _ = layout.shape
     h, r, c = layout.nonzero(as_tuple=True)
-    index = BlockIndex(*(t.to(device) for t in (h, r, c, h * nb + r, r == c)), heads, nb)
+    diagonal, above = torch.nonzero(r == c).flatten(), torch.nonzero(c > r).flatten()
+    index = BlockIndex(*(t.to(device) for t in (h, r, c, h * nb + r, diagonal, above)), heads,
+                       nb)
     if len(_INDEX_CACHE) > 256:
         _INDEX_CACHE.clear()
     _INDEX_CACHE[key] = (layout, index)
     return index
+
+
+def mask_future(scores: torch.Tensor, index: BlockIndex, block: int) -> torch.Tensor:
+    """Causal masking of block-sparse scores ``[batch, nnz, block, block]`` (blocks in
+    ``index`` order): ``-inf`` where the key comes after its query. Only the diagonal blocks
+    are cut (their upper triangle); blocks above the diagonal are dropped whole. Out of place,
+    differentiable, no ``[seq, seq]`` mask."""
+    future = torch.ones(block, block, dtype=torch.bool, device=scores.device).triu(1)
+    cut = scores.index_select(1, index.diagonal).masked_fill(future, float("-inf"))
+    scores = scores.index_copy(1, index.diagonal, cut)
+    if index.above.numel():
+        scores = scores.index_fill(1, index.above, float("-inf"))
+    return scores
 
 
 def _gather_blocks(x: torch.Tensor, heads: torch.Tensor, blocks: torch.Tensor, block: int):
@@ -121,9 +138,7 @@ def _attention(q, k, v, layout, block, scale, causal, key_padding_mask, rpe, att
         kpm = key_padding_mask.reshape(batch, nb, block)[:, idx.col].to(compute)
         s = s + kpm[:, :, None, :]
     if causal:
-        future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-        cut = (idx.diagonal[:, None, None] & future) | (idx.col > idx.row)[:, None, None]
-        s = s.masked_fill(cut, float("-inf"))
+        s = mask_future(s, idx, block)
 
     # Softmax across the blocks of each block-row: segment max, exp, segment sum.
     block_max = s.amax(-1).detach()  # [batch, nnz, block]

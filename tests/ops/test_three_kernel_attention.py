@@ -11,7 +11,7 @@ import torch
 
 from reference import assert_rel_close, reference_attention
 from sparse_attn import block_sparse_attention
-from sparse_attn.ops import attention as dispatch
+from sparse_attn.ops.torch_backend import block_index, mask_future
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -99,8 +99,8 @@ def test_matches_reference(backend, dtype, block, name):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
 def test_causal_builds_no_seq_by_seq_mask(monkeypatch):
-    """Causal masking touches the diagonal blocks only, with a [block, block] triangle built
-    once per layout; nothing of seq x seq."""
+    """Causal masking touches the diagonal blocks only, through the layout's cached block
+    index and a [block, block] triangle; nothing of seq x seq."""
     seq, block = 256, 16
     gen = torch.Generator().manual_seed(0)
     layout = causal_layout(seq // block, gen).to(DEVICE)
@@ -120,10 +120,14 @@ def test_causal_builds_no_seq_by_seq_mask(monkeypatch):
     monkeypatch.setattr(torch, "ones", spy(real_ones))
     out = block_sparse_attention(q, k, v, layout, block, causal=True, backend="triton")
     assert not big, f"built a [seq, seq] tensor: {big}"
-    ops = dispatch._three_kernel_ops(layout, block)
-    diagonal, above, future = cut = ops.causal_cut(q.device)
+    index = block_index(layout, q.device)  # the shared nonzero-block index of the layout
+    diagonal, above = index.diagonal, index.above
     assert diagonal.numel() == H * (seq // block) and above.numel() == 0
-    assert future.shape == (block, block)
-    assert ops.causal_cut(q.device) is cut  # cached
+    scores = torch.zeros(1, int(layout.sum()), block, block, device=q.device)
+    cut = torch.isinf(mask_future(scores, index, block))
+    future = cut[0, diagonal[0]]
+    triangle = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
+    assert future.shape == (block, block) and torch.equal(future, triangle)
+    assert block_index(layout, q.device) is index  # cached
     ref = reference_attention(q, k, v, layout, block, causal=True)
     assert_rel_close(out, ref, torch.float32)
