@@ -221,9 +221,8 @@ def _check(q, k, v, layout, block, key_padding_mask):
 # --------------------------------------------------------------------------------------
 class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
-    __slots__ = ("idx", "bits", "nfull", "ntot", "w_row", "w_lo", "w_hi", "w_slot", "n_work",
-                 "n_slots", "s_row", "s_start", "s_n", "n_split", "n_own", "n_other", "unit_m",
-                 "unit_n", "fine", "bits32")
+    __slots__ = ("idx", "bits", "nfull", "ntot", "work", "n_work", "n_slots", "split",
+                 "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine", "bits32")
 
 
 def _tile_tables(layout, block, TM, TN, N, causal, device):
@@ -286,7 +285,7 @@ def _make_lut(nz, full, bits, meta):
     if bits is not None:
         lut.bits = torch.gather(bits, -1, order_in_row).reshape(H * n_own, n_other).contiguous()
     else:
-        lut.bits = torch.zeros(1, dtype=torch.int64, device=device)
+        lut.bits = None  # coarse layout: no masks inside tiles
     lut.nfull = full.sum(-1).to(torch.int32).reshape(-1).contiguous()
     lut.ntot = nz.sum(-1).reshape(-1).to(torch.int32).contiguous()
     lens = lut.ntot.cpu().to(torch.int64)  # the one host sync of a LUT build
@@ -312,14 +311,13 @@ def _make_lut(nz, full, bits, meta):
     order = torch.sort(torch.where(ln >= (S + 1) // 2, ln, torch.zeros_like(ln)),
                        descending=True, stable=True).indices
     work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
-    work = work.to(device)
-    lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot = work[0], work[1], work[2], work[3]
+    lut.work = work.to(device).contiguous()  # [4, n_work]: row, lo, hi, slot
     lut.n_work = n_items
     split_rows = torch.nonzero(nc > 1).flatten()
     lut.n_split = split_rows.numel()
     s_start = slot[first[split_rows]] if lut.n_split else torch.zeros(0, dtype=torch.int64)
-    sp = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32).to(device)
-    lut.s_row, lut.s_start, lut.s_n = sp[0], sp[1], sp[2]
+    split = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32)
+    lut.split = split.to(device).contiguous()  # [3, n_split]: row, first slot, items
     lut.n_own, lut.n_other = n_own, n_other
     lut.unit_m, lut.unit_n, lut.fine, lut.bits32 = meta
     return lut
@@ -374,9 +372,9 @@ def _prep(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kpm_arg(kpm, dummy, B, N):
-    if kpm is None:  # never read (HAS_KPM is False): any float32 tensor will do
-        return dummy, 0, False
+def _kpm_arg(kpm, B, N):
+    if kpm is None:  # None: HAS_KPM is False and no pointer is passed
+        return None, 0, False
     kpm = kpm.reshape(B, N).to(torch.float32).contiguous()
     return kpm, kpm.stride(0), True
 
@@ -386,47 +384,49 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
     B, H, N, D = q.shape
     TM, TN, warps, stages, one_loop = _config(D, block)["fwd"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    # q's memory format: for a [B, N, H, D] projection seen as [B, H, N, D] (Hugging Face),
+    # out.transpose(1, 2) is then contiguous and the incoming gradient needs no copy
+    out = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, lse, B, N)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
     if lut.n_slots:
         ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
         ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
-    else:  # no split row: the workspace is never touched
-        ws_acc = ws_ml = lse
+    else:  # no split row: no workspace (HAS_SPLIT is False)
+        ws_acc = ws_ml = None
     even = N % TM == 0 and N % TN == 0
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
         q, k, v, out, lse, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_acc, ws_ml,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E,
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm, EVEN=even, BITS32=lut.bits32,
-        UPCAST=_upcast(q), ONE_LOOP=one_loop,
+        UPCAST=_upcast(q), ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
-            out, lse, ws_acc, ws_ml, lut.s_row, lut.s_start, lut.s_n,
-            so[0], so[1], so[2], B, H, N, lut.n_own,
+            out, lse, ws_acc, ws_ml, lut.split,
+            so[0], so[1], so[2], B, H, N, lut.n_own, lut.n_split,
             BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
     return out, lse
 
 
 def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
-    q, k, v = _prep(q), _prep(k), _prep(v)
-    do = do.contiguous()
-    out = out.contiguous()
+    q, k, v, do, out = _prep(q), _prep(k), _prep(v), _prep(do), _prep(out)
     B, H, N, D = q.shape
     cfg = _config(D, block)
     lkey = _layout_key(layout)
     upcast = _upcast(q)
     sq, sk, sv = q.stride(), k.stride(), v.stride()
+    so, sdo = out.stride(), do.stride()
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, delta, B, N)
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, H, N, D), dtype=v.dtype, device=q.device)
+    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
+    # gradients in the memory format of their inputs: no copy on the way back through a
+    # [B, N, H, D] -> [B, H, N, D] view
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sdq, sdk, sdv = dq.stride(), dk.stride(), dv.stride()
 
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
     TM, TN, warps, stages, one_loop = cfg["dq"]
@@ -434,20 +434,22 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     if lut.n_slots:
         ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
     else:
-        ws_dq = lse  # never touched
+        ws_dq = None
     _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
         q, k, v, out, do, dq, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dq,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sdq[0], sdq[1], sdq[2],
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop,
+        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dq, dq, ws_dq, dq, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
+            lut.n_split, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
     TM, TN, warps, stages, one_loop = cfg["dkdv"]
@@ -456,20 +458,22 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
         ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
     else:
-        ws_dk = ws_dv = lse
+        ws_dk = ws_dv = None
     _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
         q, k, v, do, dk, dv, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.w_row, lut.w_lo, lut.w_hi, lut.w_slot, ws_dk, ws_dv,
+        lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, scale * LOG2E, scale,
+        sdo[0], sdo[1], sdo[2], sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2],
+        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
         BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
         FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
         EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop,
+        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dk, dk, ws_dv, dv, lut.s_row, lut.s_start, lut.s_n, B, H, N, lut.n_own, scale,
+            ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
+            lut.n_split, scale,
             1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv
 
@@ -486,8 +490,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Ten
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, layout, key_padding_mask, block, scale, causal):
-    B, H, N, D = q.shape
-    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32))
+    B, H, N, D = q.shape  # strides as _forward_impl gives them
+    return (torch.empty_like(_prep(q)), q.new_empty((B, H, N), dtype=torch.float32))
 
 
 @torch.library.custom_op("sparse_attn::fused_attention_bwd", mutates_args=())
@@ -500,8 +504,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_bwd_op.register_fake
 def _bwd_fake(do, q, k, v, out, lse, layout, key_padding_mask, block, scale, causal):
-    B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
+    return tuple(torch.empty_like(_prep(t)) for t in (q, k, v))  # as _backward_impl does
 
 
 def _setup_context(ctx, inputs, output):

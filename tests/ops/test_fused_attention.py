@@ -268,6 +268,32 @@ def test_scale_and_noncontiguous_inputs():
     run_and_compare(q, k, v, layout, block, scale=0.3)
 
 
+@pytest.mark.parametrize("inputs, grad", [("bnhd", "contiguous"), ("strided", "bnhd"),
+                                         ("bnhd", "bnhd")])
+def test_memory_formats_of_inputs_outputs_and_gradients(inputs, grad):
+    """The output and the gradients take the memory format of q, k, v (so a [B, N, H, D]
+    projection seen as [B, H, N, D] needs no copy either way); an incoming gradient in any
+    format with a unit last stride is read in place."""
+    block = 16
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(8))
+    q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.bfloat16, seed=8, layout=inputs)
+    out = fused_block_sparse_attention(q, k, v, layout, block)
+    assert out.stride() == q.stride()
+    g = torch.Generator().manual_seed(9)
+    if grad == "bnhd":
+        do = torch.randn(2, SEQ, HEADS, 64, generator=g).transpose(1, 2).to(DEV, q.dtype)
+    else:
+        do = torch.randn(2, HEADS, SEQ, 64, generator=g).to(DEV, q.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for t, gr in zip((q, k, v), grads):
+        assert gr.stride() == t.stride()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qd, kd, vd, layout, block)
+    assert_rel_close(out, ref, q.dtype)
+    for a, b in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), do.double())):
+        assert_rel_close(a, b, q.dtype, factor=2)
+
+
 def test_custom_op_eager_autograd():
     """The registered op (what torch.compile sees) differentiates in eager mode too."""
     block = 64

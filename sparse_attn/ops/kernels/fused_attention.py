@@ -12,10 +12,15 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
   BITS  [H * n_own, n_other]  int64, for partial tiles: one bit per (sub-row, sub-column)
                               unit of the tile that the layout keeps; bit index
                               (row_in_tile // UNIT_M) * (BLOCK_N // UNIT_N) + col_in_tile // UNIT_N
-  W_ROW, W_LO, W_HI, W_SLOT [n_work]: the work items (row id = h * n_own + tile, LUT range,
-                              workspace slot or -1) in launch order: long items first,
-                              the rest in (head, tile) order (neighbours share K/V in L2)
-  S_ROW, S_START, S_N [n_split]: the split rows, their first slot and number of items
+  WORK  [4, n_work]           the work items: rows (row id = h * n_own + tile), LUT range
+                              lo and hi, workspace slot or -1; in launch order: long items
+                              first, the rest in (head, tile) order (neighbours share K/V in
+                              L2). One tensor, so one pointer argument (each pointer costs a
+                              driver call per launch)
+  SPLIT [3, n_split]          the split rows, their first slot and number of items
+KPM, BITS and the workspaces are None (no pointer argument at all) when HAS_KPM, FINE or
+HAS_SPLIT is off. O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the
+gradients can keep the memory format of q, k, v.
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
 the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
@@ -100,30 +105,41 @@ def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, strid
 
 
 @triton.jit
+def _tile_store(OUT, x, b64, h64, offs_r, offs_d, s_b, s_h, s_m, N, EVEN: tl.constexpr):
+    """x (fp32 [rows, HEAD_DIM]) -> rows offs_r of OUT[b, h]; OUT [B, H, N, HEAD_DIM] with
+    strides (s_b, s_h, s_m, 1)."""
+    ptrs = OUT + b64 * s_b + h64 * s_h + offs_r[:, None] * s_m + offs_d[None, :]
+    if EVEN:
+        tl.store(ptrs, x.to(OUT.dtype.element_ty))
+    else:
+        tl.store(ptrs, x.to(OUT.dtype.element_ty), mask=(offs_r < N)[:, None])
+
+
+@triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_ACC, WS_ML,
+        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, qk_scale,
+        B, H, N, n_qt, n_kt, n_work, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(W_ROW + w)  # = h * n_qt + query tile
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    r = tl.load(WORK + w)  # = h * n_qt + query tile
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -138,12 +154,19 @@ def fused_attn_fwd_kernel(
         q = tl.load(q_ptrs, mask=(offs_m < N)[:, None], other=0.0)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
-    KPM_base = KPM + b64 * stride_kpmb
+    if HAS_KPM:
+        KPM_base = KPM + b64 * stride_kpmb
+    else:  # None: no pointer argument to pass
+        KPM_base = KPM
     bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
         (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
+    if FINE:
+        BITS_row = BITS + row
+    else:  # None
+        BITS_row = BITS
     if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
         nfull = 0
     else:
@@ -153,36 +176,41 @@ def fused_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
-                                   BITS + row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
+                                   BITS_row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
                                    offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
                                    FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS + row,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS_row,
                                tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
                                offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
                                HAS_KPM, EVEN, BITS32, UPCAST)
-    if slot < 0:
+    if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
+        if slot < 0:
+            _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
+                       stride_om, H, N, EVEN)
+        else:
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_M)
+            tl.store(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :],
+                     acc)
+            tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
+            tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
+    else:
         _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
                    stride_om, H, N, EVEN)
-    else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_M)
-        tl.store(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
-        tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
 
 
 @triton.jit
 def fused_attn_fwd_combine_kernel(
-        O, LSE, WS_ACC, WS_ML, S_ROW, S_START, S_N,
-        stride_ob, stride_oh, stride_om, B, H, N, n_qt,
+        O, LSE, WS_ACC, WS_ML, SPLIT,
+        stride_ob, stride_oh, stride_om, B, H, N, n_qt, n_split,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
     """Merge the partial (acc, max, sum) of the work items of a split row."""
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
-    r = tl.load(S_ROW + j)
-    start = tl.load(S_START + j)
-    n = tl.load(S_N + j)
+    r = tl.load(SPLIT + j)
+    start = tl.load(SPLIT + n_split + j)
+    n = tl.load(SPLIT + 2 * n_split + j)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -210,17 +238,18 @@ def fused_attn_fwd_combine_kernel(
 
 
 @triton.jit
-def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, S_ROW, S_START, S_N, B, H, N, n_own,
-                                 scale, scale2, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 EVEN: tl.constexpr, TWO: tl.constexpr):
+def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, s_b, s_h, s_m, s2_b, s2_h, s2_m,
+                                 B, H, N, n_own, n_split, scale, scale2, BLOCK: tl.constexpr,
+                                 HEAD_DIM: tl.constexpr, EVEN: tl.constexpr, TWO: tl.constexpr):
     """OUT[b, h, tile rows] = scale * sum of the partial fp32 tiles of a split row/column
-    (and OUT2 from WS2 with scale2 when TWO); OUT, OUT2 contiguous [B, H, N, HEAD_DIM]."""
+    (and OUT2 from WS2 with scale2 when TWO); OUT, OUT2 [B, H, N, HEAD_DIM] with strides
+    (s_b, s_h, s_m, 1) and (s2_b, s2_h, s2_m, 1)."""
     pid = tl.program_id(0)
     b = pid % B
     j = pid // B
-    r = tl.load(S_ROW + j)
-    start = tl.load(S_START + j)
-    n = tl.load(S_N + j)
+    r = tl.load(SPLIT + j)
+    start = tl.load(SPLIT + n_split + j)
+    n = tl.load(SPLIT + 2 * n_split + j)
     h = r // n_own
     t = r % n_own
     b64 = b.to(tl.int64)
@@ -235,16 +264,10 @@ def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, S_ROW, S_START, S_N, B, H, 
         if TWO:
             acc2 += tl.load(WS2 + off)
     rows = t * BLOCK + rr
-    ptrs = (b64 * H + h) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    if EVEN:
-        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty))
-        if TWO:
-            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty))
-    else:
-        tl.store(OUT + ptrs, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < N)[:, None])
-        if TWO:
-            tl.store(OUT2 + ptrs, (acc2 * scale2).to(OUT2.dtype.element_ty),
-                     mask=(rows < N)[:, None])
+    h64 = h.to(tl.int64)
+    _tile_store(OUT, acc * scale, b64, h64, rows, offs_d, s_b, s_h, s_m, N, EVEN)
+    if TWO:
+        _tile_store(OUT2, acc2 * scale2, b64, h64, rows, offs_d, s2_b, s2_h, s2_m, N, EVEN)
 
 
 @triton.jit
@@ -290,27 +313,31 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
 @triton.jit
 def fused_attn_bwd_dq_kernel(
         Q, K, V, O, DO, DQ, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS,
+        IDX, BITS, NFULL, WORK, WS,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_dob, stride_doh, stride_dom,
+        stride_dqb, stride_dqh, stride_dqm,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, qk_scale, sm_scale,
+        B, H, N, n_qt, n_kt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
-    """O, DO and DQ are contiguous [B, H, N, HEAD_DIM]; LSE, DELTA [B, H, N] float32.
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
+    """O, DO, DQ: [B, H, N, HEAD_DIM] with their own strides (last one 1); LSE, DELTA
+    contiguous [B, H, N] float32.
     Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
     after this one) reads; the items of a split row all write the same values."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(W_ROW + w)
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    r = tl.load(WORK + w)
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
@@ -320,60 +347,69 @@ def fused_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     bh = b64 * H + h64
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_off = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + \
+        offs_d[None, :]
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     if EVEN:
         q = tl.load(q_ptrs)
-        do = tl.load(DO + do_off)
-        o = tl.load(O + do_off)
+        do = tl.load(do_ptrs)
+        o = tl.load(o_ptrs)
         lse = tl.load(LSE + bh * N + offs_m)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta)
     else:
         mrow = offs_m < N
         q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
-        do = tl.load(DO + do_off, mask=mrow[:, None], other=0.0)
-        o = tl.load(O + do_off, mask=mrow[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
+        o = tl.load(o_ptrs, mask=mrow[:, None], other=0.0)
         lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta, mask=mrow)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
-    KPM_base = KPM + b64 * stride_kpmb
+    if HAS_KPM:
+        KPM_base = KPM + b64 * stride_kpmb
+    else:  # None: no pointer argument to pass
+        KPM_base = KPM
     bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
         (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
     if not BITS32:
         bitidx = bitidx.to(tl.int64)
     row = r.to(tl.int64) * n_kt
+    if FINE:
+        BITS_row = BITS + row
+    else:  # None
+        BITS_row = BITS
     if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
         nfull = 0
     else:
         nfull = tl.load(NFULL + r)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
                        lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
                        UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS + row,
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
                    tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                    bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
                    UPCAST)
-    if slot < 0:
-        dq = dq * sm_scale
-        dq_ptrs = DQ + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        if EVEN:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    if HAS_SPLIT:  # else WS is None and every slot is -1
+        if slot < 0:
+            _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
+                        stride_dqm, N, EVEN)
         else:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_M)
+            tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
     else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_M)
-        tl.store(WS + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :], dq)
+        _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
+                        stride_dqm, N, EVEN)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, BITS, lo, hi,
-                stride_qm, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
+                stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr,
                 FINE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 EVEN: tl.constexpr, BITS32: tl.constexpr, UPCAST: tl.constexpr):
@@ -381,7 +417,7 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
         qt = tl.load(IDX + it)
         rows = qt * BLOCK_M + offs_m
         q_ptrs = Q_base + rows[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        do_ptrs = DO_base + rows[:, None] * stride_dom + offs_d[None, :]
         if PARTIAL and not EVEN:
             mrow = rows < N
             q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
@@ -416,25 +452,29 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
 @triton.jit
 def fused_attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
-        IDX, BITS, NFULL, W_ROW, W_LO, W_HI, W_SLOT, WS_DK, WS_DV,
+        IDX, BITS, NFULL, WORK, WS_DK, WS_DV,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_dom,
+        stride_dkb, stride_dkh, stride_dkn,
+        stride_dvb, stride_dvh, stride_dvn,
         stride_kpmb,
-        B, H, N, n_kt, n_qt, qk_scale, sm_scale,
+        B, H, N, n_kt, n_qt, n_work, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr):
-    """Column LUT: one program per (key tile, batch); DO, DK, DV contiguous [B, H, N, D]."""
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
+    """Column LUT: one program per (key tile, batch); DO, DK, DV [B, H, N, D] with their own
+    strides (last one 1)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    c = tl.load(W_ROW + w)  # = h * n_kt + key tile
-    lo = tl.load(W_LO + w)
-    hi = tl.load(W_HI + w)
-    slot = tl.load(W_SLOT + w)
+    c = tl.load(WORK + w)  # = h * n_kt + key tile
+    lo = tl.load(WORK + n_work + w)
+    hi = tl.load(WORK + 2 * n_work + w)
+    slot = tl.load(WORK + 3 * n_work + w)
     h = c // n_kt
     kt = c % n_kt
     b64 = b.to(tl.int64)
@@ -464,10 +504,14 @@ def fused_attn_bwd_dkdv_kernel(
     if not BITS32:
         bitidxT = bitidxT.to(tl.int64)
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
-    DO_base = DO + bh * N * HEAD_DIM
+    DO_base = DO + b64 * stride_dob + h64 * stride_doh
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
     col = c.to(tl.int64) * n_qt
+    if FINE:
+        BITS_col = BITS + col
+    else:  # None
+        BITS_col = BITS
     if ONE_LOOP:
         nfull = 0
     else:
@@ -476,25 +520,27 @@ def fused_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                             IDX + col, BITS + col, lo, tl.minimum(hi, nfull), stride_qm,
-                             offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                             IDX + col, BITS_col, lo, tl.minimum(hi, nfull), stride_qm,
+                             stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                              False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS + col, tl.maximum(lo, nfull), hi, stride_qm,
-                         offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
+                         IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
+                         stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                          True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    if slot < 0:
-        dk = dk * sm_scale
-        out_off = bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        if EVEN:
-            tl.store(DK + out_off, dk.to(DK.dtype.element_ty))
-            tl.store(DV + out_off, dv.to(DV.dtype.element_ty))
+    if HAS_SPLIT:  # else WS_DK, WS_DV are None and every slot is -1
+        if slot < 0:
+            _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
+                        stride_dkn, N, EVEN)
+            _tile_store(DV, dv, b64, h64, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn,
+                        N, EVEN)
         else:
-            tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=(offs_n < N)[:, None])
-            tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=(offs_n < N)[:, None])
+            ws = slot.to(tl.int64) * B + b64
+            rr = tl.arange(0, BLOCK_N)
+            ws_off = ws * BLOCK_N * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(WS_DK + ws_off, dk)
+            tl.store(WS_DV + ws_off, dv)
     else:
-        ws = slot.to(tl.int64) * B + b64
-        rr = tl.arange(0, BLOCK_N)
-        ws_off = ws * BLOCK_N * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(WS_DK + ws_off, dk)
-        tl.store(WS_DV + ws_off, dv)
+        _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
+                    stride_dkn, N, EVEN)
+        _tile_store(DV, dv, b64, h64, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, N,
+                    EVEN)
