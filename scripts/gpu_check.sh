@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh            # everything
 #   STAGES="bench tests" bash scripts/gpu_check.sh
 #   STAGES="launch split" bash scripts/gpu_check.sh   # launch cost; host vs GPU per step
+#   STAGES="ptests cprofile" bash scripts/gpu_check.sh # tests in 3 parallel groups; host profile
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/gpu_check.sh
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
@@ -34,6 +35,22 @@ for stage in $STAGES; do
     tests)
       timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
         ${TESTS:-tests/ops tests/modules} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    ptests)  # the same tests in three parallel groups (kernel compiles are CPU-bound)
+      i=0
+      for group in "tests/ops/test_fused_attention.py" \
+          "tests/ops/test_matmul.py tests/ops/test_softmax.py" \
+          "tests/ops/test_three_kernel_attention.py tests/ops/test_torch_backend.py tests/modules"; do
+        i=$((i + 1))
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $group \
+          > "$OUT/gpu_tests_$i.log" 2>&1 &
+      done
+      wait
+      for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$f" | head -20; tail -2 "$f"; done ;;
+    cprofile)
+      for v in dense_sdpa sparse_bigbird; do
+        timeout 120 python3 scripts/profile_bert_step.py --seq 4096 --variant $v --cprofile
+      done > "$OUT/cprofile_step_4096.log" 2>&1
+      grep -A45 "ordered by: internal time" "$OUT/cprofile_step_4096.log" | head -100 ;;
     train)
       python3 - <<'PY'
 import json

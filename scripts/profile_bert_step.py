@@ -141,6 +141,29 @@ def split_report(seq, variants, split_mins=(None,)):
         torch.cuda.empty_cache()
 
 
+def cprofile_step(seq, variant, top=30):
+    """cProfile of the host side of three training steps of ``variant`` while a sleep kernel
+    holds the GPU (so no call waits for it): where the host time goes, by function."""
+    import cProfile
+    import pstats
+
+    step, desc = make_step(variant, seq)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"== cProfile, host side of 3 steps: {desc}, seq {seq}")
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    del step
+    torch.cuda.empty_cache()
+
+
 def attention_split(seq, heads=12, dim=64, block=64):
     import torch.nn.functional as F
 
@@ -182,7 +205,12 @@ def main():
                     help="host vs GPU time and syncs per step for dense and sparse variants")
     ap.add_argument("--split-mins", type=int, nargs="+", default=[16, 1024],
                     help="with --split: run the sparse variants with each split_min")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="cProfile the host side of --variant's step (GPU held busy)")
     args = ap.parse_args()
+    if args.cprofile:
+        cprofile_step(args.seq, args.variant)
+        return
     if args.split:
         split_report(args.seq, ["dense_sdpa", "sparse_bigbird", "sparse_fixed"],
                      args.split_mins)
