@@ -120,7 +120,7 @@ class _Settings:
 
 
 _SETTINGS_CACHE: Dict[str, _Settings] = {}
-_BY_DICT: Dict[int, Tuple[dict, dict, _Settings]] = {}
+_BY_CONFIG: Dict[int, Tuple[Any, dict, _Settings]] = {}
 
 
 def _settings(config) -> _Settings:
@@ -129,9 +129,12 @@ def _settings(config) -> _Settings:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs config.{CONFIG_KEY}; use "
             f"sparse_attn.hf.enable_sparse_attention(model, sparsity_config)")
-    # fast path: the same dict object, unchanged since it was parsed
-    hit = _BY_DICT.get(id(data))
-    if hit is not None and hit[0] is data and hit[1] == data:
+    # fast path: the same config, its block unchanged since it was parsed. Keyed on the config
+    # object: torch.compile (2.11) cannot trace id() of a dict. Under compile the equality
+    # check is left to dynamo's guards.
+    hit = _BY_CONFIG.get(id(config))
+    if hit is not None and hit[0] is config and (torch.compiler.is_compiling() or
+                                                 hit[1] == data):
         settings = hit[2]
     else:
         key = json.dumps(data, sort_keys=True)
@@ -140,9 +143,9 @@ def _settings(config) -> _Settings:
             if len(_SETTINGS_CACHE) > 64:
                 _SETTINGS_CACHE.clear()
             settings = _SETTINGS_CACHE[key] = _Settings(data)
-        if len(_BY_DICT) > 256:
-            _BY_DICT.clear()
-        _BY_DICT[id(data)] = (data, copy.deepcopy(data), settings)
+        if len(_BY_CONFIG) > 256:
+            _BY_CONFIG.clear()
+        _BY_CONFIG[id(config)] = (config, copy.deepcopy(data), settings)
     return settings
 
 

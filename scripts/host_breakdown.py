@@ -1,0 +1,191 @@
+"""Where the host time of one fused block-sparse attention call goes, on the GPU machine.
+
+At batch 1 a BERT step is bound by host time, so each row is the wall time per call of a
+loop that the host, not the GPU, limits (the GPU time per call is printed beside it):
+
+    python scripts/host_breakdown.py                       # [1, 12, 4096, 64] bf16, BigBird 64
+    python scripts/host_breakdown.py --seq 16384 --layout fixed
+
+Rows: dense SDPA forward+backward; the public fused function; the same with every Triton
+launch stubbed out (the package's own Python); the recorded Triton launches of one call
+replayed alone through ``kernel[grid](...)`` and through the compiled kernel's launcher
+directly (Triton's own cost per launch); a torch op launch for scale; and the transformers
+attention functions (ours and SDPA) forward+backward.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+KERNELS = ("fused_attn_fwd_kernel", "fused_attn_fwd_combine_kernel", "fused_attn_bwd_dq_kernel",
+           "fused_attn_bwd_dkdv_kernel", "fused_attn_bwd_reduce_kernel")
+
+
+def per_call_us(fn, iters):
+    """(host-limited wall us per call, GPU us per call)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    wall = (time.perf_counter() - t0) / iters * 1e6
+    torch.cuda.synchronize()
+    return wall, a.elapsed_time(b) * 1e3 / iters
+
+
+class _Recorder:
+    """Stands in for a JITFunction: launches it and records (fn, grid, args, kwargs, kernel)."""
+
+    def __init__(self, fn, log, stub):
+        self.fn, self.log, self.stub = fn, log, stub
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            if self.stub:
+                return None
+            kernel = self.fn.run(*args, grid=grid, warmup=False, **kw)
+            if self.log is not None:
+                self.log.append((self.fn, grid, args, kw, kernel))
+            return kernel
+        return launch
+
+
+def install(log=None, stub=False):
+    from sparse_attn.ops.kernels import fused_attention as k
+
+    originals = {name: getattr(k, name) for name in KERNELS}
+    for name, fn in originals.items():
+        setattr(k, name, _Recorder(fn, log, stub))
+    return lambda: [setattr(k, n, f) for n, f in originals.items()]
+
+
+def direct_launchers(log):
+    """The recorded launches as calls straight into each compiled kernel's launcher."""
+    from triton.runtime.driver import driver
+
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    calls = []
+    for fn, grid, args, kw, kernel in log:
+        binder = fn.device_caches[device][4]
+        bound, _, _ = binder(*args, **kw)
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        calls.append((kernel.run, (g[0], g[1], g[2], stream, kernel.function,
+                                   kernel.packed_metadata, None, None, None,
+                                   *bound.values())))
+    return calls
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--layout", default="bigbird", choices=("bigbird", "fixed"))
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    import torch.nn.functional as F
+
+    from bench_bert_training import sparsity_config
+    from sparse_attn import block_sparse_attention
+
+    H, N, D, blk = args.heads, args.seq, 64, args.block
+    q, k, v = [torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3)]
+    do = torch.randn_like(q)
+    sc = sparsity_config(f"sparse_{args.layout}", H, blk)
+    layout = sc.make_layout(N).cuda()
+
+    def sparse():
+        q.grad = k.grad = v.grad = None
+        block_sparse_attention(q, k, v, layout, blk).backward(do)
+
+    def dense():
+        q.grad = k.grad = v.grad = None
+        F.scaled_dot_product_attention(q, k, v).backward(do)
+
+    rows = []
+    rows.append(("dense SDPA fwd+bwd", *per_call_us(dense, args.iters), "-"))
+    rows.append(("fused fwd+bwd (public function)", *per_call_us(sparse, args.iters), "-"))
+    with torch.no_grad():
+        rows.append(("fused fwd only, no grad", *per_call_us(
+            lambda: block_sparse_attention(q, k, v, layout, blk), args.iters), "-"))
+
+    log = []
+    restore = install(log)
+    sparse()
+    restore()
+    n = len(log)
+    restore = install(stub=True)
+    rows.append(("fused fwd+bwd, launches stubbed", *per_call_us(sparse, args.iters), 0))
+    restore()
+
+    def replay_jit():
+        for fn, grid, a, kw, _ in log:
+            fn[grid](*a, **kw)
+
+    calls = direct_launchers(log)
+
+    def replay_direct():
+        for run, a in calls:
+            run(*a)
+
+    rows.append(("its launches via kernel[grid](...)", *per_call_us(replay_jit, args.iters), n))
+    rows.append(("its launches via CompiledKernel.run", *per_call_us(replay_direct, args.iters),
+                 n))
+    x = torch.zeros(16, device="cuda")
+    rows.append((f"{n} x torch add_ (scale)", *per_call_us(
+        lambda: [x.add_(1) for _ in range(n)], args.iters), n))
+
+    try:
+        import transformers
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        from sparse_attn import hf
+
+        class _M(torch.nn.Module):
+            is_causal = False
+
+        mod = _M().train()
+        cfg = transformers.BertConfig(num_attention_heads=H, hidden_size=H * D)
+        mod.config = cfg
+        hf._store(cfg, sc, N, None)
+        go = do.transpose(1, 2)
+
+        def hf_sparse():
+            q.grad = k.grad = v.grad = None
+            out, _ = hf.sparse_attention_forward(mod, q, k, v, None, scaling=D ** -0.5)
+            out.backward(go)
+
+        def hf_sdpa():
+            q.grad = k.grad = v.grad = None
+            out, _ = sdpa_attention_forward(mod, q, k, v, None, scaling=D ** -0.5)
+            out.backward(go)
+
+        rows.append(("HF sparse_attention_forward fwd+bwd", *per_call_us(hf_sparse, args.iters),
+                     "-"))
+        rows.append(("HF sdpa_attention_forward fwd+bwd", *per_call_us(hf_sdpa, args.iters), "-"))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"(HF rows skipped: {type(e).__name__}: {e})")
+
+    import triton
+    print(f"host breakdown, [1, {H}, {N}, {D}] bf16, {args.layout} block {blk}; "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}; {args.iters} calls per row")
+    print(f"{'path':<40}{'wall us/call':>14}{'GPU us/call':>13}{'launches':>10}")
+    for name, wall, gpu, launches in rows:
+        print(f"{name:<40}{wall:>14.1f}{gpu:>13.1f}{launches!s:>10}")
+
+
+if __name__ == "__main__":
+    main()
