@@ -10,9 +10,12 @@ block-sparse attention (BigBird and Fixed layouts, block 64) vs dense SDPA vs Hu
 One training step = forward of the encoder, MLM head and loss at the masked positions (15%,
 as bing_bert's sparse prediction: the decoder never runs on unmasked tokens), backward, and
 an AdamW step; all variants in bf16 weights (fp32 on CPU), no attention-probability dropout
-(the block-sparse kernels never form the probabilities), hidden dropout 0.1. Each variant is
-timed after ``--warmup`` steps as the median of ``--steps`` steps (CUDA events); peak memory
-is ``torch.cuda.max_memory_allocated`` over the timed steps. A variant that runs out of
+(the block-sparse kernels never form the probabilities), hidden dropout 0.1. At each length
+every variant is built and warmed up (``--warmup`` steps), then the variants are timed in
+``--rounds`` interleaved rounds of ``--steps`` steps (CUDA events), so a noisy host slows all
+of them alike; the step time is the median over every timed step. Peak memory is the
+variant's own ``torch.cuda.max_memory_allocated`` over one step, less what was allocated
+before it was built. A variant that runs out of
 memory is reported as OOM. The table ends with the targets of the issue: at 16384 sparse
 >= 3x faster than dense SDPA, at 65536 >= 8x, at 4096 no slower than dense.
 """
@@ -80,7 +83,12 @@ def build(kind, args, seq):
     return model, model.bert, model.cls, f"{kind} block {args.block} (density {density:.1%})"
 
 
-def run_variant(kind, args, seq, device, dtype):
+def make_runner(kind, args, seq, device, dtype):
+    """A warmed-up training step of ``kind`` at ``seq``: {"step", "desc", "peak_gib"}. The
+    peak is this variant's own (allocated at its peak minus what was allocated before it
+    was built, so variants built earlier and still alive do not count)."""
+    cuda = device.type == "cuda"
+    base = torch.cuda.memory_allocated(device) if cuda else 0
     torch.manual_seed(0)
     model, encoder, head, desc = build(kind, args, seq)
     model.to(device=device, dtype=dtype).train()
@@ -98,7 +106,6 @@ def run_variant(kind, args, seq, device, dtype):
     n_masked = max(1, int(0.15 * seq))
     positions = torch.randperm(seq, generator=g)[:n_masked].to(device)
     labels = torch.randint(5, 30522, (n_masked,), generator=g).to(device)
-    cuda = device.type == "cuda"
 
     def step():
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
@@ -111,11 +118,20 @@ def run_variant(kind, args, seq, device, dtype):
 
     for _ in range(args.warmup):
         step()
+    peak = float("nan")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return {"step": step, "desc": desc, "peak_gib": peak}
+
+
+def time_steps(step, n, cuda):
+    """Wall time of each of ``n`` steps, ms (CUDA events around each step on a GPU)."""
+    times, loss = [], None
+    for _ in range(n):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -127,10 +143,43 @@ def run_variant(kind, args, seq, device, dtype):
             t0 = time.perf_counter()
             loss = step()
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    result = {"variant": kind, "seq": seq, "desc": desc, "step_ms": statistics.median(times),
-              "step_ms_all": times, "peak_gib": peak, "loss": float(loss.detach())}
-    return result  # the model and optimizer are freed with this frame
+    return times, loss
+
+
+def run_seq(args, seq, device, dtype):
+    """Every variant at ``seq``. The variants are built first, then timed in interleaved
+    rounds (``--rounds``, ``--steps`` steps each), so that a noisy host slows all of them
+    alike; the median over every timed step is reported."""
+    runners, results = {}, {}
+    for kind in args.variants:
+        try:
+            runners[kind] = make_runner(kind, args, seq, device, dtype)
+        except torch.cuda.OutOfMemoryError:
+            results[kind] = {"error": "OOM"}
+        except Exception as err:  # report and go on with the other variants
+            results[kind] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        free(device)
+    times = {kind: [] for kind in runners}
+    losses = {}
+    for _ in range(args.rounds):
+        for kind, r in runners.items():
+            t, loss = time_steps(r["step"], args.steps, device.type == "cuda")
+            times[kind] += t
+            losses[kind] = float(loss.detach())
+    out = []
+    for kind in args.variants:
+        if kind in runners:
+            r = runners[kind]
+            res = {"variant": kind, "seq": seq, "desc": r["desc"],
+                   "step_ms": statistics.median(times[kind]), "step_ms_all": times[kind],
+                   "peak_gib": r["peak_gib"], "loss": losses[kind]}
+        else:
+            res = {"variant": kind, "seq": seq, "desc": kind, "step_ms": math.nan,
+                   "peak_gib": math.nan, **results[kind]}
+        out.append(res)
+    runners.clear()
+    free(device)
+    return out
 
 
 def free(device):
@@ -148,7 +197,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="interleaved timing rounds over the variants")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true",
                    help="a 2-layer, hidden-64 model at short lengths: checks the script runs")
@@ -171,7 +222,7 @@ def main(argv=None):
         args.hidden, args.layers, args.heads = 64, 2, 2
         if args.seqs == [4096, 16384, 65536]:
             args.seqs = [1024]
-        args.warmup, args.steps = 1, 2
+        args.warmup, args.steps, args.rounds = 1, 2, 1
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device)
@@ -187,16 +238,7 @@ def main(argv=None):
           f"{args.heads} heads; {env}", flush=True)
     results = []
     for seq in args.seqs:
-        for kind in args.variants:
-            try:
-                r = run_variant(kind, args, seq, device, dtype)
-            except torch.cuda.OutOfMemoryError:
-                r = {"variant": kind, "seq": seq, "desc": kind, "step_ms": math.nan,
-                     "peak_gib": math.nan, "error": "OOM"}
-            except Exception as err:  # report and go on with the other variants
-                r = {"variant": kind, "seq": seq, "desc": kind, "step_ms": math.nan,
-                     "peak_gib": math.nan, "error": f"{type(err).__name__}: {err}"[:300]}
-            free(device)
+        for r in run_seq(args, seq, device, dtype):
             results.append(r)
             shown = r.get("error") or f"{r['step_ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB"
             print(f"seq {seq:6d} {r['desc']:<48} {shown}", flush=True)

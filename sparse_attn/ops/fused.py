@@ -46,6 +46,16 @@ except Exception:  # pragma: no cover - triton missing
     _k = None
     _HAVE_TRITON = False
 
+from .launch import Launcher
+
+# launched as _fwd_kernel(grid, *args, **constexprs): Triton's launcher, minus its per-launch
+# bookkeeping once a specialization has been compiled (see launch.py)
+_fwd_kernel = Launcher(_k, "fused_attn_fwd_kernel")
+_fwd_combine_kernel = Launcher(_k, "fused_attn_fwd_combine_kernel")
+_dq_kernel = Launcher(_k, "fused_attn_bwd_dq_kernel")
+_dkdv_kernel = Launcher(_k, "fused_attn_bwd_dkdv_kernel")
+_reduce_kernel = Launcher(_k, "fused_attn_bwd_reduce_kernel")
+
 
 __all__ = ["fused_block_sparse_attention", "fused_supported", "FusedBlockSparseAttention",
            "set_fused_config"]
@@ -396,8 +406,8 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
         ws_acc = ws_ml = None
     even = N % TM == 0 and N % TN == 0
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
-    _k.fused_attn_fwd_kernel[(lut.n_work * B,)](
-        q, k, v, out, lse, kpm_t,
+    _fwd_kernel(
+        (lut.n_work * B,), q, k, v, out, lse, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
         s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E,
@@ -406,8 +416,8 @@ def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
         UPCAST=_upcast(q), ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
-        _k.fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
-            out, lse, ws_acc, ws_ml, lut.split,
+        _fwd_combine_kernel(
+            (lut.n_split * B,), out, lse, ws_acc, ws_ml, lut.split,
             so[0], so[1], so[2], B, H, N, lut.n_own, lut.n_split,
             BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
     return out, lse
@@ -435,8 +445,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
     else:
         ws_dq = None
-    _k.fused_attn_bwd_dq_kernel[(lut.n_work * B,)](
-        q, k, v, out, do, dq, lse, delta, kpm_t,
+    _dq_kernel(
+        (lut.n_work * B,), q, k, v, out, do, dq, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sdq[0], sdq[1], sdq[2],
@@ -447,8 +457,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
-        _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
+        _reduce_kernel(
+            (lut.n_split * B,), ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
             lut.n_split, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
@@ -459,8 +469,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
     else:
         ws_dk = ws_dv = None
-    _k.fused_attn_bwd_dkdv_kernel[(lut.n_work * B,)](
-        q, k, v, do, dk, dv, lse, delta, kpm_t,
+    _dkdv_kernel(
+        (lut.n_work * B,), q, k, v, do, dk, dv, lse, delta, kpm_t,
         lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         sdo[0], sdo[1], sdo[2], sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2],
@@ -471,8 +481,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
         num_warps=warps, num_stages=stages)
     if lut.n_split:
-        _k.fused_attn_bwd_reduce_kernel[(lut.n_split * B,)](
-            ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
+        _reduce_kernel(
+            (lut.n_split * B,), ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
             lut.n_split, scale,
             1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv

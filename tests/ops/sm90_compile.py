@@ -9,7 +9,9 @@ MatMul (sdd, dsd, dds, forward and backward, so every transpose) and Softmax (rp
 padding and attention masks, forward and backward) kernels for each dtype and block. A
 stand-in driver answers Triton's questions about the device and records each launch
 instead of running it, so what is checked is that the kernels compile (the interpreter,
-which runs them in CI, never compiles them), not their results. Prints one line per case
+which runs them in CI, never compiles them), not their results. For the fused kernels it
+also checks that the direct launch path (sparse_attn/ops/launch.py) hands the launcher the
+same binary, grid and arguments as Triton's ``kernel[grid]``, without going through it. Prints one line per case
 and exits 1 on the first failure.
 """
 import os
@@ -37,12 +39,24 @@ class _Utils:
         return {"max_shared_mem": 232448, "multiprocessor_count": 132}
 
 
+RECORDS = []  # (kernel name, grid, binary, every argument) per launch, tensors by layout
+
+
+def _arg(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
+    return a
+
+
 class _RecordingLauncher:
     def __init__(self, src, metadata):
         self.name = src.fn.__name__
 
-    def __call__(self, *args):
+    def __call__(self, gx, gy, gz, stream, function, packed, launch_metadata, enter, exit_,
+                 *args):
         LAUNCHES.append(self.name)
+        RECORDS.append((self.name, (gx, gy, gz), stream, function, packed, enter, exit_,
+                        tuple(map(_arg, args))))
 
 
 class _H100(nvidia.CudaDriver):
@@ -86,10 +100,23 @@ CASES = [
 ]
 
 
+JIT_RUNS = [0]
+
+
+def _count_jit_runs():
+    run = triton.runtime.jit.JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        JIT_RUNS[0] += 1
+        return run(self, *args, **kwargs)
+    triton.runtime.jit.JITFunction.run = counted
+
+
 def main() -> int:
     triton.runtime.driver.set_active(_H100())
+    _count_jit_runs()
     from sparse_attn import BigBirdSparsityConfig, FixedSparsityConfig
-    from sparse_attn.ops import fused
+    from sparse_attn.ops import fused, launch
 
     fused._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     fused._upcast = lambda q: False  # the GPU variant of every kernel
@@ -108,20 +135,38 @@ def main() -> int:
         layout = sc.make_layout(seq)
         q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
         mask = torch.zeros(2, seq) if kpm else None
-        LAUNCHES.clear()
-        try:
+
+        def run_case():
+            LAUNCHES.clear()
+            RECORDS.clear()
+            JIT_RUNS[0] = 0
             out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
             fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5, causal)
+            return list(RECORDS)
+
+        try:
+            # Triton's kernel[grid] path, then the direct path (launch.py) once to fill its
+            # cache and once from it: the launches must be the same, argument for argument
+            launch.set_direct_launch(False)
+            through_jit = run_case()
+            launch.set_direct_launch(True)
+            run_case()
+            direct = run_case()
         except Exception as err:
             print(f"FAIL block {block} head_dim {d} seq {seq} kpm {kpm} causal {causal} "
                   f"split {split}: {type(err).__name__}: {err}")
+            return 1
+        if JIT_RUNS[0] or direct != through_jit:
+            print(f"FAIL direct launches differ from kernel[grid] ({JIT_RUNS[0]} went through "
+                  f"JITFunction.run):\n{through_jit}\n{direct}")
             return 1
         want = 6 if split else 3
         if len(LAUNCHES) != want:
             print(f"FAIL: {len(LAUNCHES)} launches, expected {want}: {LAUNCHES}")
             return 1
         print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
-              f"{causal!s:5} split {split!s:5}: {', '.join(LAUNCHES)}")
+              f"{causal!s:5} split {split!s:5}: {', '.join(LAUNCHES)}; direct launches "
+              f"match")
     if not compile_matmul_softmax():
         return 1
     print(f"compiled for sm_90 with triton {triton.__version__}")

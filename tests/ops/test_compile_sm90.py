@@ -1,6 +1,7 @@
 """The Triton kernels (fused attention in every constexpr variant, MatMul and Softmax for every
 dtype and block) compile for an H100 (sm_90) on a machine without a GPU (see
-tests/ops/sm90_compile.py). CI otherwise runs them only through the interpreter, which never
+tests/ops/sm90_compile.py), and the direct launch path hands Triton's launcher exactly what
+``kernel[grid]`` would. CI otherwise runs them only through the interpreter, which never
 compiles them."""
 import os
 import subprocess
@@ -21,3 +22,5 @@ def test_kernels_compile_for_sm90():
     assert "compiled for sm_90" in out
     ok = [line for line in out.splitlines() if line.startswith("ok ")]
     assert len(ok) == 8 + 5, out[-4000:]  # fused cases, then MatMul/Softmax cases
+    # each fused case also launched through launch.Launcher's direct path, identically
+    assert sum(line.endswith("direct launches match") for line in ok) == 8, out[-4000:]

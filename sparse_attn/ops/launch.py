@@ -1,0 +1,115 @@
+"""A cheaper way to launch an already compiled Triton kernel.
+
+``kernel[grid](*args, **constexprs)`` re-derives, on every launch, what Triton needs to pick
+the compiled binary: it binds the arguments to the signature, specializes each one, builds a
+cache key from them, looks the kernel up and checks the globals it read. On the H100 host
+that bookkeeping costs about 35 us a launch (``scripts/host_breakdown.py``: six launches of
+one BigBird forward+backward take 288 us through ``kernel[grid]`` and 69 us straight into the
+compiled launcher), and a batch-1 BERT step is bound by host time.
+
+``Launcher(module, name)(grid, *args, **constexprs)`` launches ``module.<name>`` (looked up
+at each call, so a test may replace it) and keys its own cache on what Triton specializes
+on (each tensor's dtype and 16-byte alignment; each int's equality to 1, divisibility by 16
+and width; the constexprs and launch options). A miss goes through ``kernel[grid]`` as usual,
+which compiles if needed, launches, and returns the compiled kernel, kept for the key. A hit
+calls that kernel's launcher directly with the same arguments ``kernel[grid]`` would pass.
+
+The direct path is used only where it is exactly equivalent: compiled kernels (never under
+``TRITON_INTERPRET=1``) and no launch hooks installed (a profiler such as proton sets them).
+``SPARSE_ATTN_DIRECT_LAUNCH=0`` in the environment, or ``set_direct_launch(False)``, turns it
+off.
+``tests/ops/sm90_compile.py`` checks, launch by launch, that both paths pass the same
+arguments to the same binary.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    from triton.runtime.driver import driver as _driver
+except Exception:  # pragma: no cover - triton missing
+    triton = None
+    _driver = None
+
+__all__ = ["Launcher", "set_direct_launch"]
+
+# off under the interpreter (nothing is compiled) or with SPARSE_ATTN_DIRECT_LAUNCH=0
+_DIRECT = (triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+           and os.environ.get("SPARSE_ATTN_DIRECT_LAUNCH", "1") not in ("", "0"))
+
+
+def set_direct_launch(enabled: bool) -> None:
+    """Turn the direct launch path on or off (on by default on GPUs; off in the interpreter)."""
+    global _DIRECT
+    _DIRECT = bool(enabled)
+
+
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
+def _active(hook) -> bool:
+    # Triton 3.6 keeps None when no hook is set; later versions keep an empty HookChain
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooks_installed() -> bool:
+    if _RUNTIME is None:
+        return True  # a Triton without knobs: keep to its own launch path
+    return _active(_RUNTIME.launch_enter_hook) or _active(_RUNTIME.launch_exit_hook)
+
+
+def _spec(a):
+    """What Triton specializes an argument on (a superset of it)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or a is None or isinstance(a, float):
+        return type(a), a if a is None or isinstance(a, bool) else None
+    if isinstance(a, int):
+        return int, a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
+    return type(a), a
+
+
+class Launcher:
+    """``launcher(grid, *args, **constexprs_and_options)``: launch ``module.<name>``; see the
+    module doc."""
+
+    __slots__ = ("module", "name", "cache")
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+        self.cache = {}
+
+    def __call__(self, grid, *args, **meta):
+        fn = getattr(self.module, self.name)
+        if not _DIRECT:
+            return fn[grid](*args, **meta)
+        device = _driver.active.get_current_device()
+        key = (id(fn), device, tuple(meta.items()), tuple(map(_spec, args)))
+        hit = self.cache.get(key)
+        if hit is None or _hooks_installed():
+            return self._first(fn, key, device, grid, args, meta)
+        run, function, packed, tail = hit
+        g = tuple(grid) + (1, 1)
+        # launch metadata only feeds launch hooks, and none is active; the (inactive) hook
+        # objects themselves are passed as kernel[grid] passes them
+        run(g[0], g[1], g[2], _driver.active.get_current_stream(device), function, packed,
+            None, _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *args, *tail)
+        return None
+
+    def _first(self, fn, key, device, grid, args, meta):
+        kernel = fn[grid](*args, **meta)
+        if _hooks_installed() or not isinstance(fn, triton.runtime.JITFunction) or kernel is None:
+            return kernel
+        if hasattr(kernel, "result"):
+            kernel = kernel.result()
+        binder = fn.device_caches[device][-1]
+        bound = binder(*args, **meta)[0]
+        values = list(bound.values())
+        if any(x is not y for x, y in zip(values, args)):
+            return kernel  # positional arguments do not map one to one: stay on kernel[grid]
+        if len(self.cache) > 256:
+            self.cache.clear()
+        self.cache[key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                           tuple(values[len(args):]))
+        return kernel
