@@ -463,7 +463,7 @@ def write_outputs(result, args):
         f.write("\n".join(md))
     print("\n".join(md))
     out = os.environ.get("OUT")
-    if out:
+    if out and os.path.realpath(out) != os.path.realpath(args.outdir):
         import shutil
         shutil.copy(base + ".json", out)
         shutil.copy(base + ".md", out)

@@ -32,6 +32,7 @@ as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.cu
 with fake and autograd registrations), so ``torch.compile`` traces it without graph breaks.
 """
 import os
+import threading
 from collections import OrderedDict
 from typing import Optional
 
@@ -356,11 +357,15 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
     if hit is not None:
         _LUT_CACHE.move_to_end(key)
         return hit[1]
-    nz, full, bits, meta = _tile_tables(layout, block, TM, TN, N, causal, device)
-    if kind == "col":
-        nz, full = nz.transpose(1, 2), full.transpose(1, 2)
-        bits = bits.transpose(1, 2) if bits is not None else None
-    lut = _make_lut(nz, full, bits, meta)
+
+    def build():
+        nz, full, bits, meta = _tile_tables(layout, block, TM, TN, N, causal, device)
+        if kind == "col":
+            nz, full = nz.transpose(1, 2), full.transpose(1, 2)
+            bits = bits.transpose(1, 2) if bits is not None else None
+        return _make_lut(nz, full, bits, meta)
+
+    lut = _outside_graph_pools(build, device) if device.type == "cuda" else build()
     _LUT_CACHE[key] = (layout, lut)  # the reference keeps the storage (and its key) alive
     while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
         _LUT_CACHE.popitem(last=False)
@@ -369,6 +374,35 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
 
 def clear_lut_cache():
     _LUT_CACHE.clear()
+
+
+def _outside_graph_pools(build, device):
+    """``build()`` on a fresh thread, its stream synchronized, its tensors recorded on the
+    caller's stream. torch.compile(mode="reduce-overhead") warms a CUDA graph up with the
+    allocations of the calling thread routed to the graph's private pool; a cached LUT built
+    there would be a live tensor the graph does not own (cudagraph trees refuse that). Built
+    on another thread, it lives in the ordinary allocator. Runs once per LUT."""
+    result = {}
+
+    def target():
+        try:
+            with torch.cuda.device(device):
+                result["lut"] = build()
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as err:  # re-raised on the caller's thread
+            result["error"] = err
+
+    worker = threading.Thread(target=target, name="sparse_attn-lut")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    lut, stream = result["lut"], torch.cuda.current_stream(device)
+    for name in _Lut.__slots__:
+        t = getattr(lut, name, None)
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(stream)  # freed (evicted) only once the caller's kernels are done
+    return lut
 
 
 # --------------------------------------------------------------------------------------
