@@ -93,7 +93,7 @@ def make_runner(kind, args, seq, device, dtype):
     model, encoder, head, desc = build(kind, args, seq)
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if args.compile != "none" and kind != "hf_bigbird":
+    if args.compile != "none" and kind != "hf_bigbird" and kind in args.compile_variants:
         # the encoder only: the MLM head sees a data-dependent gather of masked positions
         name = "reduce-overhead" if args.compile == "graphs" else args.compile
         encoder = torch.compile(encoder, mode=None if name == "default" else name)
@@ -159,7 +159,8 @@ def run_seq(args, seq, device, dtype):
         # CUDA-graph trees do not take several models' graphs interleaved: one at a time
         out = []
         for kind in args.variants:
-            sub = argparse.Namespace(**{**vars(args), "variants": [kind], "compile": "graphs"})
+            mode = "graphs" if kind in args.compile_variants else "none"
+            sub = argparse.Namespace(**{**vars(args), "variants": [kind], "compile": mode})
             out += run_seq(sub, seq, device, dtype)
         return out
     for kind in args.variants:
@@ -224,10 +225,15 @@ def main(argv=None):
                    choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile the encoder of the dense and sparse variants (the sparse "
                         "op is a custom op: no graph break); HF BigBird stays eager")
+    p.add_argument("--compile-variants", nargs="+", default=None, choices=VARIANTS,
+                   help="with --compile: compile only these (the rest run eager in the same "
+                        "run, e.g. an eager dense baseline); default: all but hf_bigbird")
     p.add_argument("--split-min", type=int, default=None,
                    help="fused kernel: rows of up to this many tiles are not split "
                         "(sparse_attn.ops.fused.set_fused_config(split_min=...))")
     args = p.parse_args(argv)
+    if args.compile_variants is None:
+        args.compile_variants = [v for v in VARIANTS if v != "hf_bigbird"]
     if args.compile != "none":
         args.warmup = max(args.warmup, 3)  # compile, then CUDA-graph warm-up and recording
     if args.split_min is not None:
