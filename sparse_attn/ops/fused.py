@@ -492,7 +492,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _reduce_kernel(
-            (lut.n_split * B,), ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
+            (lut.n_split * B,),
+            ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
             lut.n_split, scale,
             scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
@@ -516,7 +517,8 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         num_warps=warps, num_stages=stages)
     if lut.n_split:
         _reduce_kernel(
-            (lut.n_split * B,), ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
+            (lut.n_split * B,),
+            ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
             lut.n_split, scale,
             1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv

@@ -9,7 +9,7 @@ MatMul (sdd, dsd, dds, forward and backward, so every transpose) and Softmax (rp
 padding and attention masks, forward and backward) kernels for each dtype and block. A
 stand-in driver answers Triton's questions about the device and records each launch
 instead of running it, so what is checked is that the kernels compile (the interpreter,
-which runs them in CI, never compiles them), not their results. For the fused kernels it
+which runs them in CI, never compiles them), not their results. For every kernel it
 also checks that the direct launch path (sparse_attn/ops/launch.py) hands the launcher the
 same binary, grid and arguments as Triton's ``kernel[grid]``, without going through it. Prints one line per case
 and exits 1 on the first failure.
@@ -179,7 +179,7 @@ BLOCK_CASES = [(torch.float32, 16), (torch.float16, 32), (torch.bfloat16, 64),
 
 
 def compile_matmul_softmax() -> bool:
-    from sparse_attn.ops import MatMul, Softmax
+    from sparse_attn.ops import MatMul, Softmax, launch
     from sparse_attn.ops import matmul as mm
     from sparse_attn.ops.kernels import matmul as km
 
@@ -191,22 +191,38 @@ def compile_matmul_softmax() -> bool:
                   < 0.6).long()
         layout[:, 0, 0] = 1
         q, k = (torch.randn(2, heads, seq, d).to(dtype).requires_grad_() for _ in range(2))
-        LAUNCHES.clear()
-        try:
+        rpe = torch.randn(1, heads, seq, seq).to(dtype)
+
+        def run_case():
+            LAUNCHES.clear()
+            RECORDS.clear()
+            JIT_RUNS[0] = 0
             sdd = MatMul(layout, block, "sdd", trans_b=True, backend="triton")
             dsd = MatMul(layout, block, "dsd", backend="triton")
             dds = MatMul(layout, block, "dds", backend="triton")
             softmax = Softmax(layout, block, backend="triton")
             scores = sdd(q, k)
-            probs = softmax(scores, scale=0.125, rpe=torch.randn(1, heads, seq, seq).to(dtype),
-                            key_padding_mask=torch.zeros(2, seq), attn_mask=torch.ones(seq, seq))
+            probs = softmax(scores, scale=0.125, rpe=rpe, key_padding_mask=torch.zeros(2, seq),
+                            attn_mask=torch.ones(seq, seq))
             out = dsd(probs, k) + dds(q.transpose(-1, -2).contiguous(), probs).transpose(-1, -2)
             out.float().sum().backward()
+            return list(RECORDS)
+
+        try:
+            launch.set_direct_launch(False)
+            through_jit = run_case()
+            launch.set_direct_launch(True)
+            run_case()
+            direct = run_case()
         except Exception as err:
             print(f"FAIL MatMul/Softmax {dtype} block {block}: {type(err).__name__}: {err}")
             return False
+        if JIT_RUNS[0] or direct != through_jit:
+            print(f"FAIL MatMul/Softmax {dtype} block {block}: direct launches differ from "
+                  f"kernel[grid] ({JIT_RUNS[0]} went through JITFunction.run)")
+            return False
         print(f"ok MatMul/Softmax {str(dtype)[6:]:8} block {block:3d}: {len(LAUNCHES)} launches "
-              f"of {len(set(LAUNCHES))} kernels")
+              f"of {len(set(LAUNCHES))} kernels; direct launches match")
     return True
 
 

@@ -22,5 +22,5 @@ def test_kernels_compile_for_sm90():
     assert "compiled for sm_90" in out
     ok = [line for line in out.splitlines() if line.startswith("ok ")]
     assert len(ok) == 8 + 5, out[-4000:]  # fused cases, then MatMul/Softmax cases
-    # each fused case also launched through launch.Launcher's direct path, identically
-    assert sum(line.endswith("direct launches match") for line in ok) == 8, out[-4000:]
+    # each case also launched through launch.Launcher's direct path, identically
+    assert all(line.endswith("direct launches match") for line in ok), out[-4000:]

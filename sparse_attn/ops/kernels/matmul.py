@@ -14,9 +14,13 @@ Block-sparse tensors are ``[batch, nnz, block, block]`` (contiguous), blocks in 
 The look-up tables are built here from the layout (plain torch on the CPU) and moved to
 the device once by the caller; the launchers do no host-device synchronisation.
 """
+import sys
+
 import torch
 import triton
 import triton.language as tl
+
+from ..launch import Launcher
 
 
 def _next_pow2(x):
@@ -281,8 +285,8 @@ def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None
     nw = num_warps or (8 if tile >= 128 else 4)
     ns = num_stages or (1 if K <= tile_k else (2 if tile >= 128 else 3))
     grid = (lut["items"], z)
-    _sdd_kernel[grid](
-        a, b, c, lut["hij"], lut["idx"], M, N, K,
+    _launch_sdd_kernel(
+        grid, a, b, c, lut["hij"], lut["idx"], M, N, K,
         sa[0], sa[1], a_m, a_k, sb[0], sb[1], b_k, b_n, c.stride(0),
         BLOCK=block, TILE=tile, TILE_K=tile_k,
         EVEN_MN=(M % tile == 0 and N % tile == 0), EVEN_K=(K % tile_k == 0),
@@ -324,16 +328,23 @@ def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=F
     if num_stages is None:
         num_stages = 2
     even_mk = M % tile == 0 and K % tile == 0
-    _dsd_kernel[(lut["n_items"], n_tiles, z)](
-        a, b, out, lut["items"], lut["step_k"], lut["step_idx"], ws,
-        M, N, K, n_pad,
+    _launch_dsd_kernel(
+        (lut["n_items"], n_tiles, z),
+        a, b, out, lut["items"], lut["step_k"], lut["step_idx"], ws, M, N, K, n_pad,
         a.stride(0), ar, ak, sb[0], sb[1], b_k, b_n,
         sc[0], sc[1], c_m, c_n, ws.stride(0) if lut["n_slots"] else 0,
         BLOCK=block, TILE=tile, TILE_N=tile_n,
         EVEN_MK=even_mk, EVEN_N=(N % tile_n == 0),
         UPCAST=_upcast(b), R=tile // block, num_warps=num_warps, num_stages=num_stages)
     if lut["n_splits"]:
-        _dsd_reduce_kernel[(lut["n_splits"], n_tiles, z)](
+        _launch_dsd_reduce_kernel(
+            (lut["n_splits"], n_tiles, z),
             out, ws, lut["splits"], M, N, n_pad, sc[0], sc[1], c_m, c_n, ws.stride(0),
             TILE=tile, TILE_N=tile_n, num_warps=4)
     return out
+
+
+# launched as _launch_<kernel>(grid, *args, **constexprs): see ops/launch.py
+_launch_sdd_kernel = Launcher(sys.modules[__name__], '_sdd_kernel')
+_launch_dsd_kernel = Launcher(sys.modules[__name__], '_dsd_kernel')
+_launch_dsd_reduce_kernel = Launcher(sys.modules[__name__], '_dsd_reduce_kernel')

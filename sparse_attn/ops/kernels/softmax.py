@@ -11,9 +11,13 @@ sparse like ``x``), then the key-padding mask and the attention mask, each eithe
 (MODE 1) or used as keep (nonzero) / drop (zero) (MODE 2). Masked entries give 0; a row
 whose entries are all masked gives zeros.
 """
+import sys
+
 import torch
 import triton
 import triton.language as tl
+
+from ..launch import Launcher
 
 
 def _next_pow2(x):
@@ -224,8 +228,8 @@ def softmax_fwd(x, scale, lut, block, rpe=None, rpe_mode=0, rpe_strides=(0, 0, 0
             continue
         r, chunk = part["r"], part["chunk"]
         grid = (part["items"] * (block // r), z)
-        _softmax_fwd_kernel[grid](
-            x, y, part["lut"], lut["cols"],
+        _launch_softmax_fwd_kernel(
+            grid, x, y, part["lut"], lut["cols"],
             rpe if rpe is not None else x, kpm if kpm is not None else x,
             am if am is not None else x, float(scale), x.stride(0),
             *rpe_strides, *kpm_strides, *am_strides,
@@ -244,7 +248,13 @@ def softmax_bwd(y, dy, scale, lut, block, num_warps=None):
             continue
         r, chunk = part["r"], part["chunk"]
         grid = (part["items"] * (block // r), z)
-        _softmax_bwd_kernel[grid](y, dy, dx, part["lut"], float(scale), y.stride(0),
-                                  dy.stride(0), BLOCK=block, R=r, CHUNK=chunk, NRC=block // r,
-                                  num_warps=num_warps or _warps(r, chunk, block))
+        _launch_softmax_bwd_kernel(
+            grid, y, dy, dx, part["lut"], float(scale), y.stride(0), dy.stride(0),
+            BLOCK=block, R=r, CHUNK=chunk, NRC=block // r,
+            num_warps=num_warps or _warps(r, chunk, block))
     return dx
+
+
+# launched as _launch_<kernel>(grid, *args, **constexprs): see ops/launch.py
+_launch_softmax_fwd_kernel = Launcher(sys.modules[__name__], '_softmax_fwd_kernel')
+_launch_softmax_bwd_kernel = Launcher(sys.modules[__name__], '_softmax_bwd_kernel')
