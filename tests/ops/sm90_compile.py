@@ -103,6 +103,31 @@ CASES = [
 JIT_RUNS = [0]
 
 
+def both_ways(run_case):
+    """Run ``run_case`` through Triton's kernel[grid], then through the direct path
+    (launch.py) once to fill its cache and once from it. Returns None when the two recorded
+    the same launches, argument for argument, and the last never entered JITFunction.run;
+    else what differs."""
+    from sparse_attn.ops import launch
+
+    def recorded():
+        LAUNCHES.clear()
+        RECORDS.clear()
+        JIT_RUNS[0] = 0
+        run_case()
+        return list(RECORDS)
+
+    launch.set_direct_launch(False)
+    through_jit = recorded()
+    launch.set_direct_launch(True)
+    recorded()
+    direct = recorded()
+    if JIT_RUNS[0] or direct != through_jit:
+        return (f"direct launches differ from kernel[grid] ({JIT_RUNS[0]} went through "
+                f"JITFunction.run):\n{through_jit}\n{direct}")
+    return None
+
+
 def _count_jit_runs():
     run = triton.runtime.jit.JITFunction.run
 
@@ -116,7 +141,7 @@ def main() -> int:
     triton.runtime.driver.set_active(_H100())
     _count_jit_runs()
     from sparse_attn import BigBirdSparsityConfig, FixedSparsityConfig
-    from sparse_attn.ops import fused, launch
+    from sparse_attn.ops import fused
 
     fused._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     fused._upcast = lambda q: False  # the GPU variant of every kernel
@@ -137,28 +162,17 @@ def main() -> int:
         mask = torch.zeros(2, seq) if kpm else None
 
         def run_case():
-            LAUNCHES.clear()
-            RECORDS.clear()
-            JIT_RUNS[0] = 0
             out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
             fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5, causal)
-            return list(RECORDS)
 
         try:
-            # Triton's kernel[grid] path, then the direct path (launch.py) once to fill its
-            # cache and once from it: the launches must be the same, argument for argument
-            launch.set_direct_launch(False)
-            through_jit = run_case()
-            launch.set_direct_launch(True)
-            run_case()
-            direct = run_case()
+            differs = both_ways(run_case)
         except Exception as err:
             print(f"FAIL block {block} head_dim {d} seq {seq} kpm {kpm} causal {causal} "
                   f"split {split}: {type(err).__name__}: {err}")
             return 1
-        if JIT_RUNS[0] or direct != through_jit:
-            print(f"FAIL direct launches differ from kernel[grid] ({JIT_RUNS[0]} went through "
-                  f"JITFunction.run):\n{through_jit}\n{direct}")
+        if differs:
+            print(f"FAIL block {block} head_dim {d}: {differs}")
             return 1
         want = 6 if split else 3
         if len(LAUNCHES) != want:
@@ -179,7 +193,7 @@ BLOCK_CASES = [(torch.float32, 16), (torch.float16, 32), (torch.bfloat16, 64),
 
 
 def compile_matmul_softmax() -> bool:
-    from sparse_attn.ops import MatMul, Softmax, launch
+    from sparse_attn.ops import MatMul, Softmax
     from sparse_attn.ops import matmul as mm
     from sparse_attn.ops.kernels import matmul as km
 
@@ -194,9 +208,6 @@ def compile_matmul_softmax() -> bool:
         rpe = torch.randn(1, heads, seq, seq).to(dtype)
 
         def run_case():
-            LAUNCHES.clear()
-            RECORDS.clear()
-            JIT_RUNS[0] = 0
             sdd = MatMul(layout, block, "sdd", trans_b=True, backend="triton")
             dsd = MatMul(layout, block, "dsd", backend="triton")
             dds = MatMul(layout, block, "dds", backend="triton")
@@ -206,20 +217,14 @@ def compile_matmul_softmax() -> bool:
                             attn_mask=torch.ones(seq, seq))
             out = dsd(probs, k) + dds(q.transpose(-1, -2).contiguous(), probs).transpose(-1, -2)
             out.float().sum().backward()
-            return list(RECORDS)
 
         try:
-            launch.set_direct_launch(False)
-            through_jit = run_case()
-            launch.set_direct_launch(True)
-            run_case()
-            direct = run_case()
+            differs = both_ways(run_case)
         except Exception as err:
             print(f"FAIL MatMul/Softmax {dtype} block {block}: {type(err).__name__}: {err}")
             return False
-        if JIT_RUNS[0] or direct != through_jit:
-            print(f"FAIL MatMul/Softmax {dtype} block {block}: direct launches differ from "
-                  f"kernel[grid] ({JIT_RUNS[0]} went through JITFunction.run)")
+        if differs:
+            print(f"FAIL MatMul/Softmax {dtype} block {block}: {differs}")
             return False
         print(f"ok MatMul/Softmax {str(dtype)[6:]:8} block {block:3d}: {len(LAUNCHES)} launches "
               f"of {len(set(LAUNCHES))} kernels; direct launches match")
