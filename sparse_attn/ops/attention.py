@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .caching import layout_identity
 from .torch_backend import block_index, mask_future, torch_block_sparse_attention
 
 BACKENDS = ("auto", "fused", "triton", "torch")
@@ -71,9 +72,9 @@ def _three_kernel_ops(layout, block):
     from .matmul import MatMul
     from .softmax import Softmax
 
-    key = (layout.data_ptr(), tuple(layout.shape), layout._version, str(layout.device), block)
+    key = (layout_identity(layout), block)
     hit = _THREE_KERNEL_OPS.get(key)
-    if hit is not None and hit[0] is layout:
+    if hit is not None:
         return hit[1]
     ops = (MatMul(layout, block, "sdd", trans_a=False, trans_b=True), Softmax(layout, block),
            MatMul(layout, block, "dsd"))

@@ -32,7 +32,6 @@ as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.cu
 with fake and autograd registrations), so ``torch.compile`` traces it without graph breaks.
 """
 import os
-import threading
 from collections import OrderedDict
 from typing import Optional
 
@@ -47,6 +46,7 @@ except Exception:  # pragma: no cover - triton missing
     _k = None
     _HAVE_TRITON = False
 
+from .caching import build_outside_graph_pools, layout_identity
 from .launch import Launcher
 
 # launched as _fwd_kernel(grid, *args, **constexprs): Triton's launcher, minus its per-launch
@@ -338,20 +338,11 @@ _LUT_CACHE = OrderedDict()
 _LUT_CACHE_SIZE = 64
 
 
-def _layout_key(layout):
-    try:
-        version = layout._version
-    except Exception:  # inference tensors have no version counter
-        version = -1
-    return (layout.untyped_storage().data_ptr(), layout.storage_offset(), tuple(layout.shape),
-            tuple(layout.stride()), layout.dtype, str(layout.device), version)
-
-
 def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
     """kind 'row' (forward, dq) or 'col' (dk/dv). Cached; built with device ops only.
-    ``layout_key``: ``_layout_key(layout)`` when the caller has it already."""
+    ``layout_key``: ``layout_identity(layout)`` when the caller has it already."""
     if layout_key is None:
-        layout_key = _layout_key(layout)
+        layout_key = layout_identity(layout)
     key = (layout_key, block, TM, TN, N, causal, device, kind)
     hit = _LUT_CACHE.get(key)
     if hit is not None:
@@ -365,7 +356,7 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
             bits = bits.transpose(1, 2) if bits is not None else None
         return _make_lut(nz, full, bits, meta)
 
-    lut = _outside_graph_pools(build, device) if device.type == "cuda" else build()
+    lut = build_outside_graph_pools(build, device)
     _LUT_CACHE[key] = (layout, lut)  # the reference keeps the storage (and its key) alive
     while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
         _LUT_CACHE.popitem(last=False)
@@ -374,35 +365,6 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
 
 def clear_lut_cache():
     _LUT_CACHE.clear()
-
-
-def _outside_graph_pools(build, device):
-    """``build()`` on a fresh thread, its stream synchronized, its tensors recorded on the
-    caller's stream. torch.compile(mode="reduce-overhead") warms a CUDA graph up with the
-    allocations of the calling thread routed to the graph's private pool; a cached LUT built
-    there would be a live tensor the graph does not own (cudagraph trees refuse that). Built
-    on another thread, it lives in the ordinary allocator. Runs once per LUT."""
-    result = {}
-
-    def target():
-        try:
-            with torch.cuda.device(device):
-                result["lut"] = build()
-                torch.cuda.current_stream(device).synchronize()
-        except BaseException as err:  # re-raised on the caller's thread
-            result["error"] = err
-
-    worker = threading.Thread(target=target, name="sparse_attn-lut")
-    worker.start()
-    worker.join()
-    if "error" in result:
-        raise result["error"]
-    lut, stream = result["lut"], torch.cuda.current_stream(device)
-    for name in _Lut.__slots__:
-        t = getattr(lut, name, None)
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            t.record_stream(stream)  # freed (evicted) only once the caller's kernels are done
-    return lut
 
 
 # --------------------------------------------------------------------------------------
@@ -461,7 +423,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
     q, k, v, do, out = _prep(q), _prep(k), _prep(v), _prep(do), _prep(out)
     B, H, N, D = q.shape
     cfg = _config(D, block)
-    lkey = _layout_key(layout)
+    lkey = layout_identity(layout)
     upcast = _upcast(q)
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     so, sdo = out.stride(), do.stride()
@@ -494,8 +456,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         _reduce_kernel(
             (lut.n_split * B,),
             ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
-            lut.n_split, scale,
-            scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
+            lut.n_split, scale, scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
 
     TM, TN, warps, stages, one_loop = cfg["dkdv"]
     lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col", lkey)
@@ -519,8 +480,7 @@ def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
         _reduce_kernel(
             (lut.n_split * B,),
             ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
-            lut.n_split, scale,
-            1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
+            lut.n_split, scale, 1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
     return dq, dk, dv
 
 

@@ -33,6 +33,7 @@ import weakref
 import torch
 
 from . import blocksparse_torch as _bt
+from .caching import build_outside_graph_pools
 
 BLOCKS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,7 +139,7 @@ def cached(kind, lkey, block, device, build):
     key = (kind, lkey, block, str(device))
     val = _LUT_CACHE.get(key)
     if val is None:
-        val = build()
+        val = build_outside_graph_pools(build, torch.device(device))
         _LUT_CACHE[key] = val
     return val
 

@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .caching import build_outside_graph_pools, layout_identity
+
 
 class BlockIndex(NamedTuple):
     """Nonzero blocks of a ``[heads, nb, nb]`` layout, in (head, row, col) order.
@@ -36,15 +38,19 @@ _INDEX_CACHE: dict = {}
 
 def block_index(layout: torch.Tensor, device: torch.device) -> BlockIndex:
     """The nonzero-block index of ``layout`` on ``device``, cached per (layout, device)."""
-    key = (layout.data_ptr(), tuple(layout.shape), layout._version, str(device))
+    key = (layout_identity(layout), str(device))
     hit = _INDEX_CACHE.get(key)
-    if hit is not None and hit[0] is layout:
+    if hit is not None:
         return hit[1]
     heads, nb, _ = layout.shape
-    h, r, c = layout.nonzero(as_tuple=True)
-    diagonal, above = torch.nonzero(r == c).flatten(), torch.nonzero(c > r).flatten()
-    index = BlockIndex(*(t.to(device) for t in (h, r, c, h * nb + r, diagonal, above)), heads,
-                       nb)
+
+    def build():
+        h, r, c = layout.nonzero(as_tuple=True)
+        diagonal, above = torch.nonzero(r == c).flatten(), torch.nonzero(c > r).flatten()
+        return BlockIndex(*(t.to(device) for t in (h, r, c, h * nb + r, diagonal, above)),
+                          heads, nb)
+
+    index = build_outside_graph_pools(build, torch.device(device))
     if len(_INDEX_CACHE) > 256:
         _INDEX_CACHE.clear()
     _INDEX_CACHE[key] = (layout, index)

@@ -159,3 +159,32 @@ def test_autocast_does_not_change_the_result():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = torch_block_sparse_attention(q, k, v, layout, 16)
     assert torch.equal(plain, under)
+
+
+def test_block_index_is_cached_per_view_and_version():
+    """The block index is shared by views that read the layout the same way, and rebuilt
+    for a view that reads it differently (a transpose) or after an in-place change."""
+    from sparse_attn.ops.torch_backend import block_index
+
+    layout = (torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(3)) < 0.5).long()
+    layout[:, 0, 1] = 1
+    layout[:, 1, 0] = 0
+
+    def expected(lay):
+        h, r, c = lay.nonzero(as_tuple=True)
+        return h, r, c
+
+    index = block_index(layout, torch.device("cpu"))
+    assert block_index(layout[:], torch.device("cpu")) is index
+    for got, want in zip(index[:3], expected(layout)):
+        assert torch.equal(got, want)
+    flipped = layout.transpose(1, 2)
+    index_t = block_index(flipped, torch.device("cpu"))
+    assert index_t is not index
+    for got, want in zip(index_t[:3], expected(flipped)):
+        assert torch.equal(got, want)
+    layout[0, 4, 4] = 1 - layout[0, 4, 4]
+    index_new = block_index(layout, torch.device("cpu"))
+    assert index_new is not index
+    for got, want in zip(index_new[:3], expected(layout)):
+        assert torch.equal(got, want)

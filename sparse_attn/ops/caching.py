@@ -1,0 +1,81 @@
+"""Keys and placement of the device-side tables built from a layout (the fused kernel's
+look-up tables, MatMul/Softmax tables, the torch backend's block index), shared by every
+backend so that they are cached and built the same way.
+
+    key = layout_identity(layout)             # which layout tensor, in which state
+    table = build_outside_graph_pools(build, device)
+"""
+import threading
+
+import torch
+
+__all__ = ["layout_identity", "build_outside_graph_pools"]
+
+
+def layout_identity(layout: torch.Tensor) -> tuple:
+    """Key of one layout tensor as it is now: its storage, offset, shape, strides, dtype,
+    device and version counter. Views that read the same blocks get the same key; a view
+    that reads them differently (a transpose) or an in-place change gets another. Keep a
+    reference to ``layout`` beside what is cached under this key, so its storage (and the
+    key) stays valid."""
+    try:
+        version = layout._version
+    except Exception:  # inference tensors have no version counter
+        version = -1
+    return (layout.untyped_storage().data_ptr(), layout.storage_offset(), tuple(layout.shape),
+            tuple(layout.stride()), layout.dtype, str(layout.device), version)
+
+
+def _tensors(obj, depth=0):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3:
+        if isinstance(obj, dict):
+            items = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            items = obj
+        elif hasattr(obj, "__slots__"):
+            items = [getattr(obj, n, None) for n in obj.__slots__]
+        elif hasattr(obj, "__dict__"):
+            items = vars(obj).values()
+        else:
+            return
+        for item in items:
+            yield from _tensors(item, depth + 1)
+
+
+def build_outside_graph_pools(build, device: torch.device):
+    """``build()`` for a table cached on ``device``. On CUDA it runs on a fresh thread, whose
+    stream is synchronized before returning, and every CUDA tensor of the result is recorded
+    on the caller's stream.
+
+    Why: torch.compile(mode="reduce-overhead") warms a CUDA graph up with the allocations of
+    the calling thread routed to the graph's private pool; a cached table built there would
+    be a live tensor the graph does not own, which cudagraph trees refuse. Built on another
+    thread it lives in the ordinary allocator; ``record_stream`` keeps its memory from being
+    reused (after eviction) before the caller's kernels are done with it. Runs once per
+    table, so the thread costs nothing per call."""
+    if device.type != "cuda":
+        return build()
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    result = {}
+
+    def target():
+        try:
+            with torch.cuda.device(device):
+                result["value"] = build()
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as err:  # re-raised on the caller's thread
+            result["error"] = err
+
+    worker = threading.Thread(target=target, name="sparse_attn-table")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    stream = torch.cuda.current_stream(device)
+    for t in _tensors(result["value"]):
+        if t.is_cuda:
+            t.record_stream(stream)
+    return result["value"]
