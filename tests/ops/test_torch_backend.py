@@ -188,3 +188,13 @@ def test_block_index_is_cached_per_view_and_version():
     assert index_new is not index
     for got, want in zip(index_new[:3], expected(layout)):
         assert torch.equal(got, want)
+
+
+def test_block_index_of_an_inference_mode_layout():
+    """A layout made under inference_mode has no version counter; the cache key copes."""
+    from sparse_attn.ops.torch_backend import block_index
+
+    with torch.inference_mode():
+        layout = torch.ones(2, 3, 3, dtype=torch.long).tril()
+    index = block_index(layout, torch.device("cpu"))
+    assert index.row.numel() == int(layout.sum()) and index.num_blocks == 3
