@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import fused
 from .caching import layout_identity
 from .torch_backend import block_index, mask_future, torch_block_sparse_attention
 
@@ -99,9 +100,8 @@ def select_backend(q, k, v, layout, block, rpe=None, attn_mask=None) -> str:
     """The backend ``"auto"`` resolves to for this call."""
     if not q.is_cuda:
         return "torch"
-    from .fused import fused_supported
-
-    if fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout, block=block) is None:
+    if fused.fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout,
+                             block=block) is None:
         return "fused"
     return "triton"
 
@@ -137,6 +137,15 @@ def block_sparse_attention(
     Returns ``[batch, heads, seq, head_dim]`` in the dtype of ``q``; a query that sees no key
     gets zeros.
     """
+    # A fused call whose signature was checked and planned before goes straight to its plan
+    # (batch-1 training is bound by host time; the checks below cost as much as the launches)
+    planned = (backend in ("auto", "fused") and rpe is None and attn_mask is None
+               and not torch.compiler.is_compiling())
+    if planned:
+        plan = fused.cached_plan("dispatch:" + backend, q, k, v, layout, block, scale, causal,
+                                 key_padding_mask)
+        if plan is not None:
+            return fused.attend(plan, q, k, v, key_padding_mask)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     check_attention_inputs(q, k, v, layout, block, key_padding_mask, rpe, attn_mask)
@@ -144,14 +153,17 @@ def block_sparse_attention(
     if checked:
         backend = select_backend(q, k, v, layout, block, rpe, attn_mask)
     if backend == "fused":
-        from .fused import fused_block_sparse_attention, fused_supported
-
-        reason = None if checked else fused_supported(q, k, v, rpe=rpe, attn_mask=attn_mask,
-                                                      layout=layout, block=block)
+        reason = None if checked else fused.fused_supported(
+            q, k, v, rpe=rpe, attn_mask=attn_mask, layout=layout, block=block)
         if reason is not None:
             raise ValueError(f"the fused backend cannot take this call: {reason}")
-        return fused_block_sparse_attention(q, k, v, layout, block, scale=scale, causal=causal,
-                                            key_padding_mask=key_padding_mask)
+        if planned:  # cached under the backend asked for: "auto" was checked as such
+            plan = fused.plan("dispatch:auto" if checked else "dispatch:fused", q, k, v, layout,
+                              block, scale, causal, key_padding_mask)
+            return fused.attend(plan, q, k, v, key_padding_mask)
+        return fused.fused_block_sparse_attention(q, k, v, layout, block, scale=scale,
+                                                  causal=causal,
+                                                  key_padding_mask=key_padding_mask)
     if backend == "triton":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _three_kernel_attention(q, k, v, layout, block, scale, causal, key_padding_mask,

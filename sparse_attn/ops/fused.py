@@ -88,6 +88,7 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, **kernels):
     """
     global _SPLIT_MIN
     _CONFIG_CACHE.clear()
+    _PLANS.clear()
     if head_dim is None and split_min is None and not kernels:  # reset everything
         _OVERRIDE.clear()
         if _SPLIT_MIN != _SPLIT_MIN_DEFAULT:
@@ -364,11 +365,13 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
 
 
 def clear_lut_cache():
+    """Drop every look-up table and every plan (which hold tables and tile configs)."""
     _LUT_CACHE.clear()
+    _PLANS.clear()
 
 
 # --------------------------------------------------------------------------------------
-# Launchers (run inside the custom ops)
+# Plans: what a call signature fixes, worked out once
 # --------------------------------------------------------------------------------------
 def _upcast(q):
     return bool(_interpret() and q.dtype == torch.bfloat16 and q.device.type == "cpu")
@@ -378,110 +381,205 @@ def _prep(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kpm_arg(kpm, B, N):
-    if kpm is None:  # None: HAS_KPM is False and no pointer is passed
-        return None, 0, False
-    kpm = kpm.reshape(B, N).to(torch.float32).contiguous()
-    return kpm, kpm.stride(0), True
+def _signature(q, k, v, layout, block, scale, causal, kpm):
+    """Everything a plan depends on, and everything the checks look at."""
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, layout_identity(layout), block, scale,
+            causal, None if kpm is None else (kpm.shape, kpm.stride(), kpm.dtype, kpm.device))
+
+
+class _Plan:
+    """One call signature (shapes, strides, dtypes and devices of q, k, v and the key padding
+    mask; the layout; block, scale, causal), worked out once after the call was checked: tile
+    configs, look-up tables, the scalar kernel arguments and ``Prepared`` launches. A call
+    that hits a plan allocates its outputs and launches; nothing else."""
+
+    def __init__(self, q, k, v, layout, block, scale, causal, kpm):
+        self.layout = layout  # keeps the storage behind the LUT cache keys alive
+        self.lkey = layout_identity(layout)
+        self.block, self.causal = int(block), bool(causal)
+        D = q.shape[-1]
+        self.scale = float(D ** -0.5) if scale is None else float(scale)
+        self.copy_qkv = any(t.stride(-1) != 1 for t in (q, k, v))
+        q, k, v = _prep(q), _prep(k), _prep(v)
+        B, H, N, D = self.shape = q.shape
+        self.device = q.device
+        self.cfg = _config(D, block)
+        self.upcast = _upcast(q)
+        self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        # the output takes q's memory format: for a [B, N, H, D] projection seen as
+        # [B, H, N, D] (Hugging Face), out.transpose(1, 2) is then contiguous and the incoming
+        # gradient needs no copy
+        self.out_strides = torch.empty_like(q, device="meta").stride()
+        # key padding: passed as it is when it is float32 and dense, else converted per call
+        self.kpm_direct = kpm is None or (kpm.dtype == torch.float32 and kpm.is_contiguous())
+        self.has_kpm = kpm is not None
+        self.s_kpm = N if kpm is not None else 0
+        self.fwd = None
+        self.bwd = {}
+
+    def key_padding(self, kpm):
+        """The mask as the kernels read it: float32 [B, N], dense (or None)."""
+        if self.kpm_direct:
+            return kpm
+        B, _, N, _ = self.shape
+        return kpm.reshape(B, N).to(torch.float32).contiguous()
+
+    def _lut(self, kind, tiles):
+        TM, TN = tiles[:2]
+        return _get_lut(self.layout, self.block, TM, TN, self.shape[2], self.causal,
+                        self.device, kind, self.lkey)
+
+    def _meta(self, lut, tiles):
+        TM, TN, warps, stages, one_loop = tiles
+        N, D = self.shape[2], self.shape[3]
+        return dict(BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+                    FINE=lut.fine, CAUSAL=self.causal, HAS_KPM=self.has_kpm,
+                    EVEN=N % TM == 0 and N % TN == 0, BITS32=lut.bits32, UPCAST=self.upcast,
+                    ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0, num_warps=warps,
+                    num_stages=stages)
+
+    def _forward_launches(self):
+        B, H, N, D = self.shape
+        tiles = self.cfg["fwd"]
+        lut = self._lut("row", tiles)
+        TM = tiles[0]
+        main = _fwd_kernel.prepare((lut.n_work * B,), **self._meta(lut, tiles))
+        combine = None
+        if lut.n_split:
+            combine = _fwd_combine_kernel.prepare(
+                (lut.n_split * B,), BLOCK_M=TM, HEAD_DIM=D, EVEN=N % TM == 0 and
+                N % tiles[1] == 0, num_warps=4)
+        so = self.out_strides
+        ints = (*self.qkv_strides, *so[:3], self.s_kpm, B, H, N, lut.n_own, lut.n_other,
+                lut.n_work, self.scale * LOG2E)
+        combine_ints = (*so[:3], B, H, N, lut.n_own, lut.n_split)
+        return lut, main, combine, ints, combine_ints
+
+    def forward(self, q, k, v, kpm):
+        """out [B, H, N, D] in q's dtype and memory format, lse [B, H, N] float32.
+        ``kpm``: as ``key_padding`` returns it."""
+        if self.copy_qkv:
+            q, k, v = _prep(q), _prep(k), _prep(v)
+        if self.fwd is None:
+            self.fwd = self._forward_launches()
+        lut, main, combine, ints, combine_ints = self.fwd
+        B, H, N, D = self.shape
+        TM = self.cfg["fwd"][0]
+        out = torch.empty_like(q)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        if lut.n_slots:
+            ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
+            ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
+        else:  # no split row: no workspace (HAS_SPLIT is False)
+            ws_acc = ws_ml = None
+        main(q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
+             *ints)
+        if combine is not None:
+            combine(out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
+        return out, lse
+
+    def _backward_launches(self, so, sdo):
+        B, H, N, D = self.shape
+        sdq = self.out_strides  # dq, dk, dv take the memory format of q, k, v
+        sdk = torch.empty_like(torch.empty_strided(self.shape, self.qkv_strides[3:6] + (1,),
+                                                   device="meta")).stride()
+        sdv = torch.empty_like(torch.empty_strided(self.shape, self.qkv_strides[6:9] + (1,),
+                                                   device="meta")).stride()
+        common = (self.s_kpm, B, H, N)
+        # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
+        tiles = self.cfg["dq"]
+        dq_lut = self._lut("row", tiles)
+        dq = _dq_kernel.prepare((dq_lut.n_work * B,), **self._meta(dq_lut, tiles))
+        dq_ints = (*self.qkv_strides, *so[:3], *sdo[:3], *sdq[:3], *common, dq_lut.n_own,
+                   dq_lut.n_other, dq_lut.n_work, self.scale * LOG2E, self.scale)
+        TM = tiles[0]
+        dq_reduce = None
+        if dq_lut.n_split:
+            dq_reduce = _reduce_kernel.prepare((dq_lut.n_split * B,), BLOCK=TM, HEAD_DIM=D,
+                                               EVEN=N % TM == 0, TWO=False, num_warps=4)
+        dq_reduce_ints = (*sdq[:3], *sdq[:3], B, H, N, dq_lut.n_own, dq_lut.n_split,
+                          self.scale, self.scale)
+        tiles = self.cfg["dkdv"]
+        kv_lut = self._lut("col", tiles)
+        dkdv = _dkdv_kernel.prepare((kv_lut.n_work * B,), **self._meta(kv_lut, tiles))
+        dkdv_ints = (*self.qkv_strides, *sdo[:3], *sdk[:3], *sdv[:3], *common, kv_lut.n_own,
+                     kv_lut.n_other, kv_lut.n_work, self.scale * LOG2E, self.scale)
+        TN = tiles[1]
+        kv_reduce = None
+        if kv_lut.n_split:
+            kv_reduce = _reduce_kernel.prepare((kv_lut.n_split * B,), BLOCK=TN, HEAD_DIM=D,
+                                               EVEN=N % TN == 0, TWO=True, num_warps=4)
+        kv_reduce_ints = (*sdk[:3], *sdv[:3], B, H, N, kv_lut.n_own, kv_lut.n_split,
+                          self.scale, 1.0)
+        return (dq_lut, dq, dq_ints, dq_reduce, dq_reduce_ints,
+                kv_lut, dkdv, dkdv_ints, kv_reduce, kv_reduce_ints)
+
+    def backward(self, do, q, k, v, out, lse, kpm):
+        """(dq, dk, dv), each in the memory format of its input. ``kpm`` as for forward."""
+        if self.copy_qkv:
+            q, k, v = _prep(q), _prep(k), _prep(v)
+        do, out = _prep(do), _prep(out)
+        key = (do.stride(), out.stride(), do.dtype)
+        launches = self.bwd.get(key)
+        if launches is None:
+            launches = self.bwd[key] = self._backward_launches(out.stride(), do.stride())
+        (dq_lut, dq_k, dq_ints, dq_reduce, dq_reduce_ints,
+         kv_lut, dkdv_k, dkdv_ints, kv_reduce, kv_reduce_ints) = launches
+        B, H, N, D = self.shape
+        dev = q.device
+        delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ws_dq = ws_dk = ws_dv = None
+        if dq_lut.n_slots:
+            TM = self.cfg["dq"][0]
+            ws_dq = torch.empty((dq_lut.n_slots * B, TM, D), dtype=torch.float32, device=dev)
+        dq_k(q, k, v, out, do, dq, lse, delta, kpm, dq_lut.idx, dq_lut.bits, dq_lut.nfull,
+             dq_lut.work, ws_dq, *dq_ints)
+        if dq_reduce is not None:
+            dq_reduce(ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
+        if kv_lut.n_slots:
+            TN = self.cfg["dkdv"][1]
+            ws_dk = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
+            ws_dv = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
+        dkdv_k(q, k, v, do, dk, dv, lse, delta, kpm, kv_lut.idx, kv_lut.bits, kv_lut.nfull,
+               kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
+        if kv_reduce is not None:
+            kv_reduce(ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
+        return dq, dk, dv
+
+
+_PLANS = {}
+_PLANS_SIZE = 128
+
+
+def cached_plan(tag, q, k, v, layout, block, scale, causal, kpm):
+    """The plan of an earlier call with this signature that ``tag``'s caller checked, or None.
+    The tag names the caller: each caller checks calls in its own way, and a plan stands for
+    "this signature passed that caller's checks"."""
+    return _PLANS.get((tag,) + _signature(q, k, v, layout, block, scale, causal, kpm))
+
+
+def plan(tag, q, k, v, layout, block, scale, causal, kpm):
+    """The plan for this call, built (after ``_check``) when its signature is new."""
+    key = (tag,) + _signature(q, k, v, layout, block, scale, causal, kpm)
+    hit = _PLANS.get(key)
+    if hit is None:
+        _check(q, k, v, layout, block, kpm)
+        if len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.clear()
+        hit = _PLANS[key] = _Plan(q, k, v, layout, block, scale, causal, kpm)
+    return hit
 
 
 def _forward_impl(q, k, v, layout, kpm, block, scale, causal):
-    q, k, v = _prep(q), _prep(k), _prep(v)
-    B, H, N, D = q.shape
-    TM, TN, warps, stages, one_loop = _config(D, block)["fwd"]
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row")
-    # q's memory format: for a [B, N, H, D] projection seen as [B, H, N, D] (Hugging Face),
-    # out.transpose(1, 2) is then contiguous and the incoming gradient needs no copy
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
-    if lut.n_slots:
-        ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
-        ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
-    else:  # no split row: no workspace (HAS_SPLIT is False)
-        ws_acc = ws_ml = None
-    even = N % TM == 0 and N % TN == 0
-    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
-    _fwd_kernel(
-        (lut.n_work * B,), q, k, v, out, lse, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E,
-        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm, EVEN=even, BITS32=lut.bits32,
-        UPCAST=_upcast(q), ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
-        num_warps=warps, num_stages=stages)
-    if lut.n_split:
-        _fwd_combine_kernel(
-            (lut.n_split * B,), out, lse, ws_acc, ws_ml, lut.split,
-            so[0], so[1], so[2], B, H, N, lut.n_own, lut.n_split,
-            BLOCK_M=TM, HEAD_DIM=D, EVEN=even, num_warps=4)
-    return out, lse
+    p = plan("op", q, k, v, layout, block, scale, causal, kpm)
+    return p.forward(q, k, v, p.key_padding(kpm))
 
 
 def _backward_impl(do, q, k, v, out, lse, layout, kpm, block, scale, causal):
-    q, k, v, do, out = _prep(q), _prep(k), _prep(v), _prep(do), _prep(out)
-    B, H, N, D = q.shape
-    cfg = _config(D, block)
-    lkey = layout_identity(layout)
-    upcast = _upcast(q)
-    sq, sk, sv = q.stride(), k.stride(), v.stride()
-    so, sdo = out.stride(), do.stride()
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    kpm_t, s_kpm, has_kpm = _kpm_arg(kpm, B, N)
-    # gradients in the memory format of their inputs: no copy on the way back through a
-    # [B, N, H, D] -> [B, H, N, D] view
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    sdq, sdk, sdv = dq.stride(), dk.stride(), dv.stride()
-
-    # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
-    TM, TN, warps, stages, one_loop = cfg["dq"]
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "row", lkey)
-    if lut.n_slots:
-        ws_dq = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
-    else:
-        ws_dq = None
-    _dq_kernel(
-        (lut.n_work * B,), q, k, v, out, do, dq, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.work, ws_dq,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sdq[0], sdq[1], sdq[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
-        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
-        num_warps=warps, num_stages=stages)
-    if lut.n_split:
-        _reduce_kernel(
-            (lut.n_split * B,),
-            ws_dq, dq, ws_dq, dq, lut.split, *sdq[:3], *sdq[:3], B, H, N, lut.n_own,
-            lut.n_split, scale, scale, BLOCK=TM, HEAD_DIM=D, EVEN=N % TM == 0, TWO=False, num_warps=4)
-
-    TM, TN, warps, stages, one_loop = cfg["dkdv"]
-    lut = _get_lut(layout, block, TM, TN, N, causal, q.device, "col", lkey)
-    if lut.n_slots:
-        ws_dk = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
-        ws_dv = torch.empty((lut.n_slots * B, TN, D), dtype=torch.float32, device=q.device)
-    else:
-        ws_dk = ws_dv = None
-    _dkdv_kernel(
-        (lut.n_work * B,), q, k, v, do, dk, dv, lse, delta, kpm_t,
-        lut.idx, lut.bits, lut.nfull, lut.work, ws_dk, ws_dv,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        sdo[0], sdo[1], sdo[2], sdk[0], sdk[1], sdk[2], sdv[0], sdv[1], sdv[2],
-        s_kpm, B, H, N, lut.n_own, lut.n_other, lut.n_work, scale * LOG2E, scale,
-        BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
-        FINE=lut.fine, CAUSAL=causal, HAS_KPM=has_kpm,
-        EVEN=(N % TM == 0 and N % TN == 0), BITS32=lut.bits32, UPCAST=upcast,
-        ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0,
-        num_warps=warps, num_stages=stages)
-    if lut.n_split:
-        _reduce_kernel(
-            (lut.n_split * B,),
-            ws_dk, dk, ws_dv, dv, lut.split, *sdk[:3], *sdv[:3], B, H, N, lut.n_own,
-            lut.n_split, scale, 1.0, BLOCK=TN, HEAD_DIM=D, EVEN=N % TN == 0, TWO=True, num_warps=4)
-    return dq, dk, dv
+    p = plan("op", q, k, v, layout, block, scale, causal, kpm)
+    return p.backward(do, q, k, v, out, lse, p.key_padding(kpm))
 
 
 # --------------------------------------------------------------------------------------
@@ -532,23 +630,27 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedBlockSparseAttention(torch.autograd.Function):
-    """Thin autograd.Function over the kernels: what the public function uses in eager mode
-    (under torch.compile it uses the custom op instead). ``apply(q, k, v, layout, block,
-    scale, causal, key_padding_mask)``; arguments as validated by the public function."""
+    """Thin autograd.Function over a plan's kernels: what the public function uses in eager
+    mode (under torch.compile it uses the custom op instead).
+    ``apply(q, k, v, key_padding_mask, plan)``, the mask as ``plan.key_padding`` gives it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, block, scale, causal, key_padding_mask):
-        out, lse = _forward_impl(q, k, v, layout, key_padding_mask, block, scale, causal)
-        ctx.save_for_backward(q, k, v, out, lse, layout, key_padding_mask)
-        ctx.block, ctx.scale, ctx.causal = block, scale, causal
+    def forward(ctx, q, k, v, kpm, plan):
+        out, lse = plan.forward(q, k, v, kpm)
+        ctx.save_for_backward(q, k, v, out, lse, kpm)
+        ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, layout, kpm = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, layout, kpm, ctx.block,
-                                    ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, kpm = ctx.saved_tensors
+        dq, dk, dv = ctx.plan.backward(dout, q, k, v, out, lse, kpm)
+        return dq, dk, dv, None, None
+
+
+def attend(plan, q, k, v, key_padding_mask):
+    """Run ``plan`` (eager mode) on a call with its signature."""
+    return FusedBlockSparseAttention.apply(q, k, v, plan.key_padding(key_padding_mask), plan)
 
 
 def fused_block_sparse_attention(q, k, v, layout, block, *, scale=None, causal=False,
@@ -567,16 +669,17 @@ def fused_block_sparse_attention(q, k, v, layout, block, *, scale=None, causal=F
     A query row that sees no key returns zeros (and zero gradients), never NaN.
     Returns [batch, heads, seq, head_dim] in q's dtype.
     """
-    _check(q, k, v, layout, block, key_padding_mask)
-    D = q.shape[-1]
-    scale = float(D ** -0.5) if scale is None else float(scale)
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.reshape(q.shape[0], q.shape[2])
     if torch.compiler.is_compiling():
         # traced as one opaque custom op (fake + autograd registrations): no graph break
+        _check(q, k, v, layout, block, key_padding_mask)
+        D = q.shape[-1]
+        scale = float(D ** -0.5) if scale is None else float(scale)
+        kpm = None
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.reshape(q.shape[0], q.shape[2])
         out, _ = _fwd_op(q, k, v, layout, kpm, int(block), scale, bool(causal))
         return out
-    # eager: the same kernels through a plain autograd.Function, which costs less host time
-    # per call than the custom op's dispatch
-    return FusedBlockSparseAttention.apply(q, k, v, layout, int(block), scale, bool(causal), kpm)
+    # eager: a plan per call signature (checked once) through a plain autograd.Function,
+    # which costs less host time per call than the custom op's dispatch
+    return attend(plan("fused", q, k, v, layout, block, scale, causal, key_padding_mask),
+                  q, k, v, key_padding_mask)

@@ -18,6 +18,12 @@ The direct path is used only where it is exactly equivalent: compiled kernels (n
 ``TRITON_INTERPRET=1``) and no launch hooks installed (a profiler such as proton sets them).
 ``SPARSE_ATTN_DIRECT_LAUNCH=0`` in the environment, or ``set_direct_launch(False)``, turns it
 off.
+
+Computing that key costs about as much as the launch itself (some 45 arguments per fused
+kernel). ``launcher.prepare(grid, **constexprs)`` returns a ``Prepared`` launch for a caller
+that knows its arguments keep their specialization from call to call (the same ints, the
+same tensor dtypes; the fused attention's per-signature plans do): it keys once, on its first
+launch, and after that checks only that every tensor is still 16-byte aligned.
 ``tests/ops/sm90_compile.py`` checks, launch by launch, that both paths pass the same
 arguments to the same binary.
 """
@@ -32,7 +38,7 @@ except Exception:  # pragma: no cover - triton missing
     triton = None
     _driver = None
 
-__all__ = ["Launcher", "set_direct_launch"]
+__all__ = ["Launcher", "Prepared", "set_direct_launch"]
 
 # off under the interpreter (nothing is compiled) or with SPARSE_ATTN_DIRECT_LAUNCH=0
 _DIRECT = (triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
@@ -80,12 +86,20 @@ class Launcher:
         self.module, self.name = module, name
         self.cache = {}
 
+    def prepare(self, grid, **meta) -> "Prepared":
+        """A launch of this kernel on ``grid`` with these constexprs and options, for
+        arguments whose specialization does not change between calls (see ``Prepared``)."""
+        return Prepared(self, grid, meta)
+
+    def _key(self, fn, device, args, meta):
+        return (id(fn), device, tuple(meta.items()), tuple(map(_spec, args)))
+
     def __call__(self, grid, *args, **meta):
         fn = getattr(self.module, self.name)
         if not _DIRECT:
             return fn[grid](*args, **meta)
         device = _driver.active.get_current_device()
-        key = (id(fn), device, tuple(meta.items()), tuple(map(_spec, args)))
+        key = self._key(fn, device, args, meta)
         hit = self.cache.get(key)
         if hit is None or _hooks_installed():
             return self._first(fn, key, device, grid, args, meta)
@@ -113,3 +127,53 @@ class Launcher:
         self.cache[key] = (kernel.run, kernel.function, kernel.packed_metadata,
                            tuple(values[len(args):]))
         return kernel
+
+
+class Prepared:
+    """``prepared(*args)``: launch ``launcher``'s kernel on a fixed grid with fixed constexprs.
+
+    The caller promises that from call to call only the tensors' data change: the ints and
+    floats are the same, and each tensor argument has the same dtype (and None stays None).
+    Alignment is the one thing Triton specializes on that the caller cannot promise, so it is
+    checked on every call. The first launch goes through the ``Launcher`` (compiling if
+    needed); once one has run with every tensor 16-byte aligned, later aligned calls go
+    straight to the compiled kernel's launcher. Anything else (a misaligned tensor, another
+    current device, launch hooks, direct launches off) takes the ``Launcher`` path.
+    """
+
+    __slots__ = ("launcher", "grid", "meta", "entry")
+
+    def __init__(self, launcher, grid, meta):
+        self.launcher, self.meta = launcher, meta
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.entry = None  # (kernel, device, tensor positions, run, function, packed, tail)
+
+    def __call__(self, *args):
+        entry = self.entry
+        if entry is not None and _DIRECT and not _hooks_installed():
+            fn, device, positions, run, function, packed, tail = entry
+            ptrs = 0
+            for i in positions:
+                ptrs |= args[i].data_ptr()
+            launcher = self.launcher
+            if not ptrs & 15 and _driver.active.get_current_device() == device and \
+                    getattr(launcher.module, launcher.name) is fn:
+                g = self.grid
+                run(g[0], g[1], g[2], _driver.active.get_current_stream(device), function,
+                    packed, None, _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook,
+                    *args, *tail)
+                return
+        self.launcher(self.grid, *args, **self.meta)
+        if entry is None and _DIRECT:
+            self.entry = self._lookup(args)
+
+    def _lookup(self, args):
+        """The Launcher's cache entry for these arguments, when they are all aligned."""
+        positions = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if any(args[i].data_ptr() % 16 for i in positions):
+            return None
+        launcher = self.launcher
+        fn = getattr(launcher.module, launcher.name)
+        device = _driver.active.get_current_device()
+        hit = launcher.cache.get(launcher._key(fn, device, args, self.meta))
+        return None if hit is None else (fn, device, positions) + hit

@@ -87,33 +87,41 @@ class _H100(nvidia.CudaDriver):
         return True
 
 
-# (block, head_dim, seq, key padding, causal, split rows, fwd tile override)
+# (block, head_dim, seq, key padding, causal, split rows, fwd tile override, how it is called)
+# how: "op" calls the custom ops' implementations; "public" the public function and autograd,
+# with [B, N, H, D] inputs and gradient and a float16 [B, 1, 1, N] mask (converted per call);
+# "misaligned" the public function with an aligned q, then with a q of the same shape 8 bytes
+# off 16-byte alignment (its launches must not reuse the binary for aligned pointers)
 CASES = [
-    (16, 64, 1024, True, False, True, None),
-    (32, 64, 1024, False, True, False, None),
-    (64, 64, 1024, False, False, True, None),
-    (128, 64, 1024, True, True, False, None),
-    (64, 32, 1024, True, False, False, None),
-    (16, 128, 1024, False, True, True, None),
-    (16, 64, 1008, True, False, False, None),  # 1008 is not a multiple of the 64-row tile
-    (16, 64, 1024, False, False, False, (64, 32, 4, 3, True)),  # one loop
+    (16, 64, 1024, True, False, True, None, "op"),
+    (32, 64, 1024, False, True, False, None, "op"),
+    (64, 64, 1024, False, False, True, None, "op"),
+    (128, 64, 1024, True, True, False, None, "op"),
+    (64, 32, 1024, True, False, False, None, "op"),
+    (16, 128, 1024, False, True, True, None, "op"),
+    (16, 64, 1008, True, False, False, None, "op"),  # 1008 is not a multiple of the 64-row tile
+    (16, 64, 1024, False, False, False, (64, 32, 4, 3, True), "op"),  # one loop
+    (64, 64, 1024, True, False, True, None, "public"),
+    (32, 64, 1024, False, False, False, None, "misaligned"),
 ]
 
 
 JIT_RUNS = [0]
+KEYED_RUNS = [0]  # launches through Launcher.__call__ (which keys every argument)
 
 
-def both_ways(run_case):
+def both_ways(run_case, prepared=False):
     """Run ``run_case`` through Triton's kernel[grid], then through the direct path
     (launch.py) once to fill its cache and once from it. Returns None when the two recorded
-    the same launches, argument for argument, and the last never entered JITFunction.run;
+    the same launches, argument for argument, and the last never entered JITFunction.run
+    (with ``prepared``: nor Launcher.__call__, i.e. every launch was a Prepared one);
     else what differs."""
     from sparse_attn.ops import launch
 
     def recorded():
         LAUNCHES.clear()
         RECORDS.clear()
-        JIT_RUNS[0] = 0
+        JIT_RUNS[0] = KEYED_RUNS[0] = 0
         run_case()
         return list(RECORDS)
 
@@ -125,16 +133,26 @@ def both_ways(run_case):
     if JIT_RUNS[0] or direct != through_jit:
         return (f"direct launches differ from kernel[grid] ({JIT_RUNS[0]} went through "
                 f"JITFunction.run):\n{through_jit}\n{direct}")
+    if prepared and KEYED_RUNS[0]:
+        return f"{KEYED_RUNS[0]} launches went through Launcher.__call__, not a Prepared launch"
     return None
 
 
 def _count_jit_runs():
+    from sparse_attn.ops import launch
+
     run = triton.runtime.jit.JITFunction.run
 
     def counted(self, *args, **kwargs):
         JIT_RUNS[0] += 1
         return run(self, *args, **kwargs)
     triton.runtime.jit.JITFunction.run = counted
+    keyed = launch.Launcher.__call__
+
+    def counted_keyed(self, *args, **kwargs):
+        KEYED_RUNS[0] += 1
+        return keyed(self, *args, **kwargs)
+    launch.Launcher.__call__ = counted_keyed
 
 
 def main() -> int:
@@ -145,7 +163,7 @@ def main() -> int:
 
     fused._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     fused._upcast = lambda q: False  # the GPU variant of every kernel
-    for block, d, seq, kpm, causal, split, tiles in CASES:
+    for block, d, seq, kpm, causal, split, tiles, how in CASES:
         fused.set_fused_config()
         if tiles is not None:
             fused.set_fused_config(d, None, fwd=tiles)
@@ -158,15 +176,31 @@ def main() -> int:
             sc = BigBirdSparsityConfig(2, block, different_layout_per_head=True,
                                        num_random_blocks=1)
         layout = sc.make_layout(seq)
-        q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
-        mask = torch.zeros(2, seq) if kpm else None
+        if how == "op":
+            q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
+            mask = torch.zeros(2, seq) if kpm else None
+        else:
+            q, k, v, do = (torch.randn(2, seq, 2, d).to(torch.bfloat16).transpose(1, 2)
+                           for _ in range(4))
+            mask = torch.zeros(2, 1, 1, seq, dtype=torch.float16) if kpm else None
+        # the same shape and strides as q (so the same plan), 8 bytes off alignment
+        q_off = torch.randn(q.numel() + 4).to(torch.bfloat16)[4:].as_strided(q.shape, q.stride())
+        assert q_off.data_ptr() % 16
+        q, k, v, q_off = (t.requires_grad_() for t in (q, k, v, q_off))
 
         def run_case():
-            out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
-            fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5, causal)
+            if how == "op":
+                out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
+                fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5,
+                                     causal)
+                return
+            for q_ in (q, q_off) if how == "misaligned" else (q,):
+                out = fused.fused_block_sparse_attention(q_, k, v, layout, block, causal=causal,
+                                                         key_padding_mask=mask)
+                torch.autograd.grad(out, (q_, k, v), do)
 
         try:
-            differs = both_ways(run_case)
+            differs = both_ways(run_case, prepared=how != "misaligned")
         except Exception as err:
             print(f"FAIL block {block} head_dim {d} seq {seq} kpm {kpm} causal {causal} "
                   f"split {split}: {type(err).__name__}: {err}")
@@ -174,13 +208,13 @@ def main() -> int:
         if differs:
             print(f"FAIL block {block} head_dim {d}: {differs}")
             return 1
-        want = 6 if split else 3
+        want = (6 if split else 3) * (2 if how == "misaligned" else 1)
         if len(LAUNCHES) != want:
             print(f"FAIL: {len(LAUNCHES)} launches, expected {want}: {LAUNCHES}")
             return 1
         print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
-              f"{causal!s:5} split {split!s:5}: {', '.join(LAUNCHES)}; direct launches "
-              f"match")
+              f"{causal!s:5} split {split!s:5} {how:10}: {', '.join(LAUNCHES)}; direct "
+              f"launches match")
     if not compile_matmul_softmax():
         return 1
     print(f"compiled for sm_90 with triton {triton.__version__}")

@@ -2,7 +2,8 @@
 dtype and block) compile for an H100 (sm_90) on a machine without a GPU (see
 tests/ops/sm90_compile.py), and the direct launch path hands Triton's launcher exactly what
 ``kernel[grid]`` would. CI otherwise runs them only through the interpreter, which never
-compiles them."""
+compiles them. The fused cases also check that a plan's prepared launches (launch.Prepared)
+skip the per-call keying, and that a misaligned tensor never reuses an aligned binary."""
 import os
 import subprocess
 import sys
@@ -21,6 +22,6 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, out[-4000:]
     assert "compiled for sm_90" in out
     ok = [line for line in out.splitlines() if line.startswith("ok ")]
-    assert len(ok) == 8 + 5, out[-4000:]  # fused cases, then MatMul/Softmax cases
+    assert len(ok) == 10 + 5, out[-4000:]  # fused cases, then MatMul/Softmax cases
     # each case also launched through launch.Launcher's direct path, identically
     assert all(line.endswith("direct launches match") for line in ok), out[-4000:]

@@ -313,9 +313,64 @@ def test_autograd_function():
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=10)
 
     def fn(q, k, v, layout, block, scale=None, causal=False, key_padding_mask=None):
-        return FusedBlockSparseAttention.apply(q, k, v, layout, block, q.shape[-1] ** -0.5,
-                                               causal, key_padding_mask)
+        plan = F_.plan("test", q, k, v, layout, block, scale, causal, key_padding_mask)
+        return FusedBlockSparseAttention.apply(q, k, v, plan.key_padding(key_padding_mask),
+                                               plan)
     run_and_compare(q, k, v, layout, block, fn=fn)
+
+
+def test_one_plan_serves_fresh_inputs_and_gradients_in_any_format():
+    """Calls with one signature share a plan (checked and worked out once); each call still
+    computes its own inputs: fresh q, k, v and mask values every call, the incoming gradient
+    contiguous in one call and [B, N, H, D] in the next (the backward keys on its strides),
+    a float16 [B, 1, 1, N] mask converted per call."""
+    F_.clear_lut_cache()
+    block = 32
+    layout = bigbird_like(HEADS, SEQ // block, gen=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(12)
+    for call, grad_format in enumerate(("contiguous", "bnhd", "contiguous")):
+        q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.bfloat16, seed=20 + call, layout="bnhd")
+        kpm = torch.zeros(2, 1, 1, SEQ, dtype=torch.float16)
+        kpm[call % 2, ..., -(call + 1) * 7:] = float("-inf")
+        kpm = kpm.to(DEV)
+        out = fused_block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm)
+        if grad_format == "bnhd":
+            do = torch.randn(2, SEQ, HEADS, 64, generator=g).transpose(1, 2).to(DEV, q.dtype)
+        else:
+            do = torch.randn(2, HEADS, SEQ, 64, generator=g).to(DEV, q.dtype)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = reference_attention(qd, kd, vd, layout, block, key_padding_mask=kpm.view(2, SEQ))
+        assert_rel_close(out, ref, q.dtype)
+        for a, b in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), do.double())):
+            assert_rel_close(a, b, q.dtype, factor=2)
+    plans = [p for key, p in F_._PLANS.items() if key[0] == "fused"]
+    assert len(plans) == 1 and len(plans[0].bwd) == 2
+
+
+def test_plans_keep_each_callers_checks():
+    """A signature planned by the public fused function (which takes a [B, 1, 1, N] mask) is
+    not thereby accepted by block_sparse_attention (which wants [B, N]); and a planned
+    dispatcher call does not let a call with another signature skip the checks."""
+    from sparse_attn.ops import block_sparse_attention
+
+    block = 64
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(13))
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=13)
+    kpm4 = torch.zeros(1, 1, 1, SEQ, device=DEV)
+    with torch.no_grad():
+        fused_block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4)
+        with pytest.raises(ValueError, match="key_padding_mask has shape"):
+            block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4,
+                                   backend="fused")
+        out = block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4.view(1, SEQ),
+                                     backend="fused")
+        assert_rel_close(out, reference_attention(q, k, v, layout, block), q.dtype)
+        with pytest.raises(ValueError, match="key_padding_mask has shape"):
+            block_sparse_attention(q, k, v, layout, block, backend="fused",
+                                   key_padding_mask=torch.zeros(1, SEQ // 2, device=DEV))
+        with pytest.raises(ValueError, match="layout"):
+            block_sparse_attention(q, k, v, layout[:1], block, backend="fused")
 
 
 def test_lut_cache_hits_and_rebuilds_on_change():
