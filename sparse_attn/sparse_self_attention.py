@@ -106,7 +106,7 @@ class SparseSelfAttention(nn.Module):
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
         self._master_layout: Optional[torch.Tensor] = None
-        self._layouts: Dict[Tuple[str, int], torch.Tensor] = {}
+        self._layouts: Dict[Tuple[int, object], torch.Tensor] = {}
         self.max_seq_length = max_seq_length  # builds the master layout
 
     @property
@@ -149,13 +149,14 @@ class SparseSelfAttention(nn.Module):
         return self._master_layout
 
     def get_layout(self, seq_len: int, device=None) -> torch.Tensor:
-        """The layout used for a sequence of ``seq_len`` tokens, on ``device`` (cached)."""
-        self._check_length(seq_len)
-        nb = seq_len // self.block
-        device = torch.device("cpu") if device is None else torch.device(device)
-        key = (str(device), nb)
+        """The layout used for a sequence of ``seq_len`` tokens, on ``device`` (cached: one
+        tensor per length and device, so the backends' look-up tables stay warm)."""
+        key = (seq_len, device)
         layout = self._layouts.get(key)
         if layout is None:
+            self._check_length(seq_len)
+            nb = seq_len // self.block
+            device = torch.device("cpu") if device is None else torch.device(device)
             layout = self.master_layout[:, :nb, :nb].contiguous().to(device)
             self._layouts[key] = layout
         return layout
@@ -209,7 +210,9 @@ class SparseSelfAttention(nn.Module):
                 f"num_heads={self.sparsity_config.num_heads}; build the SparsityConfig with "
                 f"num_heads={heads}")
         layout = self.get_layout(seq, query.device)
-        if key_padding_mask is not None:
+        if key_padding_mask is not None and not (
+                self.key_padding_mask_mode == "add" and key_padding_mask.dtype == torch.float32
+                and key_padding_mask.shape == (batch, seq)):  # else already what the op takes
             key_padding_mask = to_additive_mask(
                 squeeze_key_padding_mask(key_padding_mask, batch, seq),
                 self.key_padding_mask_mode)
