@@ -47,7 +47,7 @@ except Exception:  # pragma: no cover - triton missing
     _HAVE_TRITON = False
 
 from .caching import build_outside_graph_pools, layout_identity
-from .launch import Launcher
+from .launch import Launcher, direct_context
 
 # launched as _fwd_kernel(grid, *args, **constexprs): Triton's launcher, minus its per-launch
 # bookkeeping once a specialization has been compiled (see launch.py)
@@ -473,10 +473,11 @@ class _Plan:
             ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
-        main(q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull, lut.work, ws_acc, ws_ml,
-             *ints)
+        ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
+        main.launch(ctx, q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull, lut.work, ws_acc,
+                    ws_ml, *ints)
         if combine is not None:
-            combine(out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
+            combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
         return out, lse
 
     def _backward_launches(self, so, sdo):
@@ -534,18 +535,20 @@ class _Plan:
         if dq_lut.n_slots:
             TM = self.cfg["dq"][0]
             ws_dq = torch.empty((dq_lut.n_slots * B, TM, D), dtype=torch.float32, device=dev)
-        dq_k(q, k, v, out, do, dq, lse, delta, kpm, dq_lut.idx, dq_lut.bits, dq_lut.nfull,
-             dq_lut.work, ws_dq, *dq_ints)
-        if dq_reduce is not None:
-            dq_reduce(ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
         if kv_lut.n_slots:
             TN = self.cfg["dkdv"][1]
             ws_dk = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
             ws_dv = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
-        dkdv_k(q, k, v, do, dk, dv, lse, delta, kpm, kv_lut.idx, kv_lut.bits, kv_lut.nfull,
-               kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
+        ctx = direct_context((q, k, v, out, do, dq, dk, dv, lse, delta, kpm, ws_dq, ws_dk,
+                              ws_dv))
+        dq_k.launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, dq_lut.idx, dq_lut.bits,
+                    dq_lut.nfull, dq_lut.work, ws_dq, *dq_ints)
+        if dq_reduce is not None:
+            dq_reduce.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
+        dkdv_k.launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, kv_lut.idx, kv_lut.bits,
+                      kv_lut.nfull, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
         if kv_reduce is not None:
-            kv_reduce(ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
+            kv_reduce.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
         return dq, dk, dv
 
 

@@ -23,7 +23,10 @@ Computing that key costs about as much as the launch itself (some 45 arguments p
 kernel). ``launcher.prepare(grid, **constexprs)`` returns a ``Prepared`` launch for a caller
 that knows its arguments keep their specialization from call to call (the same ints, the
 same tensor dtypes; the fused attention's per-signature plans do): it keys once, on its first
-launch, and after that checks only that every tensor is still 16-byte aligned.
+launch, and after that checks only that every tensor is still 16-byte aligned. A caller that
+launches several kernels per call asks ``direct_context(tensors)`` once (hooks, current
+device and stream, alignment of its per-call tensors) and launches each with
+``prepared.launch(context, *args)``.
 ``tests/ops/sm90_compile.py`` checks, launch by launch, that both paths pass the same
 arguments to the same binary.
 """
@@ -38,7 +41,7 @@ except Exception:  # pragma: no cover - triton missing
     triton = None
     _driver = None
 
-__all__ = ["Launcher", "Prepared", "set_direct_launch"]
+__all__ = ["Launcher", "Prepared", "direct_context", "set_direct_launch"]
 
 # off under the interpreter (nothing is compiled) or with SPARSE_ATTN_DIRECT_LAUNCH=0
 _DIRECT = (triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
@@ -129,6 +132,21 @@ class Launcher:
         return kernel
 
 
+def direct_context(tensors):
+    """``(device, stream)`` for ``Prepared.launch`` when direct launches may be used now and
+    every tensor in ``tensors`` (None entries are skipped) is 16-byte aligned; else None."""
+    if not _DIRECT or _hooks_installed():
+        return None
+    ptrs = 0
+    for t in tensors:
+        if t is not None:
+            ptrs |= t.data_ptr()
+    if ptrs & 15:
+        return None
+    device = _driver.active.get_current_device()
+    return device, _driver.active.get_current_stream(device)
+
+
 class Prepared:
     """``prepared(*args)``: launch ``launcher``'s kernel on a fixed grid with fixed constexprs.
 
@@ -166,6 +184,22 @@ class Prepared:
         self.launcher(self.grid, *args, **self.meta)
         if entry is None and _DIRECT:
             self.entry = self._lookup(args)
+
+    def launch(self, context, *args):
+        """``self(*args)`` for a caller that has ``context = direct_context(...)`` over every
+        tensor in ``args`` that changes between calls (the ones that do not were checked when
+        the launch was first keyed)."""
+        entry = self.entry
+        if context is None or entry is None or entry[1] != context[0]:
+            return self(*args)
+        fn, device, positions, run, function, packed, tail = entry
+        launcher = self.launcher
+        if getattr(launcher.module, launcher.name) is not fn:
+            return self(*args)
+        g = self.grid
+        run(g[0], g[1], g[2], context[1], function, packed, None, _RUNTIME.launch_enter_hook,
+            _RUNTIME.launch_exit_hook, *args, *tail)
+        return None
 
     def _lookup(self, args):
         """The Launcher's cache entry for these arguments, when they are all aligned."""
