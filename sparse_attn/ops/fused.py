@@ -444,7 +444,8 @@ class _Plan:
         tiles = self.cfg["fwd"]
         lut = self._lut("row", tiles)
         TM = tiles[0]
-        main = _fwd_kernel.prepare((lut.n_work * B,), **self._meta(lut, tiles))
+        main = _fwd_kernel.prepare((lut.n_work * B,), POS_SCALE=self.scale > 0,
+                                   **self._meta(lut, tiles))
         combine = None
         if lut.n_split:
             combine = _fwd_combine_kernel.prepare(

@@ -101,6 +101,7 @@ CASES = [
     (16, 128, 1024, False, True, True, None, "op"),
     (16, 64, 1008, True, False, False, None, "op"),  # 1008 is not a multiple of the 64-row tile
     (16, 64, 1024, False, False, False, (64, 32, 4, 3, True), "op"),  # one loop
+    (64, 128, 1024, False, False, False, None, "negative scale"),  # no FMA-folded max
     (64, 64, 1024, True, False, True, None, "public"),
     (32, 64, 1024, False, False, False, None, "misaligned"),
 ]
@@ -176,7 +177,7 @@ def main() -> int:
             sc = BigBirdSparsityConfig(2, block, different_layout_per_head=True,
                                        num_random_blocks=1)
         layout = sc.make_layout(seq)
-        if how == "op":
+        if how in ("op", "negative scale"):
             q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
             mask = torch.zeros(2, seq) if kpm else None
         else:
@@ -188,11 +189,12 @@ def main() -> int:
         assert q_off.data_ptr() % 16
         q, k, v, q_off = (t.requires_grad_() for t in (q, k, v, q_off))
 
+        scale = -(d ** -0.5) if how == "negative scale" else d ** -0.5
+
         def run_case():
-            if how == "op":
-                out, lse = fused._forward_impl(q, k, v, layout, mask, block, d ** -0.5, causal)
-                fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, d ** -0.5,
-                                     causal)
+            if how in ("op", "negative scale"):
+                out, lse = fused._forward_impl(q, k, v, layout, mask, block, scale, causal)
+                fused._backward_impl(do, q, k, v, out, lse, layout, mask, block, scale, causal)
                 return
             for q_ in (q, q_off) if how == "misaligned" else (q,):
                 out = fused.fused_block_sparse_attention(q_, k, v, layout, block, causal=causal,

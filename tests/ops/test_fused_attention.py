@@ -260,12 +260,15 @@ def test_split_long_rows(dtype, block):
         F_.clear_lut_cache()
 
 
-def test_scale_and_noncontiguous_inputs():
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_scale_and_noncontiguous_inputs(scale):
+    """A custom scale (a negative one takes the forward kernel's other variant: the row max
+    of the raw products is then not the max of the scaled scores) on [B, N, H, D] inputs."""
     block = 32
     layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(5))
     q, k, v = make_inputs(2, HEADS, SEQ, 64, torch.float16, seed=5, layout="bnhd")
     assert not q.is_contiguous()
-    run_and_compare(q, k, v, layout, block, scale=0.3)
+    run_and_compare(q, k, v, layout, block, scale=scale)
 
 
 @pytest.mark.parametrize("inputs, grad", [("bnhd", "contiguous"), ("strided", "bnhd"),

@@ -46,11 +46,20 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in the tensor-core instruction."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
                stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
                BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-               BITS32: tl.constexpr, UPCAST: tl.constexpr):
+               BITS32: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr):
     for it in range(lo, hi):
         kt = tl.load(IDX + it)
         cols = kt * BLOCK_N + offs_n
@@ -62,28 +71,37 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = _mm(q, tl.trans(k), UPCAST) * qk_scale
-        if HAS_KPM:
-            if PARTIAL and not EVEN:
-                kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
-            else:
-                kpm = tl.load(KPM_base + cols)
-            s = s + kpm[None, :] * 1.4426950408889634
-        if PARTIAL:
-            if FINE:
-                bits = tl.load(BITS + it)
-                if BITS32:
-                    bits = bits.to(tl.int32)
-                keep = ((bits >> bitidx) & 1) != 0
-                s = tl.where(keep, s, float("-inf"))
-            if CAUSAL:
-                s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        qk = _mm(q, tl.trans(k), UPCAST)
+        if POS_SCALE and not PARTIAL and not HAS_KPM:
+            # a full tile without key padding: every score is finite, and with a positive
+            # scale the row max can be taken on the raw products, so that scaling and
+            # subtracting the max are one FMA per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:
+            s = qk * qk_scale
+            if HAS_KPM:
+                if PARTIAL and not EVEN:
+                    kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
+                else:
+                    kpm = tl.load(KPM_base + cols)
+                s = s + kpm[None, :] * 1.4426950408889634
+            if PARTIAL:
+                if FINE:
+                    bits = tl.load(BITS + it)
+                    if BITS32:
+                        bits = bits.to(tl.int32)
+                    keep = ((bits >> bitidx) & 1) != 0
+                    s = tl.where(keep, s, float("-inf"))
+                if CAUSAL:
+                    s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -129,7 +147,7 @@ def fused_attn_fwd_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
+        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr, POS_SCALE: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
@@ -178,11 +196,11 @@ def fused_attn_fwd_kernel(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
                                    BITS_row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
                                    offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
-                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS_row,
                                tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
                                offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
-                               HAS_KPM, EVEN, BITS32, UPCAST)
+                               HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
     if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
         if slot < 0:
             _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
