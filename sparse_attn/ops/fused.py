@@ -27,7 +27,14 @@ of the LUT much longer than the average, such as BigBird's global rows and colum
 into several work items that run in parallel; a small kernel merges their partial results.
 The cache holds a
 reference to the layout and keys on its storage, shape, strides and version counter, so
-views of one layout hit and an in-place change of the layout rebuilds. The op is registered
+views of one layout hit and an in-place change of the layout rebuilds.
+
+An eager call is cheap on the host: its signature (shapes, strides, dtypes and devices of the
+inputs and the mask; the layout; block, scale, causal) is checked once and worked out into a
+plan (LUTs, tile configs, every scalar kernel argument, ``launch.Prepared`` launches), and a
+later call with the same signature only allocates its outputs and launches. Plans are cached
+per caller (``plan(tag, ...)``), because the public function and the dispatcher accept
+different inputs. The op is registered
 as ``torch.ops.sparse_attn.fused_attention_fwd`` / ``..._bwd`` (torch.library.custom_op,
 with fake and autograd registrations), so ``torch.compile`` traces it without graph breaks.
 """
