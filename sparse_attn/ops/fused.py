@@ -414,10 +414,11 @@ class _Plan:
         self.cfg = _config(D, block)
         self.upcast = _upcast(q)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-        # the output takes q's memory format: for a [B, N, H, D] projection seen as
-        # [B, H, N, D] (Hugging Face), out.transpose(1, 2) is then contiguous and the incoming
-        # gradient needs no copy
-        self.out_strides = torch.empty_like(q, device="meta").stride()
+        # the output and the gradients take the memory format of q (k, v): for a [B, N, H, D]
+        # projection seen as [B, H, N, D] (Hugging Face), out.transpose(1, 2) is then
+        # contiguous and neither the incoming gradient nor the outgoing ones need a copy
+        self.out_strides, self.dk_strides, self.dv_strides = (
+            torch.empty_like(t, device="meta").stride() for t in (q, k, v))
         # key padding: passed as it is when it is float32 and dense, else converted per call
         self.kpm_direct = kpm is None or (kpm.dtype == torch.float32 and kpm.is_contiguous())
         self.has_kpm = kpm is not None
@@ -490,11 +491,7 @@ class _Plan:
 
     def _backward_launches(self, so, sdo):
         B, H, N, D = self.shape
-        sdq = self.out_strides  # dq, dk, dv take the memory format of q, k, v
-        sdk = torch.empty_like(torch.empty_strided(self.shape, self.qkv_strides[3:6] + (1,),
-                                                   device="meta")).stride()
-        sdv = torch.empty_like(torch.empty_strided(self.shape, self.qkv_strides[6:9] + (1,),
-                                                   device="meta")).stride()
+        sdq, sdk, sdv = self.out_strides, self.dk_strides, self.dv_strides
         common = (self.s_kpm, B, H, N)
         # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
         tiles = self.cfg["dq"]
