@@ -139,8 +139,8 @@ def block_sparse_attention(
     """
     # A fused call whose signature was checked and planned before goes straight to its plan
     # (batch-1 training is bound by host time; the checks below cost as much as the launches)
-    planned = (backend in ("auto", "fused") and rpe is None and attn_mask is None
-               and not torch.compiler.is_compiling())
+    planned = ((backend == "fused" or (backend == "auto" and q.is_cuda)) and rpe is None
+               and attn_mask is None and not torch.compiler.is_compiling())
     if planned:
         plan = fused.cached_plan("dispatch:" + backend, q, k, v, layout, block, scale, causal,
                                  key_padding_mask)
