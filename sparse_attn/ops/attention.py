@@ -53,6 +53,11 @@ def check_attention_inputs(q, k, v, layout, block, key_padding_mask=None, rpe=No
         raise ValueError(
             f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
             f"{(batch, seq)}")
+    for name, t in (("key_padding_mask", key_padding_mask), ("rpe", rpe),
+                    ("attn_mask", attn_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; it must be on the inputs' device, "
+                             f"{q.device}")
     if attn_mask is not None and tuple(attn_mask.shape) != (seq, seq):
         raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}; expected {(seq, seq)}")
     if rpe is not None:

@@ -233,6 +233,9 @@ def _check(q, k, v, layout, block, key_padding_mask):
                 key_padding_mask.shape[-1] != N:
             raise ValueError(f"key_padding_mask must be [batch, seq] = [{B}, {N}] (singleton "
                              f"middle dims allowed), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}; it must be on "
+                             f"q's device, {q.device}")
 
 
 # --------------------------------------------------------------------------------------
@@ -558,7 +561,7 @@ class _Plan:
 
 
 _PLANS = {}
-_PLANS_SIZE = 128
+_PLANS_SIZE = 64  # as the LUT cache: a plan keeps its LUTs alive (tens of MB each at 64k)
 
 
 def cached_plan(tag, q, k, v, layout, block, scale, causal, kpm):

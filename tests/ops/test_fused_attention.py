@@ -417,6 +417,9 @@ def test_bad_inputs_raise_value_error():
         fused_block_sparse_attention(q, k, v, L, 32, key_padding_mask=torch.zeros(1, 64))
     with pytest.raises(ValueError, match="same shape"):
         fused_block_sparse_attention(q, k[:, :1], v, L, 32)
+    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
+        fused_block_sparse_attention(q, k, v, L, 32,
+                                     key_padding_mask=torch.zeros(1, 128, device="meta"))
 
 
 def test_fused_supported_reasons():

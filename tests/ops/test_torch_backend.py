@@ -142,6 +142,10 @@ def test_dispatcher_validates_inputs():
         block_sparse_attention(q.int(), q.int(), q.int(), layout, 16)
     with pytest.raises(ValueError, match="backend"):
         block_sparse_attention(q, q, q, layout, 16, backend="cuda")
+    for name, t in (("key_padding_mask", torch.zeros(1, 64)), ("rpe", torch.zeros(64, 64)),
+                    ("attn_mask", torch.zeros(64, 64))):
+        with pytest.raises(ValueError, match=f"{name} is on meta"):
+            block_sparse_attention(q, q, q, layout, 16, **{name: t.to("meta")})
 
 
 def test_dispatcher_uses_torch_backend_on_cpu():
