@@ -23,9 +23,8 @@ Computing that key costs about as much as the launch itself (some 45 arguments p
 kernel). ``launcher.prepare(grid, **constexprs)`` returns a ``Prepared`` launch for a caller
 that knows its arguments keep their specialization from call to call (the same ints, the
 same tensor dtypes; the fused attention's per-signature plans do): it keys once, on its first
-launch, and after that checks only that every tensor is still 16-byte aligned. A caller that
-launches several kernels per call asks ``direct_context(tensors)`` once (hooks, current
-device and stream, alignment of its per-call tensors) and launches each with
+launch. Per call, the caller asks ``direct_context(tensors)`` once (hooks, current device and
+stream, alignment of the tensors that change between calls) and launches each kernel with
 ``prepared.launch(context, *args)``.
 ``tests/ops/sm90_compile.py`` checks, launch by launch, that both paths pass the same
 arguments to the same binary.
@@ -148,15 +147,15 @@ def direct_context(tensors):
 
 
 class Prepared:
-    """``prepared(*args)``: launch ``launcher``'s kernel on a fixed grid with fixed constexprs.
+    """A launch of ``launcher``'s kernel on a fixed grid with fixed constexprs, for a caller
+    whose arguments keep their specialization from call to call: the same ints and floats,
+    each tensor argument the same dtype (and None stays None), only the tensors' data change.
 
-    The caller promises that from call to call only the tensors' data change: the ints and
-    floats are the same, and each tensor argument has the same dtype (and None stays None).
-    Alignment is the one thing Triton specializes on that the caller cannot promise, so it is
-    checked on every call. The first launch goes through the ``Launcher`` (compiling if
-    needed); once one has run with every tensor 16-byte aligned, later aligned calls go
-    straight to the compiled kernel's launcher. Anything else (a misaligned tensor, another
-    current device, launch hooks, direct launches off) takes the ``Launcher`` path.
+    ``prepared(*args)`` launches through the ``Launcher`` (which keys every argument and
+    compiles if needed) and, the first time every tensor is 16-byte aligned, remembers the
+    compiled kernel. ``prepared.launch(context, *args)``, with ``context`` from
+    ``direct_context`` over the tensors that change between calls, then calls that kernel's
+    launcher directly; without a context or a remembered kernel it is ``prepared(*args)``.
     """
 
     __slots__ = ("launcher", "grid", "meta", "entry")
@@ -164,37 +163,20 @@ class Prepared:
     def __init__(self, launcher, grid, meta):
         self.launcher, self.meta = launcher, meta
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.entry = None  # (kernel, device, tensor positions, run, function, packed, tail)
+        self.entry = None  # (kernel, device, run, function, packed, tail)
 
     def __call__(self, *args):
-        entry = self.entry
-        if entry is not None and _DIRECT and not _hooks_installed():
-            fn, device, positions, run, function, packed, tail = entry
-            ptrs = 0
-            for i in positions:
-                ptrs |= args[i].data_ptr()
-            launcher = self.launcher
-            if not ptrs & 15 and _driver.active.get_current_device() == device and \
-                    getattr(launcher.module, launcher.name) is fn:
-                g = self.grid
-                run(g[0], g[1], g[2], _driver.active.get_current_stream(device), function,
-                    packed, None, _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook,
-                    *args, *tail)
-                return
         self.launcher(self.grid, *args, **self.meta)
-        if entry is None and _DIRECT:
+        if self.entry is None and _DIRECT:
             self.entry = self._lookup(args)
 
     def launch(self, context, *args):
-        """``self(*args)`` for a caller that has ``context = direct_context(...)`` over every
-        tensor in ``args`` that changes between calls (the ones that do not were checked when
-        the launch was first keyed)."""
         entry = self.entry
         if context is None or entry is None or entry[1] != context[0]:
             return self(*args)
-        fn, device, positions, run, function, packed, tail = entry
+        fn, _, run, function, packed, tail = entry
         launcher = self.launcher
-        if getattr(launcher.module, launcher.name) is not fn:
+        if getattr(launcher.module, launcher.name) is not fn:  # replaced (a test's stand-in)
             return self(*args)
         g = self.grid
         run(g[0], g[1], g[2], context[1], function, packed, None, _RUNTIME.launch_enter_hook,
@@ -202,12 +184,12 @@ class Prepared:
         return None
 
     def _lookup(self, args):
-        """The Launcher's cache entry for these arguments, when they are all aligned."""
-        positions = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        if any(args[i].data_ptr() % 16 for i in positions):
+        """The Launcher's cache entry for these arguments, when every tensor is aligned (the
+        ones that never change, such as look-up tables, are checked only here)."""
+        if any(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor)):
             return None
         launcher = self.launcher
         fn = getattr(launcher.module, launcher.name)
         device = _driver.active.get_current_device()
         hit = launcher.cache.get(launcher._key(fn, device, args, self.meta))
-        return None if hit is None else (fn, device, positions) + hit
+        return None if hit is None else (fn, device) + hit
