@@ -55,22 +55,83 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _work_item(WORK, w, n_work):
+    """Work item w: (row or column id = h * n_own + tile, LUT range lo, hi, workspace slot)."""
+    return (tl.load(WORK + w), tl.load(WORK + n_work + w), tl.load(WORK + 2 * n_work + w),
+            tl.load(WORK + 3 * n_work + w))
+
+
+@triton.jit
+def _load_rows(base, rows, stride, offs_d, N, BOUNDED: tl.constexpr):
+    """[len(rows), HEAD_DIM] tile of a [N, HEAD_DIM] matrix at base; rows past N read 0."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if BOUNDED:
+        return tl.load(ptrs, mask=(rows < N)[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_vec(base, idx, N, other, BOUNDED: tl.constexpr):
+    """base[idx] (float32 rows of LSE, delta or the key padding mask); past N reads other."""
+    if BOUNDED:
+        return tl.load(base + idx, mask=idx < N, other=other)
+    else:
+        return tl.load(base + idx)
+
+
+@triton.jit
+def _lut_row(NFULL, r, n_other, ONE_LOOP: tl.constexpr):
+    """(offset of LUT row / column r in IDX and BITS, its number of full tiles). ONE_LOOP
+    sends every tile through the masked loop (full tiles have all bits set): 0 full tiles."""
+    if ONE_LOOP:
+        nfull = 0
+    else:
+        nfull = tl.load(NFULL + r)
+    return r.to(tl.int64) * n_other, nfull
+
+
+@triton.jit
+def _bit_index(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNIT_M: tl.constexpr,
+               UNIT_N: tl.constexpr, BITS32: tl.constexpr, TRANS: tl.constexpr):
+    """Bit of score (m, n) in a tile's unit mask: (m // UNIT_M) * (BLOCK_N // UNIT_N) +
+    n // UNIT_N; [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] when TRANS."""
+    if TRANS:
+        idx = (tl.arange(0, BLOCK_M) // UNIT_M)[None, :] * (BLOCK_N // UNIT_N) + \
+            (tl.arange(0, BLOCK_N) // UNIT_N)[:, None]
+    else:
+        idx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
+            (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
+    if not BITS32:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
+def _keep(x, fill, BITS, it, bitidx, qrow, kcol, FINE: tl.constexpr, CAUSAL: tl.constexpr,
+          BITS32: tl.constexpr):
+    """x where a partial tile keeps the score, fill elsewhere: the unit bits of LUT entry it
+    (FINE) and the causal rule qrow >= kcol (qrow, kcol broadcast to x's shape)."""
+    if FINE:
+        bits = tl.load(BITS + it)
+        if BITS32:
+            bits = bits.to(tl.int32)
+        x = tl.where(((bits >> bitidx) & 1) != 0, x, fill)
+    if CAUSAL:
+        x = tl.where(qrow >= kcol, x, fill)
+    return x
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
                stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
                BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
                BITS32: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr):
     for it in range(lo, hi):
-        kt = tl.load(IDX + it)
-        cols = kt * BLOCK_N + offs_n
-        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if PARTIAL and not EVEN:
-            k = tl.load(k_ptrs, mask=(cols < N)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        cols = tl.load(IDX + it) * BLOCK_N + offs_n
+        k = _load_rows(K_base, cols, stride_kn, offs_d, N, PARTIAL and not EVEN)
+        v = _load_rows(V_base, cols, stride_vn, offs_d, N, PARTIAL and not EVEN)
         qk = _mm(q, tl.trans(k), UPCAST)
         if POS_SCALE and not PARTIAL and not HAS_KPM:
             # a full tile without key padding: every score is finite, and with a positive
@@ -82,20 +143,11 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
         else:
             s = qk * qk_scale
             if HAS_KPM:
-                if PARTIAL and not EVEN:
-                    kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
-                else:
-                    kpm = tl.load(KPM_base + cols)
+                kpm = _load_vec(KPM_base, cols, N, 0.0, PARTIAL and not EVEN)
                 s = s + kpm[None, :] * 1.4426950408889634
             if PARTIAL:
-                if FINE:
-                    bits = tl.load(BITS + it)
-                    if BITS32:
-                        bits = bits.to(tl.int32)
-                    keep = ((bits >> bitidx) & 1) != 0
-                    s = tl.where(keep, s, float("-inf"))
-                if CAUSAL:
-                    s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+                s = _keep(s, float("-inf"), BITS, it, bitidx, offs_m[:, None], cols[None, :],
+                          FINE, CAUSAL, BITS32)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
@@ -154,41 +206,25 @@ def fused_attn_fwd_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(WORK + w)  # = h * n_qt + query tile
-    lo = tl.load(WORK + n_work + w)
-    hi = tl.load(WORK + 2 * n_work + w)
-    slot = tl.load(WORK + 3 * n_work + w)
-    h = r // n_qt
-    qt = r % n_qt
+    r, lo, hi, slot = _work_item(WORK, w, n_work)  # r = h * n_qt + query tile
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    h64 = (r // n_qt).to(tl.int64)
+    offs_m = (r % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    if EVEN:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m < N)[:, None], other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, stride_qm, offs_d, N, not EVEN)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
     if HAS_KPM:
         KPM_base = KPM + b64 * stride_kpmb
     else:  # None: no pointer argument to pass
         KPM_base = KPM
-    bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
-        (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
-    if not BITS32:
-        bitidx = bitidx.to(tl.int64)
-    row = r.to(tl.int64) * n_kt
+    bitidx = _bit_index(BLOCK_M, BLOCK_N, UNIT_M, UNIT_N, BITS32, False)
+    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP)
     if FINE:
         BITS_row = BITS + row
     else:  # None
         BITS_row = BITS
-    if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
-        nfull = 0
-    else:
-        nfull = tl.load(NFULL + r)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -295,33 +331,17 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
               BITS32: tl.constexpr, UPCAST: tl.constexpr):
     for it in range(lo, hi):
-        kt = tl.load(IDX + it)
-        cols = kt * BLOCK_N + offs_n
-        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if PARTIAL and not EVEN:
-            k = tl.load(k_ptrs, mask=(cols < N)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < N)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        cols = tl.load(IDX + it) * BLOCK_N + offs_n
+        k = _load_rows(K_base, cols, stride_kn, offs_d, N, PARTIAL and not EVEN)
+        v = _load_rows(V_base, cols, stride_vn, offs_d, N, PARTIAL and not EVEN)
         s = _mm(q, tl.trans(k), UPCAST) * qk_scale
         if HAS_KPM:
-            if PARTIAL and not EVEN:
-                kpm = tl.load(KPM_base + cols, mask=cols < N, other=0.0)
-            else:
-                kpm = tl.load(KPM_base + cols)
+            kpm = _load_vec(KPM_base, cols, N, 0.0, PARTIAL and not EVEN)
             s = s + kpm[None, :] * 1.4426950408889634
         p = tl.math.exp2(s - lse[:, None])
         if PARTIAL:
-            if FINE:
-                bits = tl.load(BITS + it)
-                if BITS32:
-                    bits = bits.to(tl.int32)
-                keep = ((bits >> bitidx) & 1) != 0
-                p = tl.where(keep, p, 0.0)
-            if CAUSAL:
-                p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+            p = _keep(p, 0.0, BITS, it, bitidx, offs_m[:, None], cols[None, :], FINE, CAUSAL,
+                      BITS32)
         dp = _mm(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, UPCAST)
@@ -352,56 +372,35 @@ def fused_attn_bwd_dq_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    r = tl.load(WORK + w)
-    lo = tl.load(WORK + n_work + w)
-    hi = tl.load(WORK + 2 * n_work + w)
-    slot = tl.load(WORK + 3 * n_work + w)
-    h = r // n_qt
-    qt = r % n_qt
+    r, lo, hi, slot = _work_item(WORK, w, n_work)  # r = h * n_qt + query tile
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    h64 = (r // n_qt).to(tl.int64)
+    offs_m = (r % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     bh = b64 * H + h64
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom + \
-        offs_d[None, :]
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, stride_qm, offs_d, N, not EVEN)
+    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, stride_dom, offs_d, N,
+                    not EVEN)
+    o = _load_rows(O + b64 * stride_ob + h64 * stride_oh, offs_m, stride_om, offs_d, N, not EVEN)
+    lse = _load_vec(LSE + bh * N, offs_m, N, float("inf"), not EVEN)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if EVEN:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        o = tl.load(o_ptrs)
-        lse = tl.load(LSE + bh * N + offs_m)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + bh * N + offs_m, delta)
     else:
-        mrow = offs_m < N
-        q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
-        o = tl.load(o_ptrs, mask=mrow[:, None], other=0.0)
-        lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + bh * N + offs_m, delta, mask=mrow)
+        tl.store(DELTA + bh * N + offs_m, delta, mask=offs_m < N)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
     if HAS_KPM:
         KPM_base = KPM + b64 * stride_kpmb
     else:  # None: no pointer argument to pass
         KPM_base = KPM
-    bitidx = (tl.arange(0, BLOCK_M) // UNIT_M)[:, None] * (BLOCK_N // UNIT_N) + \
-        (tl.arange(0, BLOCK_N) // UNIT_N)[None, :]
-    if not BITS32:
-        bitidx = bitidx.to(tl.int64)
-    row = r.to(tl.int64) * n_kt
+    bitidx = _bit_index(BLOCK_M, BLOCK_N, UNIT_M, UNIT_N, BITS32, False)
+    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP)
     if FINE:
         BITS_row = BITS + row
     else:  # None
         BITS_row = BITS
-    if ONE_LOOP:  # every tile through the masked loop (full tiles have all bits set)
-        nfull = 0
-    else:
-        nfull = tl.load(NFULL + r)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
@@ -432,34 +431,18 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
                 FINE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 EVEN: tl.constexpr, BITS32: tl.constexpr, UPCAST: tl.constexpr):
     for it in range(lo, hi):
-        qt = tl.load(IDX + it)
-        rows = qt * BLOCK_M + offs_m
-        q_ptrs = Q_base + rows[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO_base + rows[:, None] * stride_dom + offs_d[None, :]
-        if PARTIAL and not EVEN:
-            mrow = rows < N
-            q = tl.load(q_ptrs, mask=mrow[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=mrow[:, None], other=0.0)
-            lse = tl.load(LSE_base + rows, mask=mrow, other=float("inf"))
-            delta = tl.load(DELTA_base + rows, mask=mrow, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE_base + rows)
-            delta = tl.load(DELTA_base + rows)
+        rows = tl.load(IDX + it) * BLOCK_M + offs_m
+        q = _load_rows(Q_base, rows, stride_qm, offs_d, N, PARTIAL and not EVEN)
+        do = _load_rows(DO_base, rows, stride_dom, offs_d, N, PARTIAL and not EVEN)
+        lse = _load_vec(LSE_base, rows, N, float("inf"), PARTIAL and not EVEN)
+        delta = _load_vec(DELTA_base, rows, N, 0.0, PARTIAL and not EVEN)
         sT = _mm(k, tl.trans(q), UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
         if HAS_KPM:
             sT = sT + kpm[:, None]
         pT = tl.math.exp2(sT - lse[None, :])
         if PARTIAL:
-            if FINE:
-                bits = tl.load(BITS + it)
-                if BITS32:
-                    bits = bits.to(tl.int32)
-                keep = ((bits >> bitidxT) & 1) != 0
-                pT = tl.where(keep, pT, 0.0)
-            if CAUSAL:
-                pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
+            pT = _keep(pT, 0.0, BITS, it, bitidxT, rows[None, :], offs_n[:, None], FINE, CAUSAL,
+                       BITS32)
         dv += _mm(pT.to(do.dtype), do, UPCAST)
         dpT = _mm(v, tl.trans(do), UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -489,51 +472,28 @@ def fused_attn_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
-    c = tl.load(WORK + w)  # = h * n_kt + key tile
-    lo = tl.load(WORK + n_work + w)
-    hi = tl.load(WORK + 2 * n_work + w)
-    slot = tl.load(WORK + 3 * n_work + w)
-    h = c // n_kt
-    kt = c % n_kt
+    c, lo, hi, slot = _work_item(WORK, w, n_work)  # c = h * n_kt + key tile
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    h64 = (c // n_kt).to(tl.int64)
     bh = b64 * H + h64
-    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (c % n_kt) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if EVEN:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(offs_n < N)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_n < N)[:, None], other=0.0)
+    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh, offs_n, stride_kn, offs_d, N, not EVEN)
+    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh, offs_n, stride_vn, offs_d, N, not EVEN)
     kpm = tl.zeros([BLOCK_N], tl.float32)
     if HAS_KPM:
-        if EVEN:
-            kpm = tl.load(KPM + b64 * stride_kpmb + offs_n) * 1.4426950408889634
-        else:
-            kpm = tl.load(KPM + b64 * stride_kpmb + offs_n, mask=offs_n < N,
-                          other=0.0) * 1.4426950408889634
-    # bit index of score (m, n) is (m // UNIT_M) * (BLOCK_N // UNIT_N) + n // UNIT_N; here [n, m]
-    bitidxT = (tl.arange(0, BLOCK_M) // UNIT_M)[None, :] * (BLOCK_N // UNIT_N) + \
-        (tl.arange(0, BLOCK_N) // UNIT_N)[:, None]
-    if not BITS32:
-        bitidxT = bitidxT.to(tl.int64)
+        kpm = _load_vec(KPM + b64 * stride_kpmb, offs_n, N, 0.0, not EVEN) * 1.4426950408889634
+    bitidxT = _bit_index(BLOCK_M, BLOCK_N, UNIT_M, UNIT_N, BITS32, True)  # [n, m]
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
-    col = c.to(tl.int64) * n_qt
+    col, nfull = _lut_row(NFULL, c, n_qt, ONE_LOOP)
     if FINE:
         BITS_col = BITS + col
     else:  # None
         BITS_col = BITS
-    if ONE_LOOP:
-        nfull = 0
-    else:
-        nfull = tl.load(NFULL + c)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
