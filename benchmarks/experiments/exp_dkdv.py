@@ -59,7 +59,7 @@ def dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, LD, IDX, WORK, WS_DK, WS_DV,
         else:
             qT = tl.trans(tl.load(Q + base + rows[:, None] * HEAD_DIM + offs_d[None, :]))
         do = tl.load(DO + base + rows[:, None] * HEAD_DIM + offs_d[None, :])
-        if VEC == 0:
+        if VEC == 0 or VEC == 5:
             lse = tl.load(LSE + bh * N + rows)
             delta = tl.load(DELTA + bh * N + rows)
         elif VEC == 2:
@@ -71,12 +71,23 @@ def dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, LD, IDX, WORK, WS_DK, WS_DV,
         else:
             lse = tl.zeros([BLOCK_M], tl.float32) + 8.0
             delta = tl.zeros([BLOCK_M], tl.float32)
-        sT = tl.dot(k, qT) * qk_scale
-        pT = tl.math.exp2(sT - lse[None, :])
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = (pT * (dpT - delta[None, :])).to(do.dtype)
-        dk += tl.dot(dsT, tl.trans(qT))
+        if VEC == 5:  # scores as [BLOCK_M, BLOCK_N]: LSE and delta index rows
+            q = tl.load(Q + base + rows[:, None] * HEAD_DIM + offs_d[None, :])
+            lse = tl.load(LSE + bh * N + rows)
+            delta = tl.load(DELTA + bh * N + rows)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = (p * (dp - delta[:, None])).to(do.dtype)
+            dk += tl.dot(tl.trans(ds), q)
+        else:
+            sT = tl.dot(k, qT) * qk_scale
+            pT = tl.math.exp2(sT - lse[None, :])
+            dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = (pT * (dpT - delta[None, :])).to(do.dtype)
+            dk += tl.dot(dsT, tl.trans(qT))
         if VEC >= 3:
             lse_c = lse_n
             delta_c = delta_n
@@ -131,7 +142,7 @@ def main():
                     scale, BLOCK_M=bm, BLOCK_N=blk, HEAD_DIM=D, HAS_SPLIT=lut.n_slots > 0,
                     VEC=vec, QT=qt, num_warps=warps, num_stages=stages)
             run()
-            for vec in (2, 3, 4):
+            for vec in (2, 3, 4, 5):
                 gk0 = gk.clone()
                 run(vec)
                 print("vec", vec, "same as vec0:", (gk - gk0).abs().max().item(), flush=True)
@@ -149,7 +160,7 @@ def main():
                                                 False))
             res["real fwd"] = fwd_us
             res["real bwd (dq + dkdv + reduces)"] = bwd_us
-            for vec in (0, 1, 2, 3, 4):
+            for vec in (0, 1, 5):
                 for qt in (0,):
                     for warps, stages in ((4, 2), (4, 3)):
                         res[f"dkdv vec{vec} qT{qt} w{warps} s{stages}"] = t(
