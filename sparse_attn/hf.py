@@ -155,7 +155,10 @@ def _sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                  attention_mask: Optional[torch.Tensor] = None, dtype=torch.float32,
                  **kwargs) -> Optional[torch.Tensor]:
     """Mask builder for ``AttentionMaskInterface``: the 2-D padding mask as BERT's additive
-    extended mask ``[batch, 1, 1, kv]`` (0 keeps, the dtype's minimum drops), or None."""
+    extended mask ``[batch, 1, 1, kv]`` (0 keeps, float32's minimum drops), or None.
+
+    float32 whatever the model's dtype: the kernels read the mask in float32, so a mask in
+    the model's dtype would be converted again in every layer."""
     if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
         raise ValueError(
             "block-sparse attention supports bidirectional encoder self-attention only (no "
@@ -166,9 +169,8 @@ def _sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
         raise ValueError(
             f"expected a [batch, seq] padding mask, got shape {tuple(attention_mask.shape)}")
     keep = attention_mask.bool()
-    dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
-    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    mask = mask.masked_fill(~keep, torch.finfo(dtype).min)
+    mask = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    mask = mask.masked_fill(~keep, torch.finfo(torch.float32).min)
     return mask[:, None, None, :]
 
 
@@ -195,8 +197,8 @@ def _hf_key_padding(attention_mask: Optional[torch.Tensor], batch: int, seq: int
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout):
     """Full attention for layers left dense (``layers`` names a subset)."""
     mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(query.dtype)
+    if mask is not None and mask.dtype != torch.bool:  # float32 (_sparse_mask): keep it finite
+        mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                          dropout_p=dropout if module.training else 0.0,
                                          scale=scaling)

@@ -338,6 +338,25 @@ def test_layer_subset():
     assert (a - b).abs().max() > 1e-3
 
 
+def test_padding_mask_float32_and_bf16_dense_layer_finite():
+    """The mask builder gives float32 whatever the model's dtype (the sparse kernels read it
+    so: no cast in every layer); a layer left dense clamps it into its own dtype, so that a
+    fully padded sequence gives finite outputs in bf16 on both kinds of layer."""
+    keep = torch.tensor([[1] * 8, [1] * 4 + [0] * 4, [0] * 8])
+    m = sahf._sparse_mask(3, 8, 8, attention_mask=keep, dtype=torch.bfloat16)
+    assert m.dtype == torch.float32 and m.shape == (3, 1, 1, 8)
+    assert (m[:, 0, 0] == 0).eq(keep.bool()).all()
+    model = make("bert", layers=2).to(torch.bfloat16).eval()
+    cfg = BigBirdSparsityConfig(HEADS, BLOCK, num_random_blocks=1, seed=2)
+    SparseAttentionUtils.replace_self_attention_layer_with_sparse_self_attention_layer(
+        model.config, [model.encoder.layer[1]], cfg)
+    ids, mask = batch("bert", seq=70)
+    mask[2] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_rejections():
     cfg = FixedSparsityConfig(HEADS, BLOCK)
     distil = transformers.DistilBertModel(transformers.DistilBertConfig(
