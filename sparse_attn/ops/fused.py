@@ -72,15 +72,19 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. BLOCK_M is the query tile, BLOCK_N
-# the key tile. Keyed by head_dim, then by block (None = any block). Chosen by
-# scripts/bench_attention.py on an H100 (see benchmarks/NOTES_fused.md).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, one_loop[, maxnreg]]) per kernel. BLOCK_M is the
+# query tile, BLOCK_N the key tile; maxnreg caps registers per thread (None: the compiler's
+# choice). Keyed by head_dim, then by block (None = any block). Chosen by
+# scripts/bench_attention.py and benchmarks/experiments/ on an H100 (see
+# benchmarks/NOTES_fused.md). The 64x64 backward kernels at head_dim 64 run 3-6% faster capped
+# at 168 registers (three programs per SM instead of two; exp_maxnreg.py).
+_BWD64 = (64, 64, 4, 3, False, 168)
 _CONFIGS = {
     32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
-    64: {None: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3)),
+    64: {None: dict(fwd=(64, 64, 4, 3), dq=_BWD64, dkdv=_BWD64),
          16: dict(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(32, 64, 4, 3)),
          32: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 3)),
-         128: dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 3), dkdv=(64, 64, 4, 3))},
+         128: dict(fwd=(128, 64, 8, 3), dq=_BWD64, dkdv=_BWD64)},
     128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 8, 2))},
 }
 _OVERRIDE = {}
@@ -110,14 +114,22 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, **kernels):
     if kernels:
         if head_dim not in _CONFIGS:
             raise ValueError(f"tile configs need head_dim in {tuple(_CONFIGS)}, got {head_dim!r}")
+        for name, cfg in kernels.items():
+            if name not in ("fwd", "dq", "dkdv"):
+                raise ValueError(f"tile configs are for the kernels 'fwd', 'dq' and 'dkdv', "
+                                 f"got {name!r}")
+            _tiles(cfg)
         _OVERRIDE.setdefault((head_dim, block), {}).update(kernels)
 
 
 def _tiles(cfg):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, one_loop]) -> 5-tuple. one_loop sends every
-    tile through the masked loop instead of a mask-free loop over full tiles then a masked
-    one (fewer pipeline fills when rows are short and mostly partial)."""
-    return tuple(cfg) + (False,) * (5 - len(cfg))
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, one_loop[, maxnreg]]) -> 6-tuple. one_loop
+    sends every tile through the masked loop instead of a mask-free loop over full tiles then
+    a masked one (fewer pipeline fills when rows are short and mostly partial)."""
+    if not 4 <= len(cfg) <= 6:
+        raise ValueError(f"a tile config is (BLOCK_M, BLOCK_N, num_warps, num_stages"
+                         f"[, one_loop[, maxnreg]]), got {cfg!r}")
+    return tuple(cfg) + (False, None)[len(cfg) - 4:]
 
 
 _CONFIG_CACHE = {}
@@ -442,13 +454,16 @@ class _Plan:
                         self.device, kind, self.lkey)
 
     def _meta(self, lut, tiles):
-        TM, TN, warps, stages, one_loop = tiles
+        TM, TN, warps, stages, one_loop, maxnreg = tiles
         N, D = self.shape[2], self.shape[3]
-        return dict(BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
+        meta = dict(BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
                     FINE=lut.fine, CAUSAL=self.causal, HAS_KPM=self.has_kpm,
                     EVEN=N % TM == 0 and N % TN == 0, BITS32=lut.bits32, UPCAST=self.upcast,
                     ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0, num_warps=warps,
                     num_stages=stages)
+        if maxnreg is not None and not _interpret():
+            meta["maxnreg"] = maxnreg
+        return meta
 
     def _forward_launches(self):
         B, H, N, D = self.shape

@@ -168,6 +168,11 @@ def test_split_min_knob():
             set_fused_config(split_min=bad)
     with pytest.raises(ValueError, match="head_dim"):
         set_fused_config(fwd=(64, 64, 4, 3))
+    with pytest.raises(ValueError, match="tile config"):
+        set_fused_config(64, None, fwd=(64, 64))
+    with pytest.raises(ValueError, match="'fwd', 'dq' and 'dkdv'"):
+        set_fused_config(64, None, bwd=(64, 64, 4, 3))
+    set_fused_config()
 
 
 @pytest.mark.parametrize("block", [16, 64])
@@ -222,6 +227,8 @@ def test_seq_not_multiple_of_tile(block, seq, causal):
     dict(fwd=(128, 128, 8, 2), dq=(128, 128, 8, 2), dkdv=(128, 128, 8, 2)),  # 64 bits/tile
     dict(fwd=(64, 128, 4, 2), dq=(32, 128, 4, 2), dkdv=(128, 32, 4, 2)),
     dict(fwd=(64, 32, 4, 3, True), dq=(64, 32, 4, 3, True), dkdv=(32, 64, 4, 3, True)),
+    dict(fwd=(64, 64, 4, 3, False, 128), dq=(64, 64, 4, 2, True, 168),
+         dkdv=(64, 64, 4, 3, False, 168)),  # register caps (ignored by the interpreter)
 ])
 @pytest.mark.parametrize("block", [16, 128])
 def test_other_tile_configs(cfg, block):
