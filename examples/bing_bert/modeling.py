@@ -278,7 +278,9 @@ class BertModel(nn.Module):
                     position_ids=None, inputs_embeds=None, pad_token_id=self.pad_token_id,
                     model_embeddings=self.embeddings)
         embedding_output = self.embeddings(input_ids, token_type_ids)
-        dtype = embedding_output.dtype
+        # the sparse layers read the mask in float32: built so, no layer casts it again
+        dtype = torch.float32 if self.sparse_attention_config is not None \
+            else embedding_output.dtype
         extended = attention_mask[:, None, None, :].to(dtype)
         extended = (1.0 - extended) * torch.finfo(dtype).min
         layers = self.encoder(embedding_output, extended, output_all_encoded_layers)
