@@ -6,6 +6,7 @@
 #   STAGES="bench tests" bash scripts/gpu_check.sh
 #   STAGES="launch split" bash scripts/gpu_check.sh   # launch cost; host vs GPU per step
 #   STAGES="ptests cprofile" bash scripts/gpu_check.sh # tests in 3 parallel groups; host profile
+#   STAGES=multigpu bash scripts/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/gpu_check.sh
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
@@ -51,6 +52,42 @@ for stage in $STAGES; do
         timeout 120 python3 scripts/profile_bert_step.py --seq 4096 --variant $v --cprofile
       done > "$OUT/cprofile_step_4096.log" 2>&1
       grep -A45 "ordered by: internal time" "$OUT/cprofile_step_4096.log" | head -100 ;;
+    multigpu)  # the example under `deepspeed --num_gpus N` (default: every GPU): BERT-base,
+      # seq 4096, ZeRO-2 bf16 for 200 steps, a resume from step 100, then ZeRO-3 fp16
+      NG=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      MD=/tmp/multigpu; mkdir -p $MD
+      python3 - "$MD" <<'PY'
+import json, sys
+md = sys.argv[1]
+cfg = json.load(open("configs/bing_bert/ds_sa_bert_base_seq4096_zero2.json"))
+cfg["scheduler"]["params"].update(total_num_steps=200, warmup_num_steps=20)
+cfg["tensorboard"]["enabled"] = False
+json.dump(cfg, open(f"{md}/zero2_bf16.json", "w"), indent=2)
+cfg["zero_optimization"] = {"stage": 3}
+cfg["bf16"]["enabled"], cfg["fp16"]["enabled"] = False, True
+json.dump(cfg, open(f"{md}/zero3_fp16.json", "w"), indent=2)
+PY
+      TRAIN=examples/bing_bert/ds_sa_train_bert_base_seq4096.sh
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2 STEPS=200 timeout 300 \
+        bash $TRAIN --save_every 100 --log_every 1 --eval_every 100 --no_progress_bar \
+        > "$OUT/multigpu_zero2.log" 2>&1; echo "zero2 exit $?"
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2_resumed STEPS=106 timeout 200 \
+        bash $TRAIN --log_every 1 --eval_every 0 --no_progress_bar \
+        --load_checkpoint_dir $MD/zero2/checkpoints --load_checkpoint_tag step_100 \
+        > "$OUT/multigpu_zero2_resumed.log" 2>&1; echo "zero2 resume exit $?"
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero3_fp16.json OUT_DIR=$MD/zero3 STEPS=40 timeout 200 \
+        bash $TRAIN --log_every 1 --eval_every 0 --no_progress_bar \
+        > "$OUT/multigpu_zero3_fp16.log" 2>&1; echo "zero3 exit $?"
+      cp $MD/zero2/metrics.jsonl "$OUT/multigpu_zero2_metrics.jsonl"
+      cp $MD/zero2_resumed/metrics.jsonl "$OUT/multigpu_zero2_resumed_metrics.jsonl"
+      cp $MD/zero3/metrics.jsonl "$OUT/multigpu_zero3_fp16_metrics.jsonl"
+      python3 scripts/check_two_gpu_run.py --world "$NG" --log "$OUT/multigpu_zero2.log" \
+        --metrics $MD/zero2/metrics.jsonl --resumed-log "$OUT/multigpu_zero2_resumed.log" \
+        --resumed-metrics $MD/zero2_resumed/metrics.jsonl --out "$OUT/multigpu_zero2_check.json"
+      python3 scripts/check_two_gpu_run.py --world "$NG" --log "$OUT/multigpu_zero3_fp16.log" \
+        --metrics $MD/zero3/metrics.jsonl --out "$OUT/multigpu_zero3_fp16_check.json"
+      (cd "$OUT" && tar czf multigpu.tgz multigpu_* && rm -f multigpu_*) ;;  # few files come back
     train)
       python3 - <<'PY'
 import json
