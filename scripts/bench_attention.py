@@ -400,6 +400,8 @@ def main():
             t0 = time.time()
             r = run_row(N, B, name, blk, args, flex)
             rows.append(r)
+            result["rows"] = rows
+            write_outputs(result, args)  # after every row: a run cut short keeps its rows
             t = r["ms"]
             print(f"N={N} B={B} {name:7s} blk={blk:3d} dens={r['density']:.3f} "
                   f"tile={r['tile_density']:.3f} err={max(r['errors'].values()):.1e} | fwd "
