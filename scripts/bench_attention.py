@@ -401,7 +401,7 @@ def main():
             r = run_row(N, B, name, blk, args, flex)
             rows.append(r)
             result["rows"] = rows
-            write_outputs(result, args)  # after every row: a run cut short keeps its rows
+            write_outputs(result, args, echo=False)  # a run cut short keeps its rows
             t = r["ms"]
             print(f"N={N} B={B} {name:7s} blk={blk:3d} dens={r['density']:.3f} "
                   f"tile={r['tile_density']:.3f} err={max(r['errors'].values()):.1e} | fwd "
@@ -417,7 +417,7 @@ def main():
     write_outputs(result, args)
 
 
-def write_outputs(result, args):
+def write_outputs(result, args, echo=True):
     meta, rows = result["meta"], result.get("rows", [])
     os.makedirs(args.outdir, exist_ok=True)
     base = os.path.join(args.outdir, f"attention_{args.tag}")
@@ -463,7 +463,8 @@ def write_outputs(result, args):
         md.append("")
     with open(base + ".md", "w") as f:
         f.write("\n".join(md))
-    print("\n".join(md))
+    if echo:
+        print("\n".join(md))
     out = os.environ.get("OUT")
     if out and os.path.realpath(out) != os.path.realpath(args.outdir):
         import shutil

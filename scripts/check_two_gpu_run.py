@@ -46,10 +46,11 @@ def main(argv=None):
     checks["transformer kernel off"] = all(v["transformer_kernel"] == "off"
                                            for v in summary["ranks"].values())
 
-    rows = [r for r in read_metrics(args.metrics) if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in read_metrics(args.metrics) if "eval_loss" in r]
+    records = read_metrics(args.metrics)
+    rows = [r for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     losses = [r["loss"] for r in rows]
-    summary["steps"] = len(rows) and rows[-1]["step"]
+    summary["steps"] = rows[-1]["step"] if rows else 0
     k = max(1, min(10, len(losses) // 4))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     summary.update(first_loss_avg=first, last_loss_avg=last, evals=evals,
