@@ -255,8 +255,9 @@ def _check(q, k, v, layout, block, key_padding_mask):
 # --------------------------------------------------------------------------------------
 class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
-    __slots__ = ("idx", "bits", "nfull", "ntot", "work", "n_work", "n_slots", "split",
-                 "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine", "bits32")
+    __slots__ = ("idx", "bits", "nfull", "ntot", "all_full", "nfull_arg", "work", "n_work",
+                 "n_slots", "split", "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine",
+                 "bits32")
 
 
 def _tile_tables(layout, block, TM, TN, N, causal, device):
@@ -293,23 +294,29 @@ def _tile_tables(layout, block, TM, TN, N, causal, device):
 
 
 def _split_chunk(total_tiles, device):
-    """Longest run of tiles one program takes. A row (column) of the LUT longer than this,
-    a BigBird global row say, is cut into near-equal work items that run in parallel and are
-    merged after (otherwise one program walks the whole row while the GPU idles)."""
+    """Target length of one work item, in tiles. ``total_tiles``: the tiles of the whole call
+    (every batch). A row (column) of the LUT of length L becomes round(L / S) near-equal
+    items (at least one) that run in parallel and are merged after: a BigBird global row
+    would otherwise be one program walking the whole row while the GPU idles. S is a third
+    of the tiles per SM, so that an item is not much longer than what one of the ~3-4
+    programs an SM holds gets on average; shorter items only add merge work (H200 sweep of
+    S, benchmarks/experiments/exp_chunk.py)."""
     if device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n_sm = 4
-    return max(_SPLIT_MIN, -(-total_tiles // (2 * n_sm)))
+    return max(_SPLIT_MIN, -(-total_tiles // (3 * n_sm)))
 
 
 _SPLIT_MIN_DEFAULT = 16
 _SPLIT_MIN = _SPLIT_MIN_DEFAULT
 
 
-def _make_lut(nz, full, bits, meta):
+def _make_lut(nz, full, bits, meta, batch):
     """nz/full/bits [H, n_own, n_other] -> _Lut: per row the tiles, full ones first, and the
-    work items (row, lo, hi, slot), longest first. One host sync (the work list), once."""
+    work items (row, lo, hi, slot), longest first, for a call of ``batch`` batches (the
+    items are the same in every batch; their length depends on the whole call's work).
+    One host sync (the work list), once."""
     H, n_own, n_other = nz.shape
     device = nz.device
     key = nz.to(torch.int8) + full.to(torch.int8)
@@ -322,9 +329,12 @@ def _make_lut(nz, full, bits, meta):
         lut.bits = None  # coarse layout: no masks inside tiles
     lut.nfull = full.sum(-1).to(torch.int32).reshape(-1).contiguous()
     lut.ntot = nz.sum(-1).reshape(-1).to(torch.int32).contiguous()
-    lens = lut.ntot.cpu().to(torch.int64)  # the one host sync of a LUT build
-    S = _split_chunk(int(lens.sum()), device)
-    nc = torch.clamp((lens + S - 1) // S, min=1)
+    counts = torch.stack([lut.ntot, lut.nfull]).cpu().to(torch.int64)  # the one host sync
+    lens = counts[0]
+    lut.all_full = bool(counts[1].sum() == lens.sum())  # no tile needs a mask
+    lut.nfull_arg = None if lut.all_full else lut.nfull  # the kernels then never read it
+    S = _split_chunk(int(lens.sum()) * batch, device)
+    nc = torch.clamp((lens + S // 2) // S, min=1)
     R = lens.numel()
     n_items = int(nc.sum())
     item_row = torch.repeat_interleave(torch.arange(R), nc)
@@ -361,12 +371,13 @@ _LUT_CACHE = OrderedDict()
 _LUT_CACHE_SIZE = 64
 
 
-def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
-    """kind 'row' (forward, dq) or 'col' (dk/dv). Cached; built with device ops only.
-    ``layout_key``: ``layout_identity(layout)`` when the caller has it already."""
+def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1):
+    """kind 'row' (forward, dq) or 'col' (dk/dv), for calls of ``batch`` batches. Cached;
+    built with device ops only. ``layout_key``: ``layout_identity(layout)`` when the caller
+    has it already."""
     if layout_key is None:
         layout_key = layout_identity(layout)
-    key = (layout_key, block, TM, TN, N, causal, device, kind)
+    key = (layout_key, block, TM, TN, N, causal, device, kind, batch)
     hit = _LUT_CACHE.get(key)
     if hit is not None:
         _LUT_CACHE.move_to_end(key)
@@ -377,7 +388,7 @@ def _get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None):
         if kind == "col":
             nz, full = nz.transpose(1, 2), full.transpose(1, 2)
             bits = bits.transpose(1, 2) if bits is not None else None
-        return _make_lut(nz, full, bits, meta)
+        return _make_lut(nz, full, bits, meta, batch)
 
     lut = build_outside_graph_pools(build, device)
     _LUT_CACHE[key] = (layout, lut)  # the reference keeps the storage (and its key) alive
@@ -451,7 +462,7 @@ class _Plan:
     def _lut(self, kind, tiles):
         TM, TN = tiles[:2]
         return _get_lut(self.layout, self.block, TM, TN, self.shape[2], self.causal,
-                        self.device, kind, self.lkey)
+                        self.device, kind, self.lkey, self.shape[0])
 
     def _meta(self, lut, tiles):
         TM, TN, warps, stages, one_loop, maxnreg = tiles
@@ -459,7 +470,8 @@ class _Plan:
         meta = dict(BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
                     FINE=lut.fine, CAUSAL=self.causal, HAS_KPM=self.has_kpm,
                     EVEN=N % TM == 0 and N % TN == 0, BITS32=lut.bits32, UPCAST=self.upcast,
-                    ONE_LOOP=one_loop, HAS_SPLIT=lut.n_slots > 0, num_warps=warps,
+                    ONE_LOOP=one_loop, ALL_FULL=lut.all_full and not one_loop,
+                    HAS_SPLIT=lut.n_slots > 0, num_warps=warps,
                     num_stages=stages)
         if maxnreg is not None and not _interpret():
             meta["maxnreg"] = maxnreg
@@ -501,8 +513,8 @@ class _Plan:
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
-        main.launch(ctx, q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull, lut.work, ws_acc,
-                    ws_ml, *ints)
+        main.launch(ctx, q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull_arg, lut.work,
+                    ws_acc, ws_ml, *ints)
         if combine is not None:
             combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
         return out, lse
@@ -565,11 +577,11 @@ class _Plan:
         ctx = direct_context((q, k, v, out, do, dq, dk, dv, lse, delta, kpm, ws_dq, ws_dk,
                               ws_dv))
         dq_k.launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, dq_lut.idx, dq_lut.bits,
-                    dq_lut.nfull, dq_lut.work, ws_dq, *dq_ints)
+                    dq_lut.nfull_arg, dq_lut.work, ws_dq, *dq_ints)
         if dq_reduce is not None:
             dq_reduce.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
         dkdv_k.launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, kv_lut.idx, kv_lut.bits,
-                      kv_lut.nfull, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
+                      kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
         if kv_reduce is not None:
             kv_reduce.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
         return dq, dk, dv

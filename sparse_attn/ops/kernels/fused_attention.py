@@ -18,8 +18,8 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
                               L2). One tensor, so one pointer argument (each pointer costs a
                               driver call per launch)
   SPLIT [3, n_split]          the split rows, their first slot and number of items
-KPM, BITS and the workspaces are None (no pointer argument at all) when HAS_KPM, FINE or
-HAS_SPLIT is off. O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the
+KPM, BITS, NFULL and the workspaces are None (no pointer argument at all) when HAS_KPM,
+FINE, ALL_FULL (no partial tile in the whole LUT) or HAS_SPLIT say they are not needed. O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the
 gradients can keep the memory format of q, k, v.
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
@@ -81,11 +81,15 @@ def _load_vec(base, idx, N, other, BOUNDED: tl.constexpr):
 
 
 @triton.jit
-def _lut_row(NFULL, r, n_other, ONE_LOOP: tl.constexpr):
+def _lut_row(NFULL, r, n_other, ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr):
     """(offset of LUT row / column r in IDX and BITS, its number of full tiles). ONE_LOOP
-    sends every tile through the masked loop (full tiles have all bits set): 0 full tiles."""
+    sends every tile through the masked loop (full tiles have all bits set): 0 full tiles.
+    ALL_FULL: the LUT has no partial tile at all, so every tile is full (no load; the
+    kernels then compile the mask-free loop only)."""
     if ONE_LOOP:
         nfull = 0
+    elif ALL_FULL:
+        nfull = n_other
     else:
         nfull = tl.load(NFULL + r)
     return r.to(tl.int64) * n_other, nfull
@@ -199,7 +203,8 @@ def fused_attn_fwd_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr, POS_SCALE: tl.constexpr):
+        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+        POS_SCALE: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
@@ -220,7 +225,7 @@ def fused_attn_fwd_kernel(
     else:  # None: no pointer argument to pass
         KPM_base = KPM
     bitidx = _bit_index(BLOCK_M, BLOCK_N, UNIT_M, UNIT_N, BITS32, False)
-    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP)
+    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP, ALL_FULL)
     if FINE:
         BITS_row = BITS + row
     else:  # None
@@ -233,10 +238,11 @@ def fused_attn_fwd_kernel(
                                    BITS_row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
                                    offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
                                    FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row, BITS_row,
-                               tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n,
-                               offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
-                               HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
+    if not ALL_FULL:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
+                                   BITS_row, tl.maximum(lo, nfull), hi, stride_kn, stride_vn,
+                                   offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, True,
+                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
     if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
         if slot < 0:
             _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
@@ -364,7 +370,7 @@ def fused_attn_bwd_dq_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
+        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """O, DO, DQ: [B, H, N, HEAD_DIM] with their own strides (last one 1); LSE, DELTA
     contiguous [B, H, N] float32.
     Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
@@ -396,7 +402,7 @@ def fused_attn_bwd_dq_kernel(
     else:  # None: no pointer argument to pass
         KPM_base = KPM
     bitidx = _bit_index(BLOCK_M, BLOCK_N, UNIT_M, UNIT_N, BITS32, False)
-    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP)
+    row, nfull = _lut_row(NFULL, r, n_kt, ONE_LOOP, ALL_FULL)
     if FINE:
         BITS_row = BITS + row
     else:  # None
@@ -407,10 +413,11 @@ def fused_attn_bwd_dq_kernel(
                        lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
                        UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
-                   tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
-                   UPCAST)
+    if not ALL_FULL:
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
+                       tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                       bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
+                       UPCAST)
     if HAS_SPLIT:  # else WS is None and every slot is -1
         if slot < 0:
             _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
@@ -466,7 +473,7 @@ def fused_attn_bwd_dkdv_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, HAS_SPLIT: tl.constexpr):
+        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """Column LUT: one program per (key tile, batch); DO, DK, DV [B, H, N, D] with their own
     strides (last one 1)."""
     pid = tl.program_id(0)
@@ -489,7 +496,7 @@ def fused_attn_bwd_dkdv_kernel(
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     LSE_base = LSE + bh * N
     DELTA_base = DELTA + bh * N
-    col, nfull = _lut_row(NFULL, c, n_qt, ONE_LOOP)
+    col, nfull = _lut_row(NFULL, c, n_qt, ONE_LOOP, ALL_FULL)
     if FINE:
         BITS_col = BITS + col
     else:  # None
@@ -501,10 +508,11 @@ def fused_attn_bwd_dkdv_kernel(
                              IDX + col, BITS_col, lo, tl.minimum(hi, nfull), stride_qm,
                              stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
                              False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
-    dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                         IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
-                         stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
-                         True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+    if not ALL_FULL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
+                             IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
+                             stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M,
+                             HEAD_DIM, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
     if HAS_SPLIT:  # else WS_DK, WS_DV are None and every slot is -1
         if slot < 0:
             _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
