@@ -417,6 +417,15 @@ def main():
     write_outputs(result, args)
 
 
+def _graph_rate(r, kind):
+    """Fused TFLOP/s over dense TFLOP/s from the CUDA-graph times; kind 'fwd' or 'fb'. The
+    FLOP ratio (computed tiles over the dense square) is the eager rate times the eager time
+    ratio, so rows stored without it can be rendered again."""
+    t = r["ms"]
+    flop_ratio = r[f"rate_vs_dense_{kind}"] * t[f"fused_{kind}"] / t[f"dense_{kind}"]
+    return flop_ratio * t[f"graph_dense_{kind}"] / t[f"graph_fused_{kind}"]
+
+
 def write_outputs(result, args, echo=True):
     meta, rows = result["meta"], result.get("rows", [])
     os.makedirs(args.outdir, exist_ok=True)
@@ -428,7 +437,7 @@ def write_outputs(result, args, echo=True):
           f"Date {meta['date']}; torch {meta['torch']}; triton {meta['triton']}; bf16, "
           f"{H} heads, head_dim {D}; times in ms ({meta['timing']}).", "",
           "Command(s), run from the repository root on the GPU machine:", ""] + \
-        [f"    {c}" for c in cmds] + ["",
+        [f"    {c}" for c in cmds] + [""] + ([meta["note"], ""] if meta.get("note") else []) + [
           "Density: of the block layout; tile density: of the tile-level layout the fused "
           "forward visits. TFLOP/s of the fused kernel count only the tiles it computes "
           "(FlashAttention convention: 2 matmuls forward, 5 backward). Targets: T1 fused "
@@ -440,15 +449,21 @@ def write_outputs(result, args, echo=True):
     if rows:
         md += [HEADER] + [fmt_row(r) for r in rows] + [""]
         if any("graph_fused_fwd" in r["ms"] for r in rows):
-            md += ["GPU time alone (CUDA graph replays, no host launch cost), ms:", "",
+            md += ["GPU time alone (CUDA graph replays, no host launch cost), ms, and the "
+                   "rates of T3 on these times (the kernels' rate, whatever the host):", "",
                    "| seq x batch | layout, block | dense fwd | fused fwd | dense fwd+bwd | "
-                   "fused fwd+bwd |", "| --- | --- | --- | --- | --- | --- |"]
+                   "fused fwd+bwd | rate fwd | rate fwd+bwd | T3 on GPU time |",
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for r in rows:
                 t = r["ms"]
                 if "graph_fused_fwd" in t:
+                    rf, rb = _graph_rate(r, "fwd"), _graph_rate(r, "fb")
+                    t3 = "n/a" if r["block"] < 64 else \
+                        ("yes" if rf >= 0.6 and rb >= 0.5 else "NO")
                     md.append(f"| {r['seq']} x{r['batch']} | {r['layout']} {r['block']} | "
                               f"{t['graph_dense_fwd']:.3f} | {t['graph_fused_fwd']:.3f} | "
-                              f"{t['graph_dense_fb']:.3f} | {t['graph_fused_fb']:.3f} |")
+                              f"{t['graph_dense_fb']:.3f} | {t['graph_fused_fb']:.3f} | "
+                              f"{rf:.0%} | {rb:.0%} | {t3} |")
             md.append("")
     if "memory" in result:
         md += ["## Memory (forward+backward, BigBird block 64, batch 1, 16 heads)", "",

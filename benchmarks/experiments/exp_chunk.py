@@ -88,7 +88,7 @@ def one_loop_fwd(q_desc, k_desc, v_desc, o_desc, Q, K, V, O, LSE, IDX, WORK, WS_
         tl.store(LSE + base + qt * BLOCK + offs_n, lse)
 
 
-def one_loop_forward(q, k, v, lut, block, tma, stages=3):
+def one_loop_forward(q, k, v, lut, block, tma, stages=3, maxnreg=None):
     from triton.tools.tensor_descriptor import TensorDescriptor
     B, H, N, D = q.shape
     out = torch.empty_like(q)
@@ -101,7 +101,8 @@ def one_loop_forward(q, k, v, lut, block, tma, stages=3):
     one_loop_fwd[(lut.n_work * B,)](
         *descs, q, k, v, out, lse, lut.idx, lut.work, ws_acc, ws_ml,
         B, H, N, lut.n_own, lut.n_other, lut.n_work, D ** -0.5 * 1.4426950408889634,
-        BLOCK=block, HEAD_DIM=D, HAS_SPLIT=ns > 0, TMA=tma, num_warps=4, num_stages=stages)
+        BLOCK=block, HEAD_DIM=D, HAS_SPLIT=ns > 0, TMA=tma, num_warps=4, num_stages=stages,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}))
     if lut.n_split:
         fused_attn_fwd_combine_kernel[(lut.n_split * B,)](
             out, lse, ws_acc, ws_ml, lut.split, *out.stride()[:3], B, H, N, lut.n_own,

@@ -297,15 +297,15 @@ def _split_chunk(total_tiles, device):
     """Target length of one work item, in tiles. ``total_tiles``: the tiles of the whole call
     (every batch). A row (column) of the LUT of length L becomes round(L / S) near-equal
     items (at least one) that run in parallel and are merged after: a BigBird global row
-    would otherwise be one program walking the whole row while the GPU idles. S is a third
-    of the tiles per SM, so that an item is not much longer than what one of the ~3-4
-    programs an SM holds gets on average; shorter items only add merge work (H200 sweep of
-    S, benchmarks/experiments/exp_chunk.py)."""
+    would otherwise be one program walking the whole row while the GPU idles. S is the
+    share of one program slot (an SM holds ~4 programs of these kernels), so that no item
+    outlasts what every slot has to do anyway; shorter items only add merge work (H200
+    sweep: benchmarks/experiments/exp_chunk.py)."""
     if device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n_sm = 4
-    return max(_SPLIT_MIN, -(-total_tiles // (3 * n_sm)))
+    return max(_SPLIT_MIN, -(-total_tiles // (4 * n_sm)))
 
 
 _SPLIT_MIN_DEFAULT = 16
