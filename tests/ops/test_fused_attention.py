@@ -241,6 +241,52 @@ def test_other_tile_configs(cfg, block):
     run_and_compare(q, k, v, layout, block, kpm=kpm, causal=True)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_work_items_cover_each_row_once(batch):
+    """Each LUT row becomes max(1, round(L / S)) contiguous items that cover it exactly once,
+    S from the whole call's tiles (so a larger batch cuts rows into fewer, longer items);
+    tables are cached per batch."""
+    nb = 64
+    layout = bigbird_like(HEADS, nb, rand=0, window=1)  # rows of 2 tiles and one of 64
+    dev = torch.device(DEV)
+    lut = F_._get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=batch)
+    if batch == 1:
+        assert lut.n_split > 0  # the global row is cut
+    lens = lut.ntot.cpu().long()
+    S = F_._split_chunk(int(lens.sum()) * batch, dev)
+    work = lut.work.cpu().long()
+    assert work.shape == (4, lut.n_work)
+    for r in range(lens.numel()):
+        mine = work[:, work[0] == r]
+        spans = sorted(zip(mine[1].tolist(), mine[2].tolist()))
+        assert len(spans) == max(1, (int(lens[r]) + S // 2) // S)
+        assert spans[0][0] == 0 and spans[-1][1] == lens[r]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(hi - lo <= S + S // 2 for lo, hi in spans)
+        assert ((mine[3] >= 0) == (len(spans) > 1)).all()  # a workspace slot iff split
+    one = F_._get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=1)
+    assert (one is lut) == (batch == 1)
+    assert one.n_work >= lut.n_work
+
+
+@pytest.mark.parametrize("block, causal, want", [(64, False, True), (128, False, True),
+                                                 (64, True, False), (16, False, False)])
+def test_all_full_tables(block, causal, want):
+    """A table with no partial tile (coarse layout, no causal mask, sequence a multiple of
+    the tile) sets all_full, and then the kernels get no NFULL pointer; then both kinds of
+    table run against the reference."""
+    nb = SEQ // block
+    layout = bigbird_like(HEADS, nb, causal=causal, gen=torch.Generator().manual_seed(block))
+    dev = torch.device(DEV)
+    for kind in ("row", "col"):
+        lut = F_._get_lut(layout, block, 64, 64, SEQ, causal, dev, kind)
+        assert lut.all_full == want
+        assert (lut.nfull_arg is None) == want
+        assert lut.all_full == bool((lut.nfull == lut.ntot).all())
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=block)
+    run_and_compare(q, k, v, layout, block, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("block", [16, 64])
 def test_split_long_rows(dtype, block):
