@@ -184,24 +184,39 @@ def run_row(N, B, name, blk, args, flex):
     def dense_fb():
         F.scaled_dot_product_attention(q, k, v).backward(do)
 
-    t = {}
-    t["dense_fwd"] = bench(dense_f)
-    t["dense_fb"] = bench(dense_fb, [q, k, v])
-    t["fused_fwd"] = bench(fused_f)
-    t["fused_fb"] = bench(fused_fb, [q, k, v])
+    eager = {"dense_fwd": (dense_f, None), "dense_fb": (dense_fb, [q, k, v]),
+             "fused_fwd": (fused_f, None), "fused_fb": (fused_fb, [q, k, v])}
+    if flex is not None:
+        try:
+            bm, how = flex_setup(Ld, blk, N, dev)
+            r["flex_mask"] = how
+            eager["flex_fwd"] = (lambda: flex(q, k, v, block_mask=bm), None)
+            eager["flex_fb"] = (lambda: flex(q, k, v, block_mask=bm).backward(do), [q, k, v])
+        except Exception as e:  # report, keep going
+            r["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # Eager times swing with the lent machine's host (the same call measured 0.36 and 0.47 ms
+    # in two runs): every variant is timed in `rounds` interleaved rounds, the table takes
+    # each one's best round and the JSON keeps them all.
+    rounds = {name: [] for name in eager}
+    for _ in range(args.rounds):
+        for name, (fn, grads) in list(eager.items()):
+            if name not in eager:  # Flex failed earlier in this round
+                continue
+            try:
+                rounds[name].append(bench(fn, grads))
+            except Exception as e:  # Flex may fail at run time too: report, keep going
+                if not name.startswith("flex"):
+                    raise
+                r["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                eager.pop("flex_fwd", None), eager.pop("flex_fb", None)
+                rounds.pop("flex_fwd", None), rounds.pop("flex_fb", None)
+    t = {name: min(v) for name, v in rounds.items() if v}
+    r["ms_rounds"] = rounds
     if args.graph:
         t["graph_dense_fwd"] = bench_graph(dense_f)
         t["graph_dense_fb"] = bench_graph(dense_fb, [q, k, v])
         t["graph_fused_fwd"] = bench_graph(fused_f)
         t["graph_fused_fb"] = bench_graph(fused_fb, [q, k, v])
-    if flex is not None:
-        try:
-            bm, how = flex_setup(Ld, blk, N, dev)
-            r["flex_mask"] = how
-            t["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=bm))
-            t["flex_fb"] = bench(lambda: flex(q, k, v, block_mask=bm).backward(do), [q, k, v])
-        except Exception as e:  # report, keep going
-            r["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     r["ms"] = t
     dense_flops = 4.0 * B * H * N * N * D
     r["dense_tflops_fwd"] = dense_flops / t["dense_fwd"] / 1e9
@@ -361,6 +376,8 @@ def main():
                     help="fused kernel: rows of up to this many tiles are not split "
                          "(set_fused_config(split_min=...)) in the main table; default: the "
                          "library's")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="eager timings: interleaved rounds per variant; the best is kept")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "..", "benchmarks"))
@@ -374,7 +391,8 @@ def main():
         command="TORCHDYNAMO_CACHE_SIZE_LIMIT=" + os.environ["TORCHDYNAMO_CACHE_SIZE_LIMIT"] +
         " PYTHONPATH=. python3 " + " ".join(["scripts/bench_attention.py"] + sys.argv[1:]),
         heads=H, head_dim=D, dtype="bfloat16",
-        timing="triton.testing.do_bench median (warmup 25 ms, rep 100 ms)")
+        timing=f"triton.testing.do_bench median (warmup 25 ms, rep 100 ms); eager: the best "
+               f"of {args.rounds} interleaved rounds")
     print(json.dumps(meta), flush=True)
     all_rows = [(N, B, name, blk) for N, B in ROWS for name in LAYOUTS for blk in BLOCKS]
     if args.rows:
