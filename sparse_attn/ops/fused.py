@@ -254,7 +254,8 @@ def _check(q, k, v, layout, block, key_padding_mask):
 # Look-up tables
 # --------------------------------------------------------------------------------------
 class _Lut:
-    """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device)."""
+    """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device) and
+    batch size (which sets how long rows are cut into work items)."""
     __slots__ = ("idx", "bits", "nfull", "ntot", "all_full", "nfull_arg", "work", "n_work",
                  "n_slots", "split", "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine",
                  "bits32")

@@ -19,8 +19,9 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
                               driver call per launch)
   SPLIT [3, n_split]          the split rows, their first slot and number of items
 KPM, BITS, NFULL and the workspaces are None (no pointer argument at all) when HAS_KPM,
-FINE, ALL_FULL (no partial tile in the whole LUT) or HAS_SPLIT say they are not needed. O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the
-gradients can keep the memory format of q, k, v.
+FINE, ALL_FULL (no partial tile in the whole LUT) or HAS_SPLIT say they are not needed.
+O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the gradients can
+keep the memory format of q, k, v.
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
 tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUSAL) and, when
 the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
