@@ -189,6 +189,7 @@ def run_row(N, B, name, blk, args, flex):
     if flex is not None:
         try:
             bm, how = flex_setup(Ld, blk, N, dev)
+            flex(q, k, v, block_mask=bm).backward(do)  # compiles; a failure shows here
             r["flex_mask"] = how
             eager["flex_fwd"] = (lambda: flex(q, k, v, block_mask=bm), None)
             eager["flex_fb"] = (lambda: flex(q, k, v, block_mask=bm).backward(do), [q, k, v])
@@ -199,18 +200,9 @@ def run_row(N, B, name, blk, args, flex):
     # each one's best round and the JSON keeps them all.
     rounds = {name: [] for name in eager}
     for _ in range(args.rounds):
-        for name, (fn, grads) in list(eager.items()):
-            if name not in eager:  # Flex failed earlier in this round
-                continue
-            try:
-                rounds[name].append(bench(fn, grads))
-            except Exception as e:  # Flex may fail at run time too: report, keep going
-                if not name.startswith("flex"):
-                    raise
-                r["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                eager.pop("flex_fwd", None), eager.pop("flex_fb", None)
-                rounds.pop("flex_fwd", None), rounds.pop("flex_fb", None)
-    t = {name: min(v) for name, v in rounds.items() if v}
+        for name, (fn, grads) in eager.items():
+            rounds[name].append(bench(fn, grads))
+    t = {name: min(v) for name, v in rounds.items()}
     r["ms_rounds"] = rounds
     if args.graph:
         t["graph_dense_fwd"] = bench_graph(dense_f)
@@ -437,11 +429,12 @@ def main():
 
 def _graph_rate(r, kind):
     """Fused TFLOP/s over dense TFLOP/s from the CUDA-graph times; kind 'fwd' or 'fb'. The
-    FLOP ratio (computed tiles over the dense square) is the eager rate times the eager time
-    ratio, so rows stored without it can be rendered again."""
+    FLOPs are recovered from the stored eager rates and times (rows of older runs have no
+    FLOP counts of their own)."""
     t = r["ms"]
-    flop_ratio = r[f"rate_vs_dense_{kind}"] * t[f"fused_{kind}"] / t[f"dense_{kind}"]
-    return flop_ratio * t[f"graph_dense_{kind}"] / t[f"graph_fused_{kind}"]
+    fused_flops = r[f"fused_tflops_{kind}"] * t[f"fused_{kind}"]
+    dense_flops = r[f"dense_tflops_{kind}"] * t[f"dense_{kind}"]
+    return (fused_flops / t[f"graph_fused_{kind}"]) / (dense_flops / t[f"graph_dense_{kind}"])
 
 
 def write_outputs(result, args, echo=True):
