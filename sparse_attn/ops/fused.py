@@ -52,6 +52,10 @@ except Exception:  # pragma: no cover - triton missing
     triton = None
     _k = None
     _HAVE_TRITON = False
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - a Triton without host tensor descriptors
+    TensorDescriptor = None
 
 from .caching import build_outside_graph_pools, layout_identity
 from .launch import Launcher, direct_context
@@ -89,23 +93,42 @@ _CONFIGS = {
 }
 _OVERRIDE = {}
 
+# Kernels whose tiles of the other side (K, V for the forward and dq; Q, dO for dk/dv) come by
+# TMA, through host tensor descriptors, on GPUs that have it (compute capability 9+): one
+# copy instruction per tile instead of a [rows, head_dim] address tensor. H200, bf16, block 64,
+# 16 heads: forward 3-5% faster (benchmarks/NOTES_fused.md). Outputs are bit-identical to the
+# pointer path, which stays for older GPUs, the interpreter, and tensors whose base or strides
+# are not 16-byte aligned.
+_KERNELS = ("fwd", "dq", "dkdv")
+_TMA_DEFAULT = frozenset(_KERNELS)
+_TMA = None  # None: _TMA_DEFAULT on GPUs with TMA, nothing in the interpreter; else forced
 
-def set_fused_config(head_dim=None, block=None, *, split_min=None, **kernels):
-    """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``, or the
+
+def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **kernels):
+    """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``, the
     shortest run of tiles a LUT row is cut into (``split_min``; rows up to that length are
-    never split, which saves the merge launches at the cost of one long program).
+    never split, which saves the merge launches at the cost of one long program), or which
+    kernels load tiles by TMA (``tma``: True, False, or some of "fwd", "dq", "dkdv"; wherever
+    it can run: a GPU of compute capability 9+, or the interpreter).
 
     ``set_fused_config()`` with no argument clears every override. Used by the benchmarks.
     """
-    global _SPLIT_MIN
+    global _SPLIT_MIN, _TMA
     _CONFIG_CACHE.clear()
     _PLANS.clear()
-    if head_dim is None and split_min is None and not kernels:  # reset everything
+    if head_dim is None and split_min is None and tma is None and not kernels:  # reset
         _OVERRIDE.clear()
+        _TMA = None
         if _SPLIT_MIN != _SPLIT_MIN_DEFAULT:
             _SPLIT_MIN = _SPLIT_MIN_DEFAULT
             clear_lut_cache()
         return
+    if tma is not None:
+        names = _KERNELS if tma is True else () if tma is False else tuple(tma)
+        bad = [n for n in names if n not in _KERNELS]
+        if bad or isinstance(tma, str):
+            raise ValueError(f"tma must be True, False or some of {_KERNELS}, got {tma!r}")
+        _TMA = frozenset(names)
     if split_min is not None:
         if not isinstance(split_min, int) or isinstance(split_min, bool) or split_min < 1:
             raise ValueError(f"split_min must be a positive int, got {split_min!r}")
@@ -156,6 +179,29 @@ def _interpret():
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tma_kernels(device):
+    """The kernels that may load tiles by TMA on this device (see _TMA)."""
+    if TensorDescriptor is None:
+        return frozenset()
+    if _interpret():
+        return _TMA if _TMA is not None else frozenset()
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return frozenset()
+    return _TMA if _TMA is not None else _TMA_DEFAULT
+
+
+def _tma_layout_ok(t):
+    """Whether a TMA descriptor can describe t ([B, H, N, D], last stride 1): every other
+    stride a multiple of 16 bytes (the base is checked per call)."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def _descriptor(t, rows):
+    """Host TMA descriptor over t [B, H, N, D] for tiles of ``rows`` rows of one (b, h)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
 def fused_supported(q, k, v, *, rpe=None, attn_mask=None, layout=None, block=None):
@@ -438,6 +484,7 @@ class _Plan:
         q, k, v = _prep(q), _prep(k), _prep(v)
         B, H, N, D = self.shape = q.shape
         self.device = q.device
+        self.elem = q.element_size()
         self.cfg = _config(D, block)
         self.upcast = _upcast(q)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
@@ -450,6 +497,12 @@ class _Plan:
         self.kpm_direct = kpm is None or (kpm.dtype == torch.float32 and kpm.is_contiguous())
         self.has_kpm = kpm is not None
         self.s_kpm = N if kpm is not None else 0
+        # TMA per kernel: allowed here, and q/k/v's strides fit a descriptor (the bases, which
+        # change per call, are checked per call; a misaligned one takes the pointer kernel)
+        tma = _tma_kernels(self.device)
+        self.tma_fwd = "fwd" in tma and _tma_layout_ok(k) and _tma_layout_ok(v)
+        self.tma_dq = "dq" in tma and _tma_layout_ok(k) and _tma_layout_ok(v)
+        self.tma_dkdv = "dkdv" in tma and _tma_layout_ok(q)  # and dO's, per backward key
         self.fwd = None
         self.bwd = {}
 
@@ -465,14 +518,14 @@ class _Plan:
         return _get_lut(self.layout, self.block, TM, TN, self.shape[2], self.causal,
                         self.device, kind, self.lkey, self.shape[0])
 
-    def _meta(self, lut, tiles):
+    def _meta(self, lut, tiles, tma):
         TM, TN, warps, stages, one_loop, maxnreg = tiles
         N, D = self.shape[2], self.shape[3]
         meta = dict(BLOCK_M=TM, BLOCK_N=TN, HEAD_DIM=D, UNIT_M=lut.unit_m, UNIT_N=lut.unit_n,
                     FINE=lut.fine, CAUSAL=self.causal, HAS_KPM=self.has_kpm,
                     EVEN=N % TM == 0 and N % TN == 0, BITS32=lut.bits32, UPCAST=self.upcast,
                     ONE_LOOP=one_loop, ALL_FULL=lut.all_full and not one_loop,
-                    HAS_SPLIT=lut.n_slots > 0, num_warps=warps,
+                    HAS_SPLIT=lut.n_slots > 0, TMA=tma, num_warps=warps,
                     num_stages=stages)
         if maxnreg is not None and not _interpret():
             meta["maxnreg"] = maxnreg
@@ -483,8 +536,9 @@ class _Plan:
         tiles = self.cfg["fwd"]
         lut = self._lut("row", tiles)
         TM = tiles[0]
-        main = _fwd_kernel.prepare((lut.n_work * B,), POS_SCALE=self.scale > 0,
-                                   **self._meta(lut, tiles))
+        main = {tma: _fwd_kernel.prepare((lut.n_work * B,), POS_SCALE=self.scale > 0,
+                                         **self._meta(lut, tiles, tma))
+                for tma in {False, self.tma_fwd}}
         combine = None
         if lut.n_split:
             combine = _fwd_combine_kernel.prepare(
@@ -514,8 +568,14 @@ class _Plan:
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
-        main.launch(ctx, q, k, v, out, lse, kpm, lut.idx, lut.bits, lut.nfull_arg, lut.work,
-                    ws_acc, ws_ml, *ints)
+        if self.tma_fwd and not (k.data_ptr() | v.data_ptr()) & 15:
+            TN = self.cfg["fwd"][1]
+            main[True].launch(ctx, q, k, v, out, lse, kpm, _descriptor(k, TN),
+                              _descriptor(v, TN), lut.idx, lut.bits, lut.nfull_arg, lut.work,
+                              ws_acc, ws_ml, *ints)
+        else:
+            main[False].launch(ctx, q, k, v, out, lse, kpm, None, None, lut.idx, lut.bits,
+                               lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
         if combine is not None:
             combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
         return out, lse
@@ -527,7 +587,8 @@ class _Plan:
         # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
         tiles = self.cfg["dq"]
         dq_lut = self._lut("row", tiles)
-        dq = _dq_kernel.prepare((dq_lut.n_work * B,), **self._meta(dq_lut, tiles))
+        dq = {tma: _dq_kernel.prepare((dq_lut.n_work * B,), **self._meta(dq_lut, tiles, tma))
+              for tma in {False, self.tma_dq}}
         dq_ints = (*self.qkv_strides, *so[:3], *sdo[:3], *sdq[:3], *common, dq_lut.n_own,
                    dq_lut.n_other, dq_lut.n_work, self.scale * LOG2E, self.scale)
         TM = tiles[0]
@@ -539,7 +600,10 @@ class _Plan:
                           self.scale, self.scale)
         tiles = self.cfg["dkdv"]
         kv_lut = self._lut("col", tiles)
-        dkdv = _dkdv_kernel.prepare((kv_lut.n_work * B,), **self._meta(kv_lut, tiles))
+        tma_dkdv = self.tma_dkdv and all(s * self.elem % 16 == 0 for s in sdo[:3])
+        dkdv = {tma: _dkdv_kernel.prepare((kv_lut.n_work * B,),
+                                          **self._meta(kv_lut, tiles, tma))
+                for tma in {False, tma_dkdv}}
         dkdv_ints = (*self.qkv_strides, *sdo[:3], *sdk[:3], *sdv[:3], *common, kv_lut.n_own,
                      kv_lut.n_other, kv_lut.n_work, self.scale * LOG2E, self.scale)
         TN = tiles[1]
@@ -577,12 +641,26 @@ class _Plan:
             ws_dv = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
         ctx = direct_context((q, k, v, out, do, dq, dk, dv, lse, delta, kpm, ws_dq, ws_dk,
                               ws_dv))
-        dq_k.launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, dq_lut.idx, dq_lut.bits,
-                    dq_lut.nfull_arg, dq_lut.work, ws_dq, *dq_ints)
+        if True in dq_k and not (k.data_ptr() | v.data_ptr()) & 15:
+            TN = self.cfg["dq"][1]
+            dq_k[True].launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, _descriptor(k, TN),
+                              _descriptor(v, TN), dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg,
+                              dq_lut.work, ws_dq, *dq_ints)
+        else:
+            dq_k[False].launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, None, None,
+                               dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg, dq_lut.work, ws_dq,
+                               *dq_ints)
         if dq_reduce is not None:
             dq_reduce.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
-        dkdv_k.launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, kv_lut.idx, kv_lut.bits,
-                      kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
+        if True in dkdv_k and not (q.data_ptr() | do.data_ptr()) & 15:
+            TM = self.cfg["dkdv"][0]
+            dkdv_k[True].launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, _descriptor(q, TM),
+                                _descriptor(do, TM), kv_lut.idx, kv_lut.bits,
+                                kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
+        else:
+            dkdv_k[False].launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, None, None,
+                                 kv_lut.idx, kv_lut.bits, kv_lut.nfull_arg, kv_lut.work, ws_dk,
+                                 ws_dv, *dkdv_ints)
         if kv_reduce is not None:
             kv_reduce.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
         return dq, dk, dv

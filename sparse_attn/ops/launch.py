@@ -39,6 +39,10 @@ try:
 except Exception:  # pragma: no cover - triton missing
     triton = None
     _driver = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - a Triton without host tensor descriptors
+    TensorDescriptor = None
 
 __all__ = ["Launcher", "Prepared", "direct_context", "set_direct_launch"]
 
@@ -71,6 +75,10 @@ def _spec(a):
     """What Triton specializes an argument on (a superset of it)."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        # Triton specializes a host descriptor on its dtype and block; the rest is kept too
+        return (TensorDescriptor, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.shape),
+                tuple(a.strides), tuple(a.block_shape), a.padding)
     if isinstance(a, bool) or a is None or isinstance(a, float):
         return type(a), a if a is None or isinstance(a, bool) else None
     if isinstance(a, int):

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia import driver as nvidia  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -45,6 +46,9 @@ RECORDS = []  # (kernel name, grid, binary, every argument) per launch, tensors 
 def _arg(a):
     if isinstance(a, torch.Tensor):
         return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
+    if isinstance(a, TensorDescriptor):
+        return ("descriptor", _arg(a.base), tuple(a.shape), tuple(a.strides),
+                tuple(a.block_shape), a.padding)
     return a
 
 
@@ -164,8 +168,10 @@ def main() -> int:
 
     fused._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     fused._upcast = lambda q: False  # the GPU variant of every kernel
-    for block, d, seq, kpm, causal, split, tiles, how in CASES:
+    for (block, d, seq, kpm, causal, split, tiles, how), tma in (
+            (case, tma) for case in CASES for tma in (False, True)):
         fused.set_fused_config()
+        fused.set_fused_config(tma=tma)  # TMA descriptors (the H100 default) or pointers
         if tiles is not None:
             fused.set_fused_config(d, None, fwd=tiles)
         chunk = 4 if split else 1 << 30  # tiles per work item: split every row, or none
@@ -214,9 +220,14 @@ def main() -> int:
         if len(LAUNCHES) != want:
             print(f"FAIL: {len(LAUNCHES)} launches, expected {want}: {LAUNCHES}")
             return 1
+        descriptors = sum(isinstance(a, tuple) and a[:1] == ("descriptor",)
+                          for r in RECORDS for a in r[-1])
+        if tma != (descriptors > 0):
+            print(f"FAIL: tma {tma} but {descriptors} descriptors were passed")
+            return 1
         print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
-              f"{causal!s:5} split {split!s:5} {how:10}: {', '.join(LAUNCHES)}; direct "
-              f"launches match")
+              f"{causal!s:5} split {split!s:5} {how:10} tma {tma!s:5}: {', '.join(LAUNCHES)}; "
+              f"direct launches match")
     if not compile_matmul_softmax():
         return 1
     print(f"compiled for sm_90 with triton {triton.__version__}")

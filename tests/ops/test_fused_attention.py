@@ -313,6 +313,83 @@ def test_split_long_rows(dtype, block):
         F_.clear_lut_cache()
 
 
+def _count_descriptors(monkeypatch):
+    """Count the TMA descriptors the plans make (per kernel launch: two)."""
+    made = []
+    real = F_._descriptor
+    monkeypatch.setattr(F_, "_descriptor", lambda t, rows: made.append(rows) or real(t, rows))
+    return made
+
+
+# (dtype, block, head_dim, causal, key padding, seq, memory format): a coarse all-full table,
+# fine layouts with partial tiles, a sequence that is not a multiple of the tile (the
+# descriptor's bounds zero the rows past N), [B, N, H, D] views, split rows (block 16)
+_TMA_CASES = [
+    pytest.param(torch.bfloat16, 64, 64, False, False, SEQ, "strided", id="bf16-b64-full"),
+    pytest.param(torch.float16, 16, 64, True, True, SEQ, "bnhd", id="fp16-b16-causal-kpm-bnhd"),
+    pytest.param(torch.bfloat16, 32, 32, False, True, SEQ - 32, "strided",
+                 id="bf16-b32-d32-kpm-uneven"),
+    pytest.param(torch.float16, 128, 128, True, False, SEQ, "bnhd", id="fp16-b128-d128-causal"),
+]
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("dtype,block,d,causal,padded,seq,fmt", _TMA_CASES)
+def test_tma_and_pointer_paths(tma, dtype, block, d, causal, padded, seq, fmt, monkeypatch):
+    """Either way of loading the tiles that a row / column walks (TMA descriptors, or pointer
+    tensors) against the reference, and the two bit-identical. On a GPU with TMA the default
+    is TMA; the pointer path is what older GPUs and misaligned tensors take."""
+    made = _count_descriptors(monkeypatch)
+    gen = torch.Generator().manual_seed(block + d)
+    layout = bigbird_like(HEADS, -(-seq // block), causal=causal, gen=gen)
+    q, k, v = make_inputs(BATCH, HEADS, seq, d, dtype, seed=block, layout=fmt)
+    kpm = None
+    if padded:
+        kpm = torch.zeros(BATCH, seq, device=DEV)
+        kpm[0, seq - 21:] = float("-inf")
+        kpm[1, :5] = 0.5
+    outs = []
+    for use in (not tma, tma):  # the last run is the one compared with the reference
+        set_fused_config(tma=use)
+        for t in (q, k, v):
+            t.grad = None
+        made.clear()
+        torch.manual_seed(0)  # the same incoming gradient both times
+        out = run_and_compare(q, k, v, layout, block, causal=causal, kpm=kpm)
+        outs.append((out.detach(), q.grad, k.grad, v.grad))
+        assert len(made) == (6 if use else 0), made  # fwd, dq, dk/dv: two descriptors each
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_tma_falls_back_per_call_and_per_plan(monkeypatch):
+    """A base that is not 16-byte aligned takes the pointer kernel for that call (the plan
+    stays); strides that are not multiples of 16 bytes make a plan without TMA."""
+    made = _count_descriptors(monkeypatch)
+    set_fused_config(tma=True)
+    block, d = 64, 64
+    layout = bigbird_like(HEADS, SEQ // block, gen=torch.Generator().manual_seed(3))
+    q, k, v = make_inputs(1, HEADS, SEQ, d, torch.float16, seed=3)
+    n = k.numel()
+    buf = torch.randn(n + 4, device=DEV, dtype=torch.float16)
+    k_off = buf[4:].view_as(k).copy_(k.detach()).requires_grad_()  # base 8 bytes off
+    assert k_off.data_ptr() % 16 == 8 and k_off.stride() == k.stride()
+    run_and_compare(q, k_off, v, layout, block)
+    assert len(made) == 2  # forward and dq use k: pointers; dk/dv (q, dO) still TMA
+    made.clear()
+    wide = torch.randn(1, HEADS, SEQ, d + 4, device=DEV, dtype=torch.float16)
+    v_odd = wide[..., :d].copy_(v.detach()).requires_grad_()  # row stride 136 bytes
+    assert v_odd.stride(2) * 2 % 16 != 0
+    for t in (q, k_off):
+        t.grad = None
+    run_and_compare(q, k, v_odd, layout, block)
+    assert len(made) == 2  # only dk/dv (q, dO) fit a descriptor
+    with pytest.raises(ValueError, match="tma"):
+        set_fused_config(tma="fwd")
+    with pytest.raises(ValueError, match="tma"):
+        set_fused_config(tma=("fwd", "bwd"))
+
+
 @pytest.mark.parametrize("scale", [0.3, -0.3])
 def test_scale_and_noncontiguous_inputs(scale):
     """A custom scale (a negative one takes the forward kernel's other variant: the row max

@@ -73,6 +73,19 @@ def _load_rows(base, rows, stride, offs_d, N, BOUNDED: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(desc, base, b, h, first, rows, stride, offs_d, N, BOUNDED: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows first .. first + len(rows) - 1 (= rows) of the [N, HEAD_DIM] matrix (b, h): by
+    TMA through desc, a host descriptor over the [B, H, N, HEAD_DIM] tensor with block
+    [1, 1, len(rows), HEAD_DIM] (one copy instruction, no address tensor; rows past N read 0
+    as the descriptor's bounds say), else through pointers from base (that matrix's origin)."""
+    if TMA:
+        return tl.reshape(desc.load([b, h, first, 0]), [rows.shape[0], offs_d.shape[0]])
+    else:
+        return _load_rows(base, rows, stride, offs_d, N, BOUNDED)
+
+
+@triton.jit
 def _load_vec(base, idx, N, other, BOUNDED: tl.constexpr):
     """base[idx] (float32 rows of LSE, delta or the key padding mask); past N reads other."""
     if BOUNDED:
@@ -128,15 +141,19 @@ def _keep(x, fill, BITS, it, bitidx, qrow, kcol, FINE: tl.constexpr, CAUSAL: tl.
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
-               stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
+               b, h, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
                BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-               BITS32: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr):
+               BITS32: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr,
+               TMA: tl.constexpr):
     for it in range(lo, hi):
-        cols = tl.load(IDX + it) * BLOCK_N + offs_n
-        k = _load_rows(K_base, cols, stride_kn, offs_d, N, PARTIAL and not EVEN)
-        v = _load_rows(V_base, cols, stride_vn, offs_d, N, PARTIAL and not EVEN)
+        first = tl.load(IDX + it) * BLOCK_N
+        cols = first + offs_n
+        k = _load_tile(K_desc, K_base, b, h, first, cols, stride_kn, offs_d, N,
+                       PARTIAL and not EVEN, TMA)
+        v = _load_tile(V_desc, V_base, b, h, first, cols, stride_vn, offs_d, N,
+                       PARTIAL and not EVEN, TMA)
         qk = _mm(q, tl.trans(k), UPCAST)
         if POS_SCALE and not PARTIAL and not HAS_KPM:
             # a full tile without key padding: every score is finite, and with a positive
@@ -192,7 +209,7 @@ def _tile_store(OUT, x, b64, h64, offs_r, offs_d, s_b, s_h, s_m, N, EVEN: tl.con
 
 @triton.jit
 def fused_attn_fwd_kernel(
-        Q, K, V, O, LSE, KPM,
+        Q, K, V, O, LSE, KPM, K_DESC, V_DESC,
         IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -205,16 +222,18 @@ def fused_attn_fwd_kernel(
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
         ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr,
-        POS_SCALE: tl.constexpr):
+        POS_SCALE: tl.constexpr, TMA: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
-    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel."""
+    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel. TMA: K and V
+    tiles come through the descriptors K_DESC, V_DESC (else those are None)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
     r, lo, hi, slot = _work_item(WORK, w, n_work)  # r = h * n_qt + query tile
     b64 = b.to(tl.int64)
-    h64 = (r // n_qt).to(tl.int64)
+    h = r // n_qt
+    h64 = h.to(tl.int64)
     offs_m = (r % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -235,15 +254,17 @@ def fused_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
-                                   BITS_row, lo, tl.minimum(hi, nfull), stride_kn, stride_vn,
-                                   offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
-                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_DESC, V_DESC, K_base, V_base, KPM_base,
+                                   IDX + row, BITS_row, lo, tl.minimum(hi, nfull), b, h,
+                                   stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
+                                   qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN,
+                                   BITS32, UPCAST, POS_SCALE, TMA)
     if not ALL_FULL:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KPM_base, IDX + row,
-                                   BITS_row, tl.maximum(lo, nfull), hi, stride_kn, stride_vn,
-                                   offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, True,
-                                   FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_DESC, V_DESC, K_base, V_base, KPM_base,
+                                   IDX + row, BITS_row, tl.maximum(lo, nfull), hi, b, h,
+                                   stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
+                                   qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN,
+                                   BITS32, UPCAST, POS_SCALE, TMA)
     if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
         if slot < 0:
             _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
@@ -332,15 +353,18 @@ def fused_attn_bwd_reduce_kernel(WS, OUT, WS2, OUT2, SPLIT, s_b, s_h, s_m, s2_b,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
-              stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
+def _dq_inner(dq, q, do, lse, delta, K_desc, V_desc, K_base, V_base, KPM_base, IDX, BITS, lo,
+              hi, b, h, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale,
               BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
-              BITS32: tl.constexpr, UPCAST: tl.constexpr):
+              BITS32: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     for it in range(lo, hi):
-        cols = tl.load(IDX + it) * BLOCK_N + offs_n
-        k = _load_rows(K_base, cols, stride_kn, offs_d, N, PARTIAL and not EVEN)
-        v = _load_rows(V_base, cols, stride_vn, offs_d, N, PARTIAL and not EVEN)
+        first = tl.load(IDX + it) * BLOCK_N
+        cols = first + offs_n
+        k = _load_tile(K_desc, K_base, b, h, first, cols, stride_kn, offs_d, N,
+                       PARTIAL and not EVEN, TMA)
+        v = _load_tile(V_desc, V_base, b, h, first, cols, stride_vn, offs_d, N,
+                       PARTIAL and not EVEN, TMA)
         s = _mm(q, tl.trans(k), UPCAST) * qk_scale
         if HAS_KPM:
             kpm = _load_vec(KPM_base, cols, N, 0.0, PARTIAL and not EVEN)
@@ -357,7 +381,7 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX, BITS, lo, hi
 
 @triton.jit
 def fused_attn_bwd_dq_kernel(
-        Q, K, V, O, DO, DQ, LSE, DELTA, KPM,
+        Q, K, V, O, DO, DQ, LSE, DELTA, KPM, K_DESC, V_DESC,
         IDX, BITS, NFULL, WORK, WS,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -371,9 +395,10 @@ def fused_attn_bwd_dq_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr):
+        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+        TMA: tl.constexpr):
     """O, DO, DQ: [B, H, N, HEAD_DIM] with their own strides (last one 1); LSE, DELTA
-    contiguous [B, H, N] float32.
+    contiguous [B, H, N] float32. TMA: K and V tiles come through K_DESC, V_DESC.
     Also writes DELTA = rowsum(dO * O) of its query tile, which the dk/dv kernel (launched
     after this one) reads; the items of a split row all write the same values."""
     pid = tl.program_id(0)
@@ -381,7 +406,8 @@ def fused_attn_bwd_dq_kernel(
     w = pid // B
     r, lo, hi, slot = _work_item(WORK, w, n_work)  # r = h * n_qt + query tile
     b64 = b.to(tl.int64)
-    h64 = (r // n_qt).to(tl.int64)
+    h = r // n_qt
+    h64 = h.to(tl.int64)
     offs_m = (r % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -410,15 +436,15 @@ def fused_attn_bwd_dq_kernel(
         BITS_row = BITS
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
-                       lo, tl.minimum(hi, nfull), stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
-                       UPCAST)
+        dq = _dq_inner(dq, q, do, lse, delta, K_DESC, V_DESC, K_base, V_base, KPM_base,
+                       IDX + row, BITS_row, lo, tl.minimum(hi, nfull), b, h, stride_kn,
+                       stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, False,
+                       FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, TMA)
     if not ALL_FULL:
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, KPM_base, IDX + row, BITS_row,
-                       tl.maximum(lo, nfull), hi, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32,
-                       UPCAST)
+        dq = _dq_inner(dq, q, do, lse, delta, K_DESC, V_DESC, K_base, V_base, KPM_base,
+                       IDX + row, BITS_row, tl.maximum(lo, nfull), hi, b, h, stride_kn,
+                       stride_vn, offs_m, offs_n, offs_d, bitidx, N, qk_scale, BLOCK_N, True,
+                       FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST, TMA)
     if HAS_SPLIT:  # else WS is None and every slot is -1
         if slot < 0:
             _tile_store(DQ, dq * sm_scale, b64, h64, offs_m, offs_d, stride_dqb, stride_dqh,
@@ -433,15 +459,19 @@ def fused_attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, BITS, lo, hi,
-                stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr,
-                FINE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                EVEN: tl.constexpr, BITS32: tl.constexpr, UPCAST: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, kpm, Q_desc, DO_desc, Q_base, DO_base, LSE_base, DELTA_base, IDX,
+                BITS, lo, hi, b, h, stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N,
+                qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PARTIAL: tl.constexpr, FINE: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_KPM: tl.constexpr, EVEN: tl.constexpr, BITS32: tl.constexpr,
+                UPCAST: tl.constexpr, TMA: tl.constexpr):
     for it in range(lo, hi):
-        rows = tl.load(IDX + it) * BLOCK_M + offs_m
-        q = _load_rows(Q_base, rows, stride_qm, offs_d, N, PARTIAL and not EVEN)
-        do = _load_rows(DO_base, rows, stride_dom, offs_d, N, PARTIAL and not EVEN)
+        first = tl.load(IDX + it) * BLOCK_M
+        rows = first + offs_m
+        q = _load_tile(Q_desc, Q_base, b, h, first, rows, stride_qm, offs_d, N,
+                       PARTIAL and not EVEN, TMA)
+        do = _load_tile(DO_desc, DO_base, b, h, first, rows, stride_dom, offs_d, N,
+                        PARTIAL and not EVEN, TMA)
         lse = _load_vec(LSE_base, rows, N, float("inf"), PARTIAL and not EVEN)
         delta = _load_vec(DELTA_base, rows, N, 0.0, PARTIAL and not EVEN)
         sT = _mm(k, tl.trans(q), UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -460,7 +490,7 @@ def _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base, IDX, B
 
 @triton.jit
 def fused_attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+        Q, K, V, DO, DK, DV, LSE, DELTA, KPM, Q_DESC, DO_DESC,
         IDX, BITS, NFULL, WORK, WS_DK, WS_DV,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -474,15 +504,17 @@ def fused_attn_bwd_dkdv_kernel(
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
-        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr):
+        ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+        TMA: tl.constexpr):
     """Column LUT: one program per (key tile, batch); DO, DK, DV [B, H, N, D] with their own
-    strides (last one 1)."""
+    strides (last one 1). TMA: Q and dO tiles come through Q_DESC, DO_DESC."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
     c, lo, hi, slot = _work_item(WORK, w, n_work)  # c = h * n_kt + key tile
     b64 = b.to(tl.int64)
-    h64 = (c // n_kt).to(tl.int64)
+    h = c // n_kt
+    h64 = h.to(tl.int64)
     bh = b64 * H + h64
     offs_n = (c % n_kt) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -505,15 +537,17 @@ def fused_attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
-        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                             IDX + col, BITS_col, lo, tl.minimum(hi, nfull), stride_qm,
-                             stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M, HEAD_DIM,
-                             False, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_DESC, DO_DESC, Q_base, DO_base, LSE_base,
+                             DELTA_base, IDX + col, BITS_col, lo, tl.minimum(hi, nfull), b, h,
+                             stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N,
+                             qk_scale, BLOCK_M, HEAD_DIM, False, FINE, CAUSAL, HAS_KPM, EVEN,
+                             BITS32, UPCAST, TMA)
     if not ALL_FULL:
-        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_base, DO_base, LSE_base, DELTA_base,
-                             IDX + col, BITS_col, tl.maximum(lo, nfull), hi, stride_qm,
-                             stride_dom, offs_m, offs_n, offs_d, bitidxT, N, qk_scale, BLOCK_M,
-                             HEAD_DIM, True, FINE, CAUSAL, HAS_KPM, EVEN, BITS32, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kpm, Q_DESC, DO_DESC, Q_base, DO_base, LSE_base,
+                             DELTA_base, IDX + col, BITS_col, tl.maximum(lo, nfull), hi, b, h,
+                             stride_qm, stride_dom, offs_m, offs_n, offs_d, bitidxT, N,
+                             qk_scale, BLOCK_M, HEAD_DIM, True, FINE, CAUSAL, HAS_KPM, EVEN,
+                             BITS32, UPCAST, TMA)
     if HAS_SPLIT:  # else WS_DK, WS_DV are None and every slot is -1
         if slot < 0:
             _tile_store(DK, dk * sm_scale, b64, h64, offs_n, offs_d, stride_dkb, stride_dkh,
