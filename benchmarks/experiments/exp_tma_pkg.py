@@ -3,7 +3,9 @@ none, the forward only, forward + dq, all three, forward + dk/dv. GPU time (CUDA
 replays) of the forward and of forward+backward, beside dense SDPA in the same run; every
 variant's output and gradients are first checked bit-identical to the pointer path's.
 
-    PYTHONPATH=. python3 benchmarks/experiments/exp_tma_pkg.py
+    PYTHONPATH=. python3 benchmarks/experiments/exp_tma_pkg.py [variant ...] [--rows N]
+
+(variants: names of VARIANTS, default all; --rows N: the first N rows of ROWS)
 """
 import os
 import sys
@@ -23,10 +25,17 @@ ROWS = [(4, 4096, "bigbird", 64), (1, 16384, "bigbird", 64), (4, 4096, "fixed", 
 
 
 def main():
+    argv = sys.argv[1:]
+    n_rows = len(ROWS)
+    if "--rows" in argv:
+        i = argv.index("--rows")
+        n_rows = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    variants = {n: VARIANTS[n] for n in argv} if argv else VARIANTS
     H, D = 16, 64
     BA.H = H
     dev = torch.device("cuda")
-    for B, N, name, blk in ROWS:
+    for B, N, name, blk in ROWS[:n_rows]:
         layout = BA.make_layout(name, blk, N)[0].to(dev)
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -42,7 +51,7 @@ def main():
 
         ref = None
         res = {}
-        for vname, tma in VARIANTS.items():
+        for vname, tma in variants.items():
             set_fused_config(tma=tma)
             got = [fwd().detach(), *fb()]
             if ref is None:

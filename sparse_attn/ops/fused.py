@@ -93,12 +93,12 @@ _CONFIGS = {
 }
 _OVERRIDE = {}
 
-# Kernels whose tiles of the other side (K, V for the forward and dq; Q, dO for dk/dv) come by
-# TMA, through host tensor descriptors, on GPUs that have it (compute capability 9+): one
-# copy instruction per tile instead of a [rows, head_dim] address tensor. H200, bf16, block 64,
-# 16 heads: forward 3-5% faster (benchmarks/NOTES_fused.md). Outputs are bit-identical to the
-# pointer path, which stays for older GPUs, the interpreter, and tensors whose base or strides
-# are not 16-byte aligned.
+# Kernels that move tiles by TMA, through host tensor descriptors, on GPUs that have it
+# (compute capability 9+): one copy instruction per tile instead of a [rows, head_dim] address
+# tensor. The forward loads Q, K, V and stores O so; dq loads K, V; dk/dv loads Q, dO. H200,
+# bf16, head_dim 64: forward+backward 3-5% faster (benchmarks/NOTES_fused.md). Outputs are
+# bit-identical to the pointer path, which stays for older GPUs, the interpreter, and tensors
+# whose base or strides are not 16-byte aligned.
 _KERNELS = ("fwd", "dq", "dkdv")
 _TMA_DEFAULT = frozenset(_KERNELS)
 _TMA = None  # None: _TMA_DEFAULT on GPUs with TMA, nothing in the interpreter; else forced
@@ -500,7 +500,7 @@ class _Plan:
         # TMA per kernel: allowed here, and q/k/v's strides fit a descriptor (the bases, which
         # change per call, are checked per call; a misaligned one takes the pointer kernel)
         tma = _tma_kernels(self.device)
-        self.tma_fwd = "fwd" in tma and _tma_layout_ok(k) and _tma_layout_ok(v)
+        self.tma_fwd = "fwd" in tma and all(map(_tma_layout_ok, (q, k, v)))  # out: as q
         self.tma_dq = "dq" in tma and _tma_layout_ok(k) and _tma_layout_ok(v)
         self.tma_dkdv = "dkdv" in tma and _tma_layout_ok(q)  # and dO's, per backward key
         self.fwd = None
@@ -568,14 +568,14 @@ class _Plan:
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
-        if self.tma_fwd and not (k.data_ptr() | v.data_ptr()) & 15:
-            TN = self.cfg["fwd"][1]
-            main[True].launch(ctx, q, k, v, out, lse, kpm, _descriptor(k, TN),
-                              _descriptor(v, TN), lut.idx, lut.bits, lut.nfull_arg, lut.work,
-                              ws_acc, ws_ml, *ints)
+        if self.tma_fwd and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            TM, TN = self.cfg["fwd"][:2]
+            main[True].launch(ctx, q, k, v, out, lse, kpm, _descriptor(q, TM),
+                              _descriptor(k, TN), _descriptor(v, TN), _descriptor(out, TM),
+                              lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
         else:
-            main[False].launch(ctx, q, k, v, out, lse, kpm, None, None, lut.idx, lut.bits,
-                               lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
+            main[False].launch(ctx, q, k, v, out, lse, kpm, None, None, None, None, lut.idx,
+                               lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
         if combine is not None:
             combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
         return out, lse

@@ -357,7 +357,7 @@ def test_tma_and_pointer_paths(tma, dtype, block, d, causal, padded, seq, fmt, m
         torch.manual_seed(0)  # the same incoming gradient both times
         out = run_and_compare(q, k, v, layout, block, causal=causal, kpm=kpm)
         outs.append((out.detach(), q.grad, k.grad, v.grad))
-        assert len(made) == (6 if use else 0), made  # fwd, dq, dk/dv: two descriptors each
+        assert len(made) == (8 if use else 0), made  # fwd: q, k, v, out; dq: k, v; dk/dv: q, dO
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

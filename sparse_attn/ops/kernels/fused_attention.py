@@ -181,18 +181,29 @@ def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, IDX, 
 
 
 @triton.jit
-def _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh, stride_om,
-               H, N, EVEN: tl.constexpr):
+def _fwd_store(O, O_desc, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob, stride_oh,
+               stride_om, H, N, EVEN: tl.constexpr, TMA: tl.constexpr):
+    """Normalise and store the output of query rows offs_m = m0, m0 + 1, ... of (b, h),
+    through O_desc when TMA (its bounds drop the rows past N), and their LSE."""
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     lse_ptrs = LSE + (b64 * H + h64) * N + offs_m
+    if TMA:
+        O_desc.store([b, h, m0, 0],
+                     tl.reshape(out, [1, 1, offs_m.shape[0], offs_d.shape[0]]))
+    else:
+        o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + \
+            offs_d[None, :]
+        if EVEN:
+            tl.store(o_ptrs, out)
+        else:
+            tl.store(o_ptrs, out, mask=(offs_m < N)[:, None])
     if EVEN:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
         tl.store(lse_ptrs, lse)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
         tl.store(lse_ptrs, lse, mask=offs_m < N)
 
 
@@ -209,7 +220,7 @@ def _tile_store(OUT, x, b64, h64, offs_r, offs_d, s_b, s_h, s_m, N, EVEN: tl.con
 
 @triton.jit
 def fused_attn_fwd_kernel(
-        Q, K, V, O, LSE, KPM, K_DESC, V_DESC,
+        Q, K, V, O, LSE, KPM, Q_DESC, K_DESC, V_DESC, O_DESC,
         IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -225,8 +236,9 @@ def fused_attn_fwd_kernel(
         POS_SCALE: tl.constexpr, TMA: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
-    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel. TMA: K and V
-    tiles come through the descriptors K_DESC, V_DESC (else those are None)."""
+    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel. TMA: the Q, K and
+    V tiles come through the descriptors Q_DESC, K_DESC, V_DESC and O goes out through O_DESC
+    (else those are None)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
@@ -234,10 +246,12 @@ def fused_attn_fwd_kernel(
     b64 = b.to(tl.int64)
     h = r // n_qt
     h64 = h.to(tl.int64)
-    offs_m = (r % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = (r % n_qt) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, stride_qm, offs_d, N, not EVEN)
+    q = _load_tile(Q_DESC, Q + b64 * stride_qb + h64 * stride_qh, b, h, m0, offs_m, stride_qm,
+                   offs_d, N, not EVEN, TMA)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
     if HAS_KPM:
@@ -267,8 +281,8 @@ def fused_attn_fwd_kernel(
                                    BITS32, UPCAST, POS_SCALE, TMA)
     if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
         if slot < 0:
-            _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
-                       stride_om, H, N, EVEN)
+            _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
+                       stride_oh, stride_om, H, N, EVEN, TMA)
         else:
             ws = slot.to(tl.int64) * B + b64
             rr = tl.arange(0, BLOCK_M)
@@ -277,8 +291,8 @@ def fused_attn_fwd_kernel(
             tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
             tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
     else:
-        _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
-                   stride_om, H, N, EVEN)
+        _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
+                   stride_oh, stride_om, H, N, EVEN, TMA)
 
 
 @triton.jit
@@ -296,7 +310,6 @@ def fused_attn_fwd_combine_kernel(
     h = r // n_qt
     qt = r % n_qt
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
     rr = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = qt * BLOCK_M + rr
@@ -315,8 +328,8 @@ def fused_attn_fwd_combine_kernel(
         l_i = l_i * a1 + l_c * a2
         acc = acc * a1[:, None] + a_c * a2[:, None]
         m_i = m_new
-    _fwd_store(O, LSE, acc, l_i, m_i, b64, h64, offs_m, offs_d, stride_ob, stride_oh,
-               stride_om, H, N, EVEN)
+    _fwd_store(O, None, LSE, acc, l_i, m_i, b, h, qt * BLOCK_M, offs_m, offs_d, stride_ob,
+               stride_oh, stride_om, H, N, EVEN, False)
 
 
 @triton.jit
