@@ -9,6 +9,10 @@ score tensor to memory. The backward pass is FlashAttention-2 style: one kernel 
 the row look-up table; it also writes delta = rowsum(dO * O)) and one for dK/dV (over the
 column look-up table: the query tiles that see a key tile).
 
+On GPUs with TMA (compute capability 9+) the kernels move their tiles with it, through host
+tensor descriptors (bit-identical results; the pointer path stays for older GPUs, the
+interpreter and misaligned tensors).
+
 Tiles are tensor-core sized (64 or 128 rows/columns). A layout whose block is smaller than a
 tile (block 16 or 32) runs on the tile-level layout (a tile is visited when any of its
 blocks is nonzero) and the empty blocks inside a visited tile are masked in registers from a
@@ -81,14 +85,16 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # choice). Keyed by head_dim, then by block (None = any block). Chosen by
 # scripts/bench_attention.py and benchmarks/experiments/ on an H100 (see
 # benchmarks/NOTES_fused.md). The 64x64 backward kernels at head_dim 64 run 3-6% faster capped
-# at 168 registers (three programs per SM instead of two; exp_maxnreg.py).
+# at 168 registers (three programs per SM instead of two; exp_maxnreg.py). With TMA loads
+# (H200, exp_fwd_tiles_tma.py) the head_dim-64 forward is best at 64x64 tiles and 2 stages
+# for blocks 64 and 128 (block 128: 5-10% faster than the 128x64 tiles of 8 warps it had).
 _BWD64 = (64, 64, 4, 3, False, 168)
 _CONFIGS = {
     32: {None: dict(fwd=(128, 64, 4, 3), dq=(128, 64, 4, 3), dkdv=(64, 64, 4, 3))},
-    64: {None: dict(fwd=(64, 64, 4, 3), dq=_BWD64, dkdv=_BWD64),
+    64: {None: dict(fwd=(64, 64, 4, 2), dq=_BWD64, dkdv=_BWD64),
          16: dict(fwd=(64, 32, 4, 3), dq=(64, 32, 4, 3), dkdv=(32, 64, 4, 3)),
          32: dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 3)),
-         128: dict(fwd=(128, 64, 8, 3), dq=_BWD64, dkdv=_BWD64)},
+         128: dict(fwd=(64, 64, 4, 2), dq=_BWD64, dkdv=_BWD64)},
     128: {None: dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(64, 64, 8, 2))},
 }
 _OVERRIDE = {}

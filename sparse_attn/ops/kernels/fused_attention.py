@@ -20,6 +20,10 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
   SPLIT [3, n_split]          the split rows, their first slot and number of items
 KPM, BITS, NFULL and the workspaces are None (no pointer argument at all) when HAS_KPM,
 FINE, ALL_FULL (no partial tile in the whole LUT) or HAS_SPLIT say they are not needed.
+With TMA (Hopper and later), the tiles a row / column walks come through host tensor
+descriptors over the [B, H, N, HEAD_DIM] tensors (block [1, 1, rows, HEAD_DIM]; rows past N
+read 0) instead of pointer tensors: K, V in the forward and dq, Q, dO in dk/dv, and the
+forward's own Q tile and O tile. Without it the *_DESC arguments are None.
 O, dO, dQ, dK, dV have their own strides (last one 1), so the output and the gradients can
 keep the memory format of q, k, v.
 A full tile needs no mask at all (unless a key padding mask is given, which is added to every
