@@ -157,7 +157,8 @@ def direct_context(tensors):
 class Prepared:
     """A launch of ``launcher``'s kernel on a fixed grid with fixed constexprs, for a caller
     whose arguments keep their specialization from call to call: the same ints and floats,
-    each tensor argument the same dtype (and None stays None), only the tensors' data change.
+    each tensor argument the same dtype (and None stays None), each host tensor descriptor the
+    same shape, strides and block; only the tensors' data (and descriptors' bases) change.
 
     ``prepared(*args)`` launches through the ``Launcher`` (which keys every argument and
     compiles if needed) and, the first time every tensor is 16-byte aligned, remembers the
