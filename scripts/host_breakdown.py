@@ -8,7 +8,8 @@ loop that the host, not the GPU, limits:
 
 The second column is the time between CUDA events around the loop, per call: the GPU time
 only where the GPU, not the host, is the limit. Rows: dense SDPA forward+backward; the public
-fused function (direct launches, launch.py) and the same through ``kernel[grid]``; the same
+fused function (direct launches, launch.py), the same through ``kernel[grid]`` and with
+pointer loads instead of TMA descriptors (which cost host time per launch); the same
 with every Triton launch stubbed out (the package's own Python: a plan's prepared launches
 are no-ops); the recorded Triton
 launches of one call replayed alone through ``kernel[grid](...)`` and through the compiled
@@ -156,6 +157,20 @@ def main():
         for run, a in calls:
             run(*a)
 
+    # the same call with pointer loads instead of TMA descriptors (on GPUs with TMA): a copy
+    # of the layout is another layout identity, so its plan, made while TMA is off, keeps the
+    # pointer kernels after TMA is back on (set_fused_config would drop every plan)
+    from sparse_attn.ops import fused
+    layout_ptr = layout.clone()
+
+    def sparse_ptr():
+        q.grad = k.grad = v.grad = None
+        block_sparse_attention(q, k, v, layout_ptr, blk).backward(do)
+
+    saved, fused._TMA = fused._TMA, frozenset()
+    sparse_ptr()
+    fused._TMA = saved
+
     x = torch.zeros(16, device="cuda")
 
     def fwd_only():
@@ -165,6 +180,7 @@ def main():
     cases = [("dense SDPA fwd+bwd", dense, "-"),
              ("fused fwd+bwd (public function)", sparse, n),
              ("  same, kernel[grid] launches", with_direct(False, sparse), n),
+             ("  same, pointer loads (no TMA)", sparse_ptr, n),
              ("fused fwd only, no grad", fwd_only, "-"),
              ("fused fwd+bwd, launches stubbed", stubbed, 0),
              ("its launches via kernel[grid](...)", replay_jit, n),
