@@ -90,6 +90,14 @@ def _load_tile(desc, base, b, h, first, rows, stride, offs_d, N, BOUNDED: tl.con
 
 
 @triton.jit
+def _load_kv(K_desc, V_desc, K_base, V_base, b, h, first, cols, stride_kn, stride_vn, offs_d, N,
+             BOUNDED: tl.constexpr, TMA: tl.constexpr):
+    """The K and V tiles of key rows cols = first, first + 1, ... (see _load_tile)."""
+    return (_load_tile(K_desc, K_base, b, h, first, cols, stride_kn, offs_d, N, BOUNDED, TMA),
+            _load_tile(V_desc, V_base, b, h, first, cols, stride_vn, offs_d, N, BOUNDED, TMA))
+
+
+@triton.jit
 def _load_vec(base, idx, N, other, BOUNDED: tl.constexpr):
     """base[idx] (float32 rows of LSE, delta or the key padding mask); past N reads other."""
     if BOUNDED:
@@ -154,10 +162,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, IDX, 
     for it in range(lo, hi):
         first = tl.load(IDX + it) * BLOCK_N
         cols = first + offs_n
-        k = _load_tile(K_desc, K_base, b, h, first, cols, stride_kn, offs_d, N,
-                       PARTIAL and not EVEN, TMA)
-        v = _load_tile(V_desc, V_base, b, h, first, cols, stride_vn, offs_d, N,
-                       PARTIAL and not EVEN, TMA)
+        k, v = _load_kv(K_desc, V_desc, K_base, V_base, b, h, first, cols, stride_kn,
+                        stride_vn, offs_d, N, PARTIAL and not EVEN, TMA)
         qk = _mm(q, tl.trans(k), UPCAST)
         if POS_SCALE and not PARTIAL and not HAS_KPM:
             # a full tile without key padding: every score is finite, and with a positive
@@ -378,10 +384,8 @@ def _dq_inner(dq, q, do, lse, delta, K_desc, V_desc, K_base, V_base, KPM_base, I
     for it in range(lo, hi):
         first = tl.load(IDX + it) * BLOCK_N
         cols = first + offs_n
-        k = _load_tile(K_desc, K_base, b, h, first, cols, stride_kn, offs_d, N,
-                       PARTIAL and not EVEN, TMA)
-        v = _load_tile(V_desc, V_base, b, h, first, cols, stride_vn, offs_d, N,
-                       PARTIAL and not EVEN, TMA)
+        k, v = _load_kv(K_desc, V_desc, K_base, V_base, b, h, first, cols, stride_kn,
+                        stride_vn, offs_d, N, PARTIAL and not EVEN, TMA)
         s = _mm(q, tl.trans(k), UPCAST) * qk_scale
         if HAS_KPM:
             kpm = _load_vec(KPM_base, cols, N, 0.0, PARTIAL and not EVEN)
