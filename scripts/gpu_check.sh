@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh            # everything
 #   STAGES="bench tests" bash scripts/gpu_check.sh
 #   STAGES="launch split" bash scripts/gpu_check.sh   # launch cost; host vs GPU per step
-#   STAGES="ptests cprofile" bash scripts/gpu_check.sh # tests in 3 parallel groups; host profile
+#   STAGES="ptests cprofile" bash scripts/gpu_check.sh # tests in 6 parallel groups; host profile
 #   STAGES=multigpu bash scripts/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/gpu_check.sh
@@ -36,10 +36,19 @@ for stage in $STAGES; do
     tests)
       timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
         ${TESTS:-tests/ops tests/modules} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    ptests)  # the same tests in three parallel groups (kernel compiles are CPU-bound)
+    ptests)  # the same tests in six parallel groups (kernel compiles are CPU-bound): the
+      # fused tests split four ways by test id (one group of them took over 4 minutes), then
+      # MatMul + Softmax, then the rest
+      python3 -m pytest --collect-only -q -p no:cacheprovider tests/ops/test_fused_attention.py \
+        | grep :: > "$OUT/fused_ids.txt"
+      split -n r/4 "$OUT/fused_ids.txt" "$OUT/fused_ids_"
       i=0
-      for group in "tests/ops/test_fused_attention.py" \
-          "tests/ops/test_matmul.py tests/ops/test_softmax.py" \
+      for ids in "$OUT"/fused_ids_a?; do
+        i=$((i + 1))
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $(cat "$ids") \
+          > "$OUT/gpu_tests_$i.log" 2>&1 &
+      done
+      for group in "tests/ops/test_matmul.py tests/ops/test_softmax.py" \
           "tests/ops/test_three_kernel_attention.py tests/ops/test_torch_backend.py tests/modules"; do
         i=$((i + 1))
         timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $group \
