@@ -210,6 +210,21 @@ def _descriptor(t, rows):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
+def _launch(launches, ctx, head, tiles, tail):
+    """Launch one kernel of a plan: its TMA variant (``launches[True]``, when the plan has
+    one) with descriptors over ``tiles`` ((tensor, rows) pairs) if every such tensor's base
+    is 16-byte aligned, else its pointer variant with None in their place. ``head`` and
+    ``tail``: the kernel's arguments before and after the descriptors."""
+    tma = launches.get(True)
+    if tma is not None:
+        ptrs = 0
+        for t, _ in tiles:
+            ptrs |= t.data_ptr()
+        if not ptrs & 15:
+            return tma.launch(ctx, *head, *[_descriptor(t, rows) for t, rows in tiles], *tail)
+    return launches[False].launch(ctx, *head, *[None] * len(tiles), *tail)
+
+
 def fused_supported(q, k, v, *, rpe=None, attn_mask=None, layout=None, block=None):
     """None when ``fused_block_sparse_attention`` can take this call, else a short reason.
 
@@ -537,14 +552,18 @@ class _Plan:
             meta["maxnreg"] = maxnreg
         return meta
 
+    def _prepare(self, launcher, grid, lut, tiles, tma, **extra):
+        """{False: the pointer launch of one kernel, True: its TMA launch (if ``tma``)}."""
+        return {t: launcher.prepare(grid, **extra, **self._meta(lut, tiles, t))
+                for t in {False, tma}}
+
     def _forward_launches(self):
         B, H, N, D = self.shape
         tiles = self.cfg["fwd"]
         lut = self._lut("row", tiles)
         TM = tiles[0]
-        main = {tma: _fwd_kernel.prepare((lut.n_work * B,), POS_SCALE=self.scale > 0,
-                                         **self._meta(lut, tiles, tma))
-                for tma in {False, self.tma_fwd}}
+        main = self._prepare(_fwd_kernel, (lut.n_work * B,), lut, tiles, self.tma_fwd,
+                             POS_SCALE=self.scale > 0)
         combine = None
         if lut.n_split:
             combine = _fwd_combine_kernel.prepare(
@@ -565,7 +584,7 @@ class _Plan:
             self.fwd = self._forward_launches()
         lut, main, combine, ints, combine_ints = self.fwd
         B, H, N, D = self.shape
-        TM = self.cfg["fwd"][0]
+        TM, TN = self.cfg["fwd"][:2]
         out = torch.empty_like(q)
         lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         if lut.n_slots:
@@ -574,14 +593,8 @@ class _Plan:
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
-        if self.tma_fwd and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
-            TM, TN = self.cfg["fwd"][:2]
-            main[True].launch(ctx, q, k, v, out, lse, kpm, _descriptor(q, TM),
-                              _descriptor(k, TN), _descriptor(v, TN), _descriptor(out, TM),
-                              lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
-        else:
-            main[False].launch(ctx, q, k, v, out, lse, kpm, None, None, None, None, lut.idx,
-                               lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints)
+        _launch(main, ctx, (q, k, v, out, lse, kpm), ((q, TM), (k, TN), (v, TN), (out, TM)),
+                (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints))
         if combine is not None:
             combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
         return out, lse
@@ -593,8 +606,7 @@ class _Plan:
         # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
         tiles = self.cfg["dq"]
         dq_lut = self._lut("row", tiles)
-        dq = {tma: _dq_kernel.prepare((dq_lut.n_work * B,), **self._meta(dq_lut, tiles, tma))
-              for tma in {False, self.tma_dq}}
+        dq = self._prepare(_dq_kernel, (dq_lut.n_work * B,), dq_lut, tiles, self.tma_dq)
         dq_ints = (*self.qkv_strides, *so[:3], *sdo[:3], *sdq[:3], *common, dq_lut.n_own,
                    dq_lut.n_other, dq_lut.n_work, self.scale * LOG2E, self.scale)
         TM = tiles[0]
@@ -607,9 +619,7 @@ class _Plan:
         tiles = self.cfg["dkdv"]
         kv_lut = self._lut("col", tiles)
         tma_dkdv = self.tma_dkdv and all(s * self.elem % 16 == 0 for s in sdo[:3])
-        dkdv = {tma: _dkdv_kernel.prepare((kv_lut.n_work * B,),
-                                          **self._meta(kv_lut, tiles, tma))
-                for tma in {False, tma_dkdv}}
+        dkdv = self._prepare(_dkdv_kernel, (kv_lut.n_work * B,), kv_lut, tiles, tma_dkdv)
         dkdv_ints = (*self.qkv_strides, *sdo[:3], *sdk[:3], *sdv[:3], *common, kv_lut.n_own,
                      kv_lut.n_other, kv_lut.n_work, self.scale * LOG2E, self.scale)
         TN = tiles[1]
@@ -634,39 +644,26 @@ class _Plan:
         (dq_lut, dq_k, dq_ints, dq_reduce, dq_reduce_ints,
          kv_lut, dkdv_k, dkdv_ints, kv_reduce, kv_reduce_ints) = launches
         B, H, N, D = self.shape
+        dq_TM, dq_TN = self.cfg["dq"][:2]
+        kv_TM, kv_TN = self.cfg["dkdv"][:2]
         dev = q.device
         delta = torch.empty((B, H, N), dtype=torch.float32, device=dev)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         ws_dq = ws_dk = ws_dv = None
         if dq_lut.n_slots:
-            TM = self.cfg["dq"][0]
-            ws_dq = torch.empty((dq_lut.n_slots * B, TM, D), dtype=torch.float32, device=dev)
+            ws_dq = torch.empty((dq_lut.n_slots * B, dq_TM, D), dtype=torch.float32, device=dev)
         if kv_lut.n_slots:
-            TN = self.cfg["dkdv"][1]
-            ws_dk = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
-            ws_dv = torch.empty((kv_lut.n_slots * B, TN, D), dtype=torch.float32, device=dev)
+            ws_dk = torch.empty((kv_lut.n_slots * B, kv_TN, D), dtype=torch.float32, device=dev)
+            ws_dv = torch.empty((kv_lut.n_slots * B, kv_TN, D), dtype=torch.float32, device=dev)
         ctx = direct_context((q, k, v, out, do, dq, dk, dv, lse, delta, kpm, ws_dq, ws_dk,
                               ws_dv))
-        if True in dq_k and not (k.data_ptr() | v.data_ptr()) & 15:
-            TN = self.cfg["dq"][1]
-            dq_k[True].launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, _descriptor(k, TN),
-                              _descriptor(v, TN), dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg,
-                              dq_lut.work, ws_dq, *dq_ints)
-        else:
-            dq_k[False].launch(ctx, q, k, v, out, do, dq, lse, delta, kpm, None, None,
-                               dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg, dq_lut.work, ws_dq,
-                               *dq_ints)
+        _launch(dq_k, ctx, (q, k, v, out, do, dq, lse, delta, kpm), ((k, dq_TN), (v, dq_TN)),
+                (dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg, dq_lut.work, ws_dq, *dq_ints))
         if dq_reduce is not None:
             dq_reduce.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_reduce_ints)
-        if True in dkdv_k and not (q.data_ptr() | do.data_ptr()) & 15:
-            TM = self.cfg["dkdv"][0]
-            dkdv_k[True].launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, _descriptor(q, TM),
-                                _descriptor(do, TM), kv_lut.idx, kv_lut.bits,
-                                kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv, *dkdv_ints)
-        else:
-            dkdv_k[False].launch(ctx, q, k, v, do, dk, dv, lse, delta, kpm, None, None,
-                                 kv_lut.idx, kv_lut.bits, kv_lut.nfull_arg, kv_lut.work, ws_dk,
-                                 ws_dv, *dkdv_ints)
+        _launch(dkdv_k, ctx, (q, k, v, do, dk, dv, lse, delta, kpm), ((q, kv_TM), (do, kv_TM)),
+                (kv_lut.idx, kv_lut.bits, kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv,
+                 *dkdv_ints))
         if kv_reduce is not None:
             kv_reduce.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_reduce_ints)
         return dq, dk, dv
