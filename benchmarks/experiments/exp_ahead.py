@@ -26,6 +26,7 @@ import triton.language as tl
 sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels.fused_attention import fused_attn_fwd_combine_kernel  # noqa: E402
+from benchmarks.experiments.harness import check_and_time  # noqa: E402
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -141,7 +142,6 @@ def main():
         g = torch.Generator(device=dev).manual_seed(0)
         dt = torch.float16 if small else torch.bfloat16
         q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt, generator=g) for _ in range(3))
-        ref, ref_lse = F._forward_impl(q, k, v, layout, None, blk, None, False)
         lut = F._get_lut(layout, blk, 64, 64, N, False, dev, "row", batch=B)
         assert lut.all_full, "experiment handles full tiles only"
         variants = {}
@@ -154,34 +154,7 @@ def main():
                         continue  # the interpreter has no register cap
                     variants[vname] = (lambda tma=tma, ahead=ahead, stages=stages, cap=cap:
                                        forward(q, k, v, lut, blk, tma, ahead, stages, cap))
-        ok = {}
-        for vname, fn in variants.items():
-            try:
-                o, lse = fn()
-            except Exception as e:  # noqa: BLE001 (record and go on)
-                print(f"{B}x{N} {name} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                continue
-            err = ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            lerr = (lse - ref_lse).abs().max().item()
-            ok[vname] = fn if err < 1e-2 and lerr < 1e-3 else None
-            print(f"{B}x{N} {name} {vname}: max rel err {err:.2e} lse err {lerr:.2e}",
-                  flush=True)
-        if small:
-            continue
-        from triton.testing import do_bench_cudagraph
-
-        def t(fn):
-            return do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-        base = lambda: F._forward_impl(q, k, v, layout, None, blk, None, False)  # noqa: E731
-        dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-        res = {"dense SDPA": t(dense), "package": t(base)}
-        for vname, fn in ok.items():
-            if fn is not None:
-                res[vname] = t(fn)
-        res["package (again)"] = t(base)
-        for vname, ms in res.items():
-            print(f"{B}x{N} {name}{blk} fwd {vname}: {ms * 1000:.1f} us", flush=True)
+        check_and_time(f"{B}x{N} {name}", variants, q, k, v, layout, blk, small)
     print("done", time.strftime("%H:%M:%S"))
 
 
