@@ -314,7 +314,7 @@ def test_split_long_rows(dtype, block):
 
 
 def _count_descriptors(monkeypatch):
-    """Count the TMA descriptors the plans make (per kernel launch: two)."""
+    """Count the TMA descriptors the plans make (forward: four; dq, dk/dv: two each)."""
     made = []
     real = F_._descriptor
     monkeypatch.setattr(F_, "_descriptor", lambda t, rows: made.append(rows) or real(t, rows))
