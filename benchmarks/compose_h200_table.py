@@ -1,16 +1,18 @@
-"""Builds attention_h200.md / .json from the H200 runs of 2026-11-29 with the TMA kernels
-(20:51-20:56 UTC, commit "Forward: Q load and O store by TMA too").
+"""Builds attention_h200.md / .json from the H200 runs of 2026-11-29, 22:13-22:21 UTC, with
+the shipped kernels: TMA where the library's default takes it (large launches and CUDA-graph
+captures, so every "GPU time" row), the forward tiles of that evening (64 x 64, 2 stages for
+blocks 64 and 128).
 
-- 4096 x4 rows: run h200_tma_4096, with FlexAttention, all eight rows in one run.
-- 16384 rows: runs h200_tma_16384 (blocks 64, 128) and h200_tma_16384f (blocks 16, 32), without
-  FlexAttention: its BlockMask builds for the fine 16384 layouts take minutes each, and the
-  session's device time was spent. Their Flex times, from the runs of the same card earlier
-  that day (attention_h200_16384b/c/d: Flex does not depend on our kernels), are quoted in the
-  note; T1 on those rows is read against them there, not in the table.
-- The memory rows (target 4) come from h200_16384b (earlier that day): TMA descriptors live on
+- 4096 x4 rows: run h200_auto_4096, with FlexAttention, all eight rows in one run.
+- 16384 rows: run h200_auto_16384, without FlexAttention: its BlockMask builds for the fine
+  16384 layouts take minutes each. Their Flex times, from the runs of the same card earlier
+  that day (attention_h200_16384b/c/d: Flex does not depend on our kernels), are quoted in
+  the table's note; T1 on those rows is read against them, not in the table.
+- The memory rows (target 4) come from h200_16384b (earlier that day): descriptors live on
   the host, the kernels allocate exactly what they did.
 
-The tables of the evening before TMA (attention_h200_4096, _rule4, _16384b/c/d) stay as
+The earlier tables of that day (attention_h200_4096, _rule4, _16384b/c/d before TMA;
+attention_h200_tma_* with TMA at every launch and the previous forward tiles) stay as
 records.
 
     python benchmarks/compose_h200_table.py
@@ -33,7 +35,7 @@ def load(tag):
 
 
 def main():
-    runs = [load(t) for t in ("h200_tma_4096", "h200_tma_16384", "h200_tma_16384f")]
+    runs = [load(t) for t in ("h200_auto_4096", "h200_auto_16384")]
     key = lambda r: (r["seq"], r["layout"], r["block"])  # noqa: E731
     rows = {key(r): r for run in runs for r in run["rows"]}
     ordered = [rows[(n, name, blk)] for n in (4096, 16384) for name, blk in ORDER]
@@ -49,8 +51,8 @@ def main():
     meta["command"] = [run["meta"]["command"] for run in runs]
     meta["date"] = ", ".join(run["meta"]["date"] for run in runs)
     meta["note"] = (
-        "4096 x4 rows: the first command (with FlexAttention). 16384 rows: the second and third "
-        "commands, without FlexAttention (Flex columns '-', T1 n/a in the table). Flex at "
+        "4096 x4 rows: the first command (with FlexAttention). 16384 rows: the second "
+        "command, without FlexAttention (Flex columns '-', T1 n/a in the table). Flex at "
         "16384 from the runs of this card earlier the same day (attention_h200_16384b/c/d), "
         "fwd / fwd+bwd ms, beside this table's fused eager times: " + quoted + ". "
         "Memory rows from attention_h200_16384b. benchmarks/compose_h200_table.py builds "

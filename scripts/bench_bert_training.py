@@ -231,18 +231,20 @@ def main(argv=None):
     p.add_argument("--split-min", type=int, default=None,
                    help="fused kernel: rows of up to this many tiles are not split "
                         "(sparse_attn.ops.fused.set_fused_config(split_min=...))")
-    p.add_argument("--no-tma", action="store_true",
-                   help="fused kernel: pointer loads instead of TMA descriptors on GPUs that "
-                        "have TMA (set_fused_config(tma=False)); the same results")
+    p.add_argument("--tma", choices=("auto", "on", "off"), default="auto",
+                   help="fused kernel on GPUs that have TMA: the library's default (TMA "
+                        "descriptors for large launches and CUDA-graph captures), or forced "
+                        "on or off (set_fused_config(tma=True / False)); the same results")
     args = p.parse_args(argv)
     if args.compile_variants is None:
         args.compile_variants = [v for v in VARIANTS if v != "hf_bigbird"]
     if args.compile != "none":
         args.warmup = max(args.warmup, 3)  # compile, then CUDA-graph warm-up and recording
-    if args.split_min is not None or args.no_tma:
+    if args.split_min is not None or args.tma != "auto":
         from sparse_attn.ops.fused import set_fused_config
 
-        set_fused_config(split_min=args.split_min, tma=False if args.no_tma else None)
+        set_fused_config(split_min=args.split_min,
+                         tma={"auto": None, "on": True, "off": False}[args.tma])
     if args.tiny:
         args.hidden, args.layers, args.heads = 64, 2, 2
         if args.seqs == [4096, 16384, 65536]:

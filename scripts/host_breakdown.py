@@ -157,19 +157,25 @@ def main():
         for run, a in calls:
             run(*a)
 
-    # the same call with pointer loads instead of TMA descriptors (on GPUs with TMA): a copy
-    # of the layout is another layout identity, so its plan, made while TMA is off, keeps the
-    # pointer kernels after TMA is back on (set_fused_config would drop every plan)
+    # the same call with TMA forced off and on (the default takes it for large launches and
+    # graph captures only): a copy of the layout is another layout identity, so its plan,
+    # made while the setting is forced, keeps its kernels after the default is back
+    # (set_fused_config would drop every plan)
     from sparse_attn.ops import fused
-    layout_ptr = layout.clone()
 
-    def sparse_ptr():
-        q.grad = k.grad = v.grad = None
-        block_sparse_attention(q, k, v, layout_ptr, blk).backward(do)
+    def forced(kernels):
+        lay = layout.clone()
 
-    saved, fused._TMA = fused._TMA, frozenset()
-    sparse_ptr()
-    fused._TMA = saved
+        def run():
+            q.grad = k.grad = v.grad = None
+            block_sparse_attention(q, k, v, lay, blk).backward(do)
+
+        saved, fused._TMA = fused._TMA, kernels
+        run()
+        fused._TMA = saved
+        return run
+
+    sparse_ptr, sparse_tma = forced(frozenset()), forced(fused._TMA_DEFAULT)
 
     x = torch.zeros(16, device="cuda")
 
@@ -180,7 +186,8 @@ def main():
     cases = [("dense SDPA fwd+bwd", dense, "-"),
              ("fused fwd+bwd (public function)", sparse, n),
              ("  same, kernel[grid] launches", with_direct(False, sparse), n),
-             ("  same, pointer loads (no TMA)", sparse_ptr, n),
+             ("  same, pointer loads (TMA forced off)", sparse_ptr, n),
+             ("  same, TMA descriptors (forced on)", sparse_tma, n),
              ("fused fwd only, no grad", fwd_only, "-"),
              ("fused fwd+bwd, launches stubbed", stubbed, 0),
              ("its launches via kernel[grid](...)", replay_jit, n),

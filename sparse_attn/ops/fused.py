@@ -105,9 +105,20 @@ _OVERRIDE = {}
 # bf16, head_dim 64: forward+backward 3-5% faster (benchmarks/NOTES_fused.md). Outputs are
 # bit-identical to the pointer path, which stays for older GPUs, the interpreter, and tensors
 # whose base or strides are not 16-byte aligned.
+# A descriptor argument costs host time at every launch, though: with Triton 3.6, 3-4 us to
+# build and about 4 us more in Triton's launcher, which encodes it (H200 host: a forward
+# launch took 14 us with pointers and 48 us with its four descriptors;
+# benchmarks/experiments/probe_tma_host2_h200.log), and an eager batch-1 BERT step is bound
+# by host time. So by default a kernel takes its TMA variant only where the GPU time it saves
+# is what counts: while a CUDA graph is being captured (a replay pays no host cost), and for
+# launches of at least _TMA_MIN_WORK multiply-adds per tile product (B x tiles x BLOCK_M x
+# BLOCK_N x head_dim; 2**34 is 64k tiles of 64 x 64 x 64, some 250 us of forward on an
+# H200), which keep the GPU busy well past the host's launch work; and at a plan's first call
+# (see _Launches). set_fused_config(tma=...) forces it either way, at every launch.
 _KERNELS = ("fwd", "dq", "dkdv")
 _TMA_DEFAULT = frozenset(_KERNELS)
 _TMA = None  # None: _TMA_DEFAULT on GPUs with TMA, nothing in the interpreter; else forced
+_TMA_MIN_WORK = 1 << 34
 
 
 def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **kernels):
@@ -115,7 +126,8 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **k
     shortest run of tiles a LUT row is cut into (``split_min``; rows up to that length are
     never split, which saves the merge launches at the cost of one long program), or which
     kernels load tiles by TMA (``tma``: True, False, or some of "fwd", "dq", "dkdv"; wherever
-    it can run: a GPU of compute capability 9+, or the interpreter).
+    it can run: a GPU of compute capability 9+, or the interpreter; at every launch, not only
+    the large or graph-captured ones that the default picks).
 
     ``set_fused_config()`` with no argument clears every override. Used by the benchmarks.
     """
@@ -210,19 +222,34 @@ def _descriptor(t, rows):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
+class _Launches:
+    """The launches of one kernel of a plan: ``pointer``, ``tma`` (None where the plan cannot
+    use TMA), ``always`` (take the TMA launch at every call: forced, or work of at least
+    _TMA_MIN_WORK; else only while a CUDA graph is being captured) and ``tma_ready`` (the
+    TMA launch has run once, so its kernel is compiled and loaded: a capture must not be
+    the first to load it, so the first call takes it whatever the rule says)."""
+
+    __slots__ = ("pointer", "tma", "always", "tma_ready")
+
+    def __init__(self, pointer, tma, always):
+        self.pointer, self.tma, self.always, self.tma_ready = pointer, tma, always, False
+
+
 def _launch(launches, ctx, head, tiles, tail):
-    """Launch one kernel of a plan: its TMA variant (``launches[True]``, when the plan has
-    one) with descriptors over ``tiles`` ((tensor, rows) pairs) if every such tensor's base
-    is 16-byte aligned, else its pointer variant with None in their place. ``head`` and
-    ``tail``: the kernel's arguments before and after the descriptors."""
-    tma = launches.get(True)
-    if tma is not None:
+    """Launch one kernel of a plan (``launches``: a _Launches). The TMA variant gets
+    descriptors over ``tiles`` ((tensor, rows) pairs), provided every such tensor's base is
+    16-byte aligned; the pointer variant gets None in their place. ``head`` and ``tail``: the
+    kernel's arguments before and after them."""
+    tma = launches.tma
+    if tma is not None and (launches.always or not launches.tma_ready
+                            or torch.cuda.is_current_stream_capturing()):
         ptrs = 0
         for t, _ in tiles:
             ptrs |= t.data_ptr()
         if not ptrs & 15:
+            launches.tma_ready = True
             return tma.launch(ctx, *head, *[_descriptor(t, rows) for t, rows in tiles], *tail)
-    return launches[False].launch(ctx, *head, *[None] * len(tiles), *tail)
+    return launches.pointer.launch(ctx, *head, *[None] * len(tiles), *tail)
 
 
 def fused_supported(q, k, v, *, rpe=None, attn_mask=None, layout=None, block=None):
@@ -323,7 +350,8 @@ def _check(q, k, v, layout, block, key_padding_mask):
 class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device) and
     batch size (which sets how long rows are cut into work items)."""
-    __slots__ = ("idx", "bits", "nfull", "ntot", "all_full", "nfull_arg", "work", "n_work",
+    __slots__ = ("idx", "bits", "nfull", "ntot", "n_tiles", "all_full", "nfull_arg", "work",
+                 "n_work",
                  "n_slots", "split", "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine",
                  "bits32")
 
@@ -399,6 +427,7 @@ def _make_lut(nz, full, bits, meta, batch):
     lut.ntot = nz.sum(-1).reshape(-1).to(torch.int32).contiguous()
     counts = torch.stack([lut.ntot, lut.nfull]).cpu().to(torch.int64)  # the one host sync
     lens = counts[0]
+    lut.n_tiles = int(lens.sum())  # of one batch
     lut.all_full = bool(counts[1].sum() == lens.sum())  # no tile needs a mask
     lut.nfull_arg = None if lut.all_full else lut.nfull  # the kernels then never read it
     S = _split_chunk(int(lens.sum()) * batch, device)
@@ -553,9 +582,13 @@ class _Plan:
         return meta
 
     def _prepare(self, launcher, grid, lut, tiles, tma, **extra):
-        """{False: the pointer launch of one kernel, True: its TMA launch (if ``tma``)}."""
-        return {t: launcher.prepare(grid, **extra, **self._meta(lut, tiles, t))
-                for t in {False, tma}}
+        """The _Launches of one kernel (with a TMA launch if ``tma``)."""
+        pointer = launcher.prepare(grid, **extra, **self._meta(lut, tiles, False))
+        if not tma:
+            return _Launches(pointer, None, False)
+        work = self.shape[0] * lut.n_tiles * tiles[0] * tiles[1] * self.shape[3]
+        return _Launches(pointer, launcher.prepare(grid, **extra, **self._meta(lut, tiles, True)),
+                         _TMA is not None or work >= _TMA_MIN_WORK)
 
     def _forward_launches(self):
         B, H, N, D = self.shape

@@ -390,6 +390,42 @@ def test_tma_falls_back_per_call_and_per_plan(monkeypatch):
         set_fused_config(tma=("fwd", "bwd"))
 
 
+@pytest.mark.parametrize("min_work, capturing, expect", [
+    (1, False, 8),       # large launches: TMA always
+    (1 << 60, False, 0),  # small launches: pointers (descriptors would cost more host time)
+    (1 << 60, True, 8),   # ... unless a CUDA graph is being captured
+])
+def test_tma_default_by_work_and_capture(min_work, capturing, expect, monkeypatch):
+    """Unforced (the default on a GPU with TMA), a kernel takes its TMA variant for launches
+    of at least _TMA_MIN_WORK, or while a CUDA graph is captured, and at a plan's first call
+    (so that a capture never loads a kernel); the results do not change."""
+    made = _count_descriptors(monkeypatch)
+    block, d = 32, 64
+    layout = bigbird_like(HEADS, SEQ // block, gen=torch.Generator().manual_seed(4))
+    q, k, v = make_inputs(BATCH, HEADS, SEQ, d, torch.bfloat16, seed=4)
+    set_fused_config(tma=False)
+    torch.manual_seed(0)
+    ref = run_and_compare(q, k, v, layout, block)
+    ref_grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    set_fused_config()  # the default; in the interpreter it would be pointers only
+    monkeypatch.setattr(F_, "_tma_kernels", lambda device: F_._TMA_DEFAULT)
+    monkeypatch.setattr(F_, "_TMA_MIN_WORK", min_work)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    fused_block_sparse_attention(q, k, v, layout, block).sum().backward()  # first calls
+    assert len(made) == 8, made
+    made.clear()
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(0)
+    out = run_and_compare(q, k, v, layout, block)
+    assert len(made) == expect, made
+    assert torch.equal(out, ref)
+    for t, g in zip((q, k, v), ref_grads):
+        assert torch.equal(t.grad, g)
+
+
 @pytest.mark.parametrize("scale", [0.3, -0.3])
 def test_scale_and_noncontiguous_inputs(scale):
     """A custom scale (a negative one takes the forward kernel's other variant: the row max
