@@ -67,7 +67,8 @@ def main():
         block_sparse_attention(q, k, v, layout, blk)
     torch.cuda.synchronize()
 
-    print(f"one _descriptor(k, 64):                 {best_us(lambda: fused._descriptor(k, 64)):7.2f} us")
+    us = best_us(lambda: fused._descriptor(k, 64))
+    print(f"one _descriptor(k, 64):                 {us:7.2f} us")
     desc = fused._descriptor(k, 64)
     # the compiled TMA forward kernel and its descriptor metadata
     kernel = None

@@ -351,9 +351,8 @@ class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device) and
     batch size (which sets how long rows are cut into work items)."""
     __slots__ = ("idx", "bits", "nfull", "ntot", "n_tiles", "all_full", "nfull_arg", "work",
-                 "n_work",
-                 "n_slots", "split", "n_split", "n_own", "n_other", "unit_m", "unit_n", "fine",
-                 "bits32")
+                 "n_work", "n_slots", "split", "n_split", "n_own", "n_other", "unit_m",
+                 "unit_n", "fine", "bits32")
 
 
 def _tile_tables(layout, block, TM, TN, N, causal, device):
@@ -428,9 +427,9 @@ def _make_lut(nz, full, bits, meta, batch):
     counts = torch.stack([lut.ntot, lut.nfull]).cpu().to(torch.int64)  # the one host sync
     lens = counts[0]
     lut.n_tiles = int(lens.sum())  # of one batch
-    lut.all_full = bool(counts[1].sum() == lens.sum())  # no tile needs a mask
+    lut.all_full = bool(counts[1].sum() == lut.n_tiles)  # no tile needs a mask
     lut.nfull_arg = None if lut.all_full else lut.nfull  # the kernels then never read it
-    S = _split_chunk(int(lens.sum()) * batch, device)
+    S = _split_chunk(lut.n_tiles * batch, device)
     nc = torch.clamp((lens + S // 2) // S, min=1)
     R = lens.numel()
     n_items = int(nc.sum())
