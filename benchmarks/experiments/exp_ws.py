@@ -1,6 +1,11 @@
 """Experiment: Triton's automatic warp specialization (tl.range(..., warp_specialize=True)) on
 the inner loops of the package's kernels. Builds variant copies of the kernel module in /tmp,
-swaps them in, checks them against the package's kernels and times both (CUDA graphs)."""
+swaps them in, checks them against the package's kernels and times both (CUDA graphs).
+
+exp_ws_h100.log ran before the kernels had TMA (pointer loads). Since then the script forces
+TMA at every launch (set_fused_config(tma=True)), the package and the variants alike: Triton
+specializes warps around TMA loads (compiled for sm_90 with Triton 3.9, the forward's loop
+gets a producer and a consumer partition with TMA, none with pointers)."""
 import importlib.util
 import os
 import sys
@@ -40,7 +45,7 @@ def variant(which):
 def use(mod):
     for n in NAMES:
         setattr(K, n, getattr(mod, n))
-    F.set_fused_config()  # drop plans (they hold prepared launches)
+    F.set_fused_config(tma=True)  # drops the plans (they hold prepared launches)
 
 
 def main():
@@ -63,7 +68,7 @@ def main():
                                        generator=g) for _ in range(4))
             for n, f in orig.items():
                 setattr(K, n, f)
-            F.set_fused_config()
+            F.set_fused_config(tma=True)
             fwd = lambda: F._forward_impl(q, k, v, layout, None, blk, None, False)  # noqa
             out, lse = fwd()
             bwd = lambda: F._backward_impl(do, q, k, v, out, lse, layout, None, blk,  # noqa
@@ -88,10 +93,11 @@ def main():
                     res[f"ws {which} FAILED {type(e).__name__}: {str(e)[:160]}"] = float("nan")
             for n, f in orig.items():
                 setattr(K, n, f)
-            F.set_fused_config()
+            F.set_fused_config(tma=True)
             res["package fwd (again)"] = t(fwd)
             for kk, us in res.items():
                 print(f"{name} {B}x{N} {kk}: {us:.1f} us", flush=True)
+    F.set_fused_config()
     print("done", time.strftime("%H:%M:%S"))
 
 
