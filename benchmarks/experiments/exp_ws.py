@@ -5,7 +5,9 @@ swaps them in, checks them against the package's kernels and times both (CUDA gr
 exp_ws_h100.log ran before the kernels had TMA (pointer loads). Since then the script forces
 TMA at every launch (set_fused_config(tma=True)), the package and the variants alike: Triton
 specializes warps around TMA loads (compiled for sm_90 with Triton 3.9, the forward's loop
-gets a producer and a consumer partition with TMA, none with pointers)."""
+gets a producer and a consumer partition with TMA, none with pointers). The forward is also
+timed at 3 and 4 stages (a producer warp may want a deeper ring), WS and package alike.
+dq and dk/dv fail that compiler pass in Triton 3.9; their lines then read FAILED."""
 import importlib.util
 import os
 import sys
@@ -21,6 +23,7 @@ import scripts.bench_attention as BA  # noqa: E402
 LOOP = "    for it in range(lo, hi):\n"
 WS = "    for it in tl.range(lo, hi, warp_specialize=True):\n"
 NAMES = ("fused_attn_fwd_kernel", "fused_attn_bwd_dq_kernel", "fused_attn_bwd_dkdv_kernel")
+FWD_STAGES = (None, 3, 4)  # None: the shipped forward config (64, 64, 4 warps, 2 stages)
 
 
 def variant(which):
@@ -75,14 +78,21 @@ def main():
                                            None, False)
             ref = bwd()
             t = lambda fn: do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000  # noqa
-            res = {"package fwd": t(fwd), "package bwd": t(bwd)}
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            res = {"dense SDPA fwd": t(lambda: sdpa(q, k, v)), "package fwd": t(fwd),
+                   "package bwd": t(bwd)}
             for which, mod in mods.items():
                 use(mod)
                 try:
                     if which == (0,):
-                        o2, _ = fwd()
-                        err = (o2.float() - out.float()).abs().max().item()
-                        res[f"ws fwd (err {err:.1e})"] = t(fwd)
+                        for stages in FWD_STAGES:  # the shipped forward tiles, more stages
+                            if stages is not None:
+                                F.set_fused_config(D, blk, fwd=(64, 64, 4, stages))
+                            o2, _ = fwd()
+                            err = (o2.float() - out.float()).abs().max().item()
+                            res[f"ws fwd s{stages or 'shipped'} (err {err:.1e})"] = t(fwd)
+                        F.set_fused_config()
+                        F.set_fused_config(tma=True)
                     else:
                         got = bwd()
                         err = max((a.float() - r.float()).abs().max().item()
@@ -93,6 +103,10 @@ def main():
                     res[f"ws {which} FAILED {type(e).__name__}: {str(e)[:160]}"] = float("nan")
             for n, f in orig.items():
                 setattr(K, n, f)
+            for stages in FWD_STAGES[1:]:
+                F.set_fused_config(D, blk, fwd=(64, 64, 4, stages))
+                res[f"package fwd s{stages}"] = t(fwd)
+            F.set_fused_config()
             F.set_fused_config(tma=True)
             res["package fwd (again)"] = t(fwd)
             for kk, us in res.items():
