@@ -210,11 +210,16 @@ def _tma_kernels(device):
     return _TMA if _TMA is not None else _TMA_DEFAULT
 
 
+def _tma_strides_ok(strides, elem):
+    """Whether these strides (in elements of ``elem`` bytes) are multiples of 16 bytes, as a
+    TMA descriptor's strides must be."""
+    return all(s * elem % 16 == 0 for s in strides)
+
+
 def _tma_layout_ok(t):
     """Whether a TMA descriptor can describe t ([B, H, N, D], last stride 1): every other
     stride a multiple of 16 bytes (the base is checked per call)."""
-    size = t.element_size()
-    return t.stride(-1) == 1 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return t.stride(-1) == 1 and _tma_strides_ok(t.stride()[:-1], t.element_size())
 
 
 def _descriptor(t, rows):
@@ -650,7 +655,7 @@ class _Plan:
                           self.scale, self.scale)
         tiles = self.cfg["dkdv"]
         kv_lut = self._lut("col", tiles)
-        tma_dkdv = self.tma_dkdv and all(s * self.elem % 16 == 0 for s in sdo[:3])
+        tma_dkdv = self.tma_dkdv and _tma_strides_ok(sdo[:3], self.elem)
         dkdv = self._prepare(_dkdv_kernel, (kv_lut.n_work * B,), kv_lut, tiles, tma_dkdv)
         dkdv_ints = (*self.qkv_strides, *sdo[:3], *sdk[:3], *sdv[:3], *common, kv_lut.n_own,
                      kv_lut.n_other, kv_lut.n_work, self.scale * LOG2E, self.scale)
