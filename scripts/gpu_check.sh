@@ -62,15 +62,16 @@ for stage in $STAGES; do
       done > "$OUT/cprofile_step_4096.log" 2>&1
       grep -A45 "ordered by: internal time" "$OUT/cprofile_step_4096.log" | head -100 ;;
     multigpu)  # the example under `deepspeed --num_gpus N` (default: every GPU): BERT-base,
-      # seq 4096, ZeRO-2 bf16 for 200 steps, a resume from step 100, then ZeRO-3 fp16
+      # seq 4096, ZeRO-2 bf16 for MG_STEPS (200) steps, a resume from step 100, then ZeRO-3 fp16
       NG=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       MD=/tmp/multigpu; mkdir -p $MD
-      python3 - "$MD" <<'PY'
+      MG_STEPS=${MG_STEPS:-200}  # ZeRO-2 steps (a checkpoint at 100, resumed to 106)
+      python3 - "$MD" "$MG_STEPS" <<'PY'
 import json, sys
 md = sys.argv[1]
 cfg = json.load(open("configs/bing_bert/ds_sa_bert_base_seq4096_zero2.json"))
-cfg["scheduler"]["params"].update(total_num_steps=200, warmup_num_steps=20)
+cfg["scheduler"]["params"].update(total_num_steps=int(sys.argv[2]), warmup_num_steps=20)
 cfg["tensorboard"]["enabled"] = False
 json.dump(cfg, open(f"{md}/zero2_bf16.json", "w"), indent=2)
 cfg["zero_optimization"] = {"stage": 3}
@@ -78,7 +79,7 @@ cfg["bf16"]["enabled"], cfg["fp16"]["enabled"] = False, True
 json.dump(cfg, open(f"{md}/zero3_fp16.json", "w"), indent=2)
 PY
       TRAIN=examples/bing_bert/ds_sa_train_bert_base_seq4096.sh
-      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2 STEPS=200 timeout 300 \
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2 STEPS=$MG_STEPS timeout 300 \
         bash $TRAIN --save_every 100 --log_every 1 --eval_every 100 --no_progress_bar \
         > "$OUT/multigpu_zero2.log" 2>&1; echo "zero2 exit $?"
       NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2_resumed STEPS=106 timeout 200 \
