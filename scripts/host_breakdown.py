@@ -176,6 +176,7 @@ def main():
         return run
 
     sparse_ptr, sparse_tma = forced(frozenset()), forced(fused._TMA_DEFAULT)
+    sparse_rule = forced(fused._TMA)  # the default again, on a plan made outside the log
 
     x = torch.zeros(16, device="cuda")
 
@@ -188,6 +189,7 @@ def main():
              ("  same, kernel[grid] launches", with_direct(False, sparse), n),
              ("  same, pointer loads (TMA forced off)", sparse_ptr, n),
              ("  same, TMA descriptors (forced on)", sparse_tma, n),
+             ("  same, default rule, another plan", sparse_rule, n),
              ("fused fwd only, no grad", fwd_only, "-"),
              ("fused fwd+bwd, launches stubbed", stubbed, 0),
              ("its launches via kernel[grid](...)", replay_jit, n),
