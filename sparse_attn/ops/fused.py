@@ -456,7 +456,12 @@ def _make_lut(nz, full, bits, meta, batch):
     order = torch.sort(torch.where(ln >= (S + 1) // 2, ln, torch.zeros_like(ln)),
                        descending=True, stable=True).indices
     work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
-    lut.work = work.to(device).contiguous()  # [4, n_work]: row, lo, hi, slot
+    work = work.to(device)
+    # and each item's first tile, IDX[row, lo] (a row with no tile is one item with lo = hi = 0,
+    # whose kernel never reads it)
+    first_tile = lut.idx.reshape(-1)[work[0].long() * n_other
+                                     + work[1].long().clamp(max=n_other - 1)]
+    lut.work = torch.cat([work, first_tile[None]]).contiguous()  # [5, n_work]
     lut.n_work = n_items
     split_rows = torch.nonzero(nc > 1).flatten()
     lut.n_split = split_rows.numel()

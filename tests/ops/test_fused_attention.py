@@ -244,8 +244,8 @@ def test_other_tile_configs(cfg, block):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_work_items_cover_each_row_once(batch):
     """Each LUT row becomes max(1, round(L / S)) contiguous items that cover it exactly once,
-    S from the whole call's tiles (so a larger batch cuts rows into fewer, longer items);
-    tables are cached per batch."""
+    S from the whole call's tiles (so a larger batch cuts rows into fewer, longer items), and
+    each record carries its first tile; tables are cached per batch."""
     nb = 64
     layout = bigbird_like(HEADS, nb, rand=0, window=1)  # rows of 2 tiles and one of 64
     dev = torch.device(DEV)
@@ -255,7 +255,9 @@ def test_work_items_cover_each_row_once(batch):
     lens = lut.ntot.cpu().long()
     S = F_._split_chunk(int(lens.sum()) * batch, dev)
     work = lut.work.cpu().long()
-    assert work.shape == (4, lut.n_work)
+    assert work.shape == (5, lut.n_work)
+    idx = lut.idx.cpu().long()
+    assert (work[4] == idx[work[0], work[1]]).all()  # each item's first tile
     for r in range(lens.numel()):
         mine = work[:, work[0] == r]
         spans = sorted(zip(mine[1].tolist(), mine[2].tolist()))
