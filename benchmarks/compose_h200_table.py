@@ -1,10 +1,10 @@
-"""Builds attention_h200.md / .json from the H200 runs of 2026-11-29, 22:13-22:21 UTC, with
+"""Builds attention_h200.md / .json from the H200 runs of 2026-11-29, 23:51-23:55 UTC, with
 the shipped kernels: TMA where the library's default takes it (large launches and CUDA-graph
 captures, so every "GPU time" row), the forward tiles of that evening (64 x 64, 2 stages for
-blocks 64 and 128).
+blocks 64 and 128), work records that carry their first key tile.
 
-- 4096 x4 rows: run h200_auto_4096, with FlexAttention, all eight rows in one run.
-- 16384 rows: run h200_auto_16384, without FlexAttention: its BlockMask builds for the fine
+- 4096 x4 rows: run h200_first_4096, with FlexAttention, all eight rows in one run.
+- 16384 rows: run h200_first_16384, without FlexAttention: its BlockMask builds for the fine
   16384 layouts take minutes each. Their Flex times, from the runs of the same card earlier
   that day (attention_h200_16384b/c/d: Flex does not depend on our kernels), are quoted in
   the table's note; T1 on those rows is read against them, not in the table.
@@ -12,8 +12,8 @@ blocks 64 and 128).
   the host, the kernels allocate exactly what they did.
 
 The earlier tables of that day (attention_h200_4096, _rule4, _16384b/c/d before TMA;
-attention_h200_tma_* with TMA at every launch and the previous forward tiles) stay as
-records.
+attention_h200_tma_* with TMA at every launch and the previous forward tiles;
+attention_h200_auto_* before the first-tile records, 22:13-22:21 UTC) stay as records.
 
     python benchmarks/compose_h200_table.py
 """
@@ -35,7 +35,7 @@ def load(tag):
 
 
 def main():
-    runs = [load(t) for t in ("h200_auto_4096", "h200_auto_16384")]
+    runs = [load(t) for t in ("h200_first_4096", "h200_first_16384")]
     key = lambda r: (r["seq"], r["layout"], r["block"])  # noqa: E731
     rows = {key(r): r for run in runs for r in run["rows"]}
     ordered = [rows[(n, name, blk)] for n in (4096, 16384) for name, blk in ORDER]
