@@ -17,7 +17,6 @@ dense SDPA in the same run. Not part of the package.
 
     PYTHONPATH=. python3 benchmarks/experiments/exp_fastexp.py
 """
-import importlib.util
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
+from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
 
 COEF = {3: (0.9999282956123352, 0.693260908126831, 0.24260762333869934, 0.055170249193906784),
         4: (0.9999992847442627, 0.6931218504905701, 0.240247443318367, 0.055917464196681976,
@@ -84,14 +84,7 @@ def variant(tag, kernels, pack, poly, deg):
         for line in SITES[kern]:
             assert src.count(line) == 1, line
             src = src.replace(line, line.replace("tl.math.exp2(", "_exp2_mix("))
-    path = f"/tmp/fastexp_{tag}.py"
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source(src, f"fastexp_{tag}")
 
 
 VARIANTS = {  # tag: (kernels, pack, poly, degree)
@@ -109,10 +102,6 @@ def use(mod):
     for n in NAMES:
         setattr(K, n, getattr(mod, n))
     F.set_fused_config(tma=True)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def main():

@@ -13,9 +13,11 @@ _make_lut is wrapped to add the field; the variant kernel module is a
 copy in /tmp, swapped in; checked against the package and timed from CUDA-graph replays
 (TMA) and eagerly with pointer loads forced, beside dense SDPA. Not part of the package.
 
-    PYTHONPATH=. python3 benchmarks/experiments/exp_first.py
+    PYTHONPATH=. python3 benchmarks/experiments/exp_first.py   # on commit 2405bba
+
+The first variant is now the package's forward (the commit after 2405bba), so on later
+commits the script stops with that message.
 """
-import importlib.util
 import os
 import sys
 import time
@@ -26,6 +28,7 @@ sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
+from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
 
 SUBS = [
     # the inner loop takes the first tile's index and masks its own load of it
@@ -71,18 +74,13 @@ def variant(prefetch=False):
         anchor = "LOG2E = 1.4426950408889634\n"
         src = src.replace(anchor, anchor + PREFETCH_HELPER)
         subs.append(PREFETCH)
+    if "_first_tile(" in src:
+        raise SystemExit("the package ships this change since commit 'Forward: each work item's "
+                         "record carries its first key tile'; check out 2405bba to rerun this")
     for old, new in subs:  # the first occurrence: the forward kernel comes first in the file
         assert src.count(old) >= 1, old[:60]
         src = src.replace(old, new, 1)
-    name = "first_prefetch_kernels" if prefetch else "first_kernels"
-    path = f"/tmp/{name}.py"
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source(src, "first_prefetch_kernels" if prefetch else "first_kernels")
 
 
 _make_lut = F._make_lut
@@ -107,10 +105,6 @@ def use(mod, tma):
 
 
 ORIG = type("M", (), {"fused_attn_fwd_kernel": K.fused_attn_fwd_kernel})
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def main():

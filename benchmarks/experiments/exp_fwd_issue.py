@@ -22,7 +22,6 @@ replays beside it and dense SDPA in one run. Not part of the package.
 
     PYTHONPATH=. python3 benchmarks/experiments/exp_fwd_issue.py
 """
-import importlib.util
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
+from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
 
 OLD = """            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -107,14 +107,7 @@ def variant(kind):
         if "lazy" in kind:
             src = src.replace("                l_i = l_i * alpha\n",
                               "                l_acc = l_acc * alpha[:, None]\n")
-    path = f"/tmp/fwd_issue_{kind.replace('+', '_')}.py"
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_source(src, f"fwd_issue_{kind.replace('+', '_')}")
 
 
 KINDS = ("lsum", "lazy", "lazy+lsum")
@@ -124,10 +117,6 @@ def use(mod):
     for n in NAMES:
         setattr(K, n, getattr(mod, n))
     F.set_fused_config(tma=True)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def main():

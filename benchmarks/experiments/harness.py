@@ -1,6 +1,12 @@
-"""What the forward experiments of 2026-11-29 (exp_persist, exp_multi, exp_ahead) share:
-check every variant against the package's forward, then time the ones that match, beside
-the package and dense SDPA, from CUDA-graph replays in one run."""
+"""What the forward experiments of 2026-11-29 share: check every variant against the
+package's forward, then time the ones that match, beside the package and dense SDPA, from
+CUDA-graph replays in one run (exp_persist, exp_multi, exp_ahead); load a variant of the
+package's kernel module from edited source, and compare two outputs (exp_fastexp,
+exp_fwd_issue, exp_first)."""
+import importlib.util
+import os
+import sys
+
 import torch
 
 from sparse_attn.ops import fused as F
@@ -40,3 +46,21 @@ def check_and_time(label, variants, q, k, v, layout, block, small):
     res["dense SDPA (again)"] = t(dense)
     for name, ms in res.items():
         print(f"{label}{block} fwd {name}: {ms * 1000:.1f} us", flush=True)
+
+
+def module_from_source(src, name):
+    """Import ``src`` (an edited copy of a kernel module) as module ``name``, from /tmp (Triton
+    reads a kernel's source from its file)."""
+    path = f"/tmp/{name}.py"
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rel(a, b):
+    """max |a - b| / max |b|, in float32."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
