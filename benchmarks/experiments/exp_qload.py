@@ -1,5 +1,6 @@
-"""Experiment (prepared 2026-11-29, not yet run on a GPU): the Q tile loaded inside the tile
-loop, so that Triton's pipeliner issues it together with the first K/V tile.
+"""Experiment (run on an H200 on 2026-11-29, exp_qload_h200.log: slower everywhere, BigBird 64
+at 4096 x4 95.1 -> 99.2 us, Fixed 64 220.3 -> 244.3; closed): the Q tile loaded inside the
+tile loop, so that Triton's pipeliner issues it together with the first K/V tile.
 
 `ncu_fwd_h200.md`: the forward's largest wait is each work item's pipeline fill. With the
 first tile in the record (shipped), the TMA forward's chain is record -> Q tile (a
