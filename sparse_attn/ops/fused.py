@@ -414,7 +414,7 @@ _SPLIT_MIN = _SPLIT_MIN_DEFAULT
 
 def _make_lut(nz, full, bits, meta, batch):
     """nz/full/bits [H, n_own, n_other] -> _Lut: per row the tiles, full ones first, and the
-    work items (row, lo, hi, slot), longest first, for a call of ``batch`` batches (the
+    work items (row, lo, hi, slot, first tile), longest first, for a call of ``batch`` batches (the
     items are the same in every batch; their length depends on the whole call's work).
     One host sync (the work list), once."""
     H, n_own, n_other = nz.shape
