@@ -408,6 +408,12 @@ def _split_chunk(total_tiles, device):
     return max(_SPLIT_MIN, -(-total_tiles // (4 * n_sm)))
 
 
+def _items_per_row(lens, S):
+    """Work items of each LUT row (column) of ``lens`` tiles, for target length S:
+    round(L / S), at least one (so an item is at most 1.5 S long)."""
+    return torch.clamp((lens + S // 2) // S, min=1)
+
+
 _SPLIT_MIN_DEFAULT = 16
 _SPLIT_MIN = _SPLIT_MIN_DEFAULT
 
@@ -435,7 +441,7 @@ def _make_lut(nz, full, bits, meta, batch):
     lut.all_full = bool(counts[1].sum() == lut.n_tiles)  # no tile needs a mask
     lut.nfull_arg = None if lut.all_full else lut.nfull  # the kernels then never read it
     S = _split_chunk(lut.n_tiles * batch, device)
-    nc = torch.clamp((lens + S // 2) // S, min=1)
+    nc = _items_per_row(lens, S)
     R = lens.numel()
     n_items = int(nc.sum())
     item_row = torch.repeat_interleave(torch.arange(R), nc)
