@@ -420,9 +420,9 @@ _SPLIT_MIN = _SPLIT_MIN_DEFAULT
 
 def _make_lut(nz, full, bits, meta, batch):
     """nz/full/bits [H, n_own, n_other] -> _Lut: per row the tiles, full ones first, and the
-    work items (row, lo, hi, slot, first tile), longest first, for a call of ``batch`` batches (the
-    items are the same in every batch; their length depends on the whole call's work).
-    One host sync (the work list), once."""
+    work items (row, lo, hi, slot, first tile), longest first, for a call of ``batch``
+    batches (the items are the same in every batch; their length depends on the whole call's
+    work). One host sync (the work list), once."""
     H, n_own, n_other = nz.shape
     device = nz.device
     key = nz.to(torch.int8) + full.to(torch.int8)
@@ -463,10 +463,9 @@ def _make_lut(nz, full, bits, meta, batch):
                        descending=True, stable=True).indices
     work = torch.stack([item_row[order], lo[order], hi[order], slot[order]]).to(torch.int32)
     work = work.to(device)
-    # and each item's first tile, IDX[row, lo] (a row with no tile is one item with lo = hi = 0,
-    # whose kernel never reads it)
-    first_tile = lut.idx.reshape(-1)[work[0].long() * n_other
-                                     + work[1].long().clamp(max=n_other - 1)]
+    # and each item's first tile, IDX[row, lo] (lo < n_other always; a row with no tile is one
+    # item with lo = hi = 0, whose kernel never reads it)
+    first_tile = lut.idx[work[0].long(), work[1].long()]
     lut.work = torch.cat([work, first_tile[None]]).contiguous()  # [5, n_work]
     lut.n_work = n_items
     split_rows = torch.nonzero(nc > 1).flatten()
