@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-KERNELS = ("fused_attn_fwd_kernel", "fused_attn_fwd_combine_kernel", "fused_attn_bwd_dq_kernel",
+KERNELS = ("fused_attn_fwd_kernel", "fused_attn_bwd_dq_kernel",
            "fused_attn_bwd_dkdv_kernel", "fused_attn_bwd_reduce_kernel")
 
 

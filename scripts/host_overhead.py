@@ -42,8 +42,7 @@ def stub_kernels():
     from sparse_attn.ops.kernels import fused_attention as k
 
     counter = [0]
-    for name in ("fused_attn_fwd_kernel", "fused_attn_fwd_combine_kernel",
-                 "fused_attn_bwd_dq_kernel", "fused_attn_bwd_dkdv_kernel",
+    for name in ("fused_attn_fwd_kernel", "fused_attn_bwd_dq_kernel", "fused_attn_bwd_dkdv_kernel",
                  "fused_attn_bwd_reduce_kernel"):
         setattr(k, name, _NoLaunch(counter))
     return counter

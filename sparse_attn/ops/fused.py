@@ -67,7 +67,6 @@ from .launch import Launcher, direct_context
 # launched as _fwd_kernel(grid, *args, **constexprs): Triton's launcher, minus its per-launch
 # bookkeeping once a specialization has been compiled (see launch.py)
 _fwd_kernel = Launcher(_k, "fused_attn_fwd_kernel")
-_fwd_combine_kernel = Launcher(_k, "fused_attn_fwd_combine_kernel")
 _dq_kernel = Launcher(_k, "fused_attn_bwd_dq_kernel")
 _dkdv_kernel = Launcher(_k, "fused_attn_bwd_dkdv_kernel")
 _reduce_kernel = Launcher(_k, "fused_attn_bwd_reduce_kernel")
@@ -356,7 +355,7 @@ class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device) and
     batch size (which sets how long rows are cut into work items)."""
     __slots__ = ("idx", "bits", "nfull", "ntot", "n_tiles", "all_full", "nfull_arg", "work",
-                 "n_work", "n_slots", "split", "n_split", "n_own", "n_other", "unit_m",
+                 "n_work", "n_slots", "split", "slot_split", "n_split", "n_own", "n_other", "unit_m",
                  "unit_n", "fine", "bits32")
 
 
@@ -395,8 +394,8 @@ def _tile_tables(layout, block, TM, TN, N, causal, device):
 
 def _split_chunk(total_tiles, device):
     """Target length of one work item, in tiles. ``total_tiles``: the tiles of the whole call
-    (every batch). A row (column) of the LUT of length L becomes round(L / S) near-equal
-    items (at least one) that run in parallel and are merged after: a BigBird global row
+    (every batch). A row (column) of the LUT of length L becomes ceil(L / 1.2 S) near-equal
+    items (at least one) that run in parallel and are merged: a BigBird global row
     would otherwise be one program walking the whole row while the GPU idles. S is the
     share of one program slot (an SM holds ~4 programs of these kernels), so that no item
     outlasts what every slot has to do anyway; shorter items only add merge work (H200
@@ -410,8 +409,11 @@ def _split_chunk(total_tiles, device):
 
 def _items_per_row(lens, S):
     """Work items of each LUT row (column) of ``lens`` tiles, for target length S:
-    round(L / S), at least one (so an item is at most 1.5 S long)."""
-    return torch.clamp((lens + S // 2) // S, min=1)
+    ceil(L / 1.2 S), at least one, so that an item is at most 1.2 S long. (round(L / S),
+    items of up to 1.5 S, left BigBird 64's 64-tile global rows whole at 4096 x4, where
+    they outlast the rest of the grid: H200 forward 96.7 -> 91.4 us,
+    benchmarks/experiments/exp_merge2_h200.log.)"""
+    return torch.clamp(-(-lens * 5 // (6 * S)), min=1)
 
 
 _SPLIT_MIN_DEFAULT = 16
@@ -473,6 +475,9 @@ def _make_lut(nz, full, bits, meta, batch):
     s_start = slot[first[split_rows]] if lut.n_split else torch.zeros(0, dtype=torch.int64)
     split = torch.stack([split_rows, s_start, nc[split_rows]]).to(torch.int32)
     lut.split = split.to(device).contiguous()  # [3, n_split]: row, first slot, items
+    # split row of each slot (slots run row by row, nc[row] of them per split row)
+    lut.slot_split = torch.repeat_interleave(
+        torch.arange(lut.n_split), nc[split_rows]).to(torch.int32).to(device).contiguous()
     lut.n_own, lut.n_other = n_own, n_other
     lut.unit_m, lut.unit_n, lut.fine, lut.bits32 = meta
     return lut
@@ -611,16 +616,10 @@ class _Plan:
         TM = tiles[0]
         main = self._prepare(_fwd_kernel, (lut.n_work * B,), lut, tiles, self.tma_fwd,
                              POS_SCALE=self.scale > 0)
-        combine = None
-        if lut.n_split:
-            combine = _fwd_combine_kernel.prepare(
-                (lut.n_split * B,), BLOCK_M=TM, HEAD_DIM=D, EVEN=N % TM == 0 and
-                N % tiles[1] == 0, num_warps=4)
         so = self.out_strides
         ints = (*self.qkv_strides, *so[:3], self.s_kpm, B, H, N, lut.n_own, lut.n_other,
-                lut.n_work, self.scale * LOG2E)
-        combine_ints = (*so[:3], B, H, N, lut.n_own, lut.n_split)
-        return lut, main, combine, ints, combine_ints
+                lut.n_work, lut.n_split, self.scale * LOG2E)
+        return lut, main, ints
 
     def forward(self, q, k, v, kpm):
         """out [B, H, N, D] in q's dtype and memory format, lse [B, H, N] float32.
@@ -629,21 +628,25 @@ class _Plan:
             q, k, v = _prep(q), _prep(k), _prep(v)
         if self.fwd is None:
             self.fwd = self._forward_launches()
-        lut, main, combine, ints, combine_ints = self.fwd
+        lut, main, ints = self.fwd
         B, H, N, D = self.shape
         TM, TN = self.cfg["fwd"][:2]
         out = torch.empty_like(q)
         lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         if lut.n_slots:
+            # the split rows' partial results, and how many of each row's items are done
+            # (zeroed per call: a counter shared between calls could be raced by a call on
+            # another stream or a concurrently replayed graph)
             ws_acc = torch.empty((lut.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
             ws_ml = torch.empty((lut.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
+            count = torch.zeros((lut.n_split * B,), dtype=torch.int32, device=q.device)
+            split = (lut.split, lut.slot_split, count)
         else:  # no split row: no workspace (HAS_SPLIT is False)
             ws_acc = ws_ml = None
+            split = (None, None, None)
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
         _launch(main, ctx, (q, k, v, out, lse, kpm), ((q, TM), (k, TN), (v, TN), (out, TM)),
-                (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *ints))
-        if combine is not None:
-            combine.launch(ctx, out, lse, ws_acc, ws_ml, lut.split, *combine_ints)
+                (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *split, *ints))
         return out, lse
 
     def _backward_launches(self, so, sdo):

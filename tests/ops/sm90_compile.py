@@ -216,7 +216,7 @@ def main() -> int:
         if differs:
             print(f"FAIL block {block} head_dim {d}: {differs}")
             return 1
-        want = (6 if split else 3) * (2 if how == "misaligned" else 1)
+        want = (5 if split else 3) * (2 if how == "misaligned" else 1)
         if len(LAUNCHES) != want:
             print(f"FAIL: {len(LAUNCHES)} launches, expected {want}: {LAUNCHES}")
             return 1

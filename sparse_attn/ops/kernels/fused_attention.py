@@ -3,7 +3,8 @@
 One program owns one (work item, batch). A work item is a query tile (forward, dq) or a key
 tile (dk/dv) and a range [lo, hi) of the look-up table (LUT) of the tiles that row / column
 touches; long rows are cut into several items whose fp32 partial results go to a workspace
-(slot >= 0) and are merged by the combine / reduce kernels. Scores never leave registers
+(slot >= 0) and are merged: in the forward by the row's last item to finish (an arrival
+counter per split row), in the backward by the reduce kernel. Scores never leave registers
 (online softmax, FlashAttention-2).
 
 LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
@@ -20,6 +21,7 @@ LUT layout (built by ``sparse_attn.ops.fused``; all int32 unless said):
                               L2). One tensor, so one pointer argument (each pointer costs a
                               driver call per launch)
   SPLIT [3, n_split]          the split rows, their first slot and number of items
+  SLOT_SPLIT [n_slots]        the split row of each workspace slot (forward)
 KPM, BITS, NFULL and the workspaces are None (no pointer argument at all) when HAS_KPM,
 FINE, ALL_FULL (no partial tile in the whole LUT) or HAS_SPLIT say they are not needed.
 With TMA (Hopper and later), the tiles a row / column walks come through host tensor
@@ -242,13 +244,13 @@ def _tile_store(OUT, x, b64, h64, offs_r, offs_d, s_b, s_h, s_m, N, EVEN: tl.con
 @triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM, Q_DESC, K_DESC, V_DESC, O_DESC,
-        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML,
+        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML, SPLIT, SLOT_SPLIT, COUNT,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, n_work, qk_scale,
+        B, H, N, n_qt, n_kt, n_work, n_split, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
@@ -257,9 +259,11 @@ def fused_attn_fwd_kernel(
         POS_SCALE: tl.constexpr, TMA: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
-    workspace (slot >= 0) and are merged by fused_attn_fwd_combine_kernel. TMA: the Q, K and
-    V tiles come through the descriptors Q_DESC, K_DESC, V_DESC and O goes out through O_DESC
-    (else those are None)."""
+    workspace (slot >= 0): the last of them to finish merges them all and stores the row
+    (SPLIT: [3, n_split] row, first slot, items; SLOT_SPLIT: split row of each slot; COUNT:
+    int32 [n_split * B] arrivals, zero at launch). TMA: the Q, K and V tiles come through the
+    descriptors Q_DESC, K_DESC, V_DESC and O goes out through O_DESC (else those are
+    None)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
@@ -312,37 +316,39 @@ def fused_attn_fwd_kernel(
                      acc)
             tl.store(WS_ML + ws * 2 * BLOCK_M + rr, m_i)
             tl.store(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, l_i)
+            j = tl.load(SLOT_SPLIT + slot)
+            n = tl.load(SPLIT + 2 * n_split + j)
+            # every thread's workspace stores come before the arrival (the barrier), and the
+            # arrival releases them to the program that merges (its acquire)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNT + j * B + b, 1, sem="acq_rel", scope="gpu")
+            if arrived == n - 1:  # the row's last item: merge (without a second launch)
+                tl.store(COUNT + j * B + b, 0)  # as the next call expects it
+                start = tl.load(SPLIT + n_split + j)
+                acc, l_i, m_i = _merge_items(WS_ACC, WS_ML, start, n, B, b64, rr, offs_d,
+                                               BLOCK_M, HEAD_DIM)
+                _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
+                           stride_oh, stride_om, H, N, EVEN, TMA)
     else:
         _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
                    stride_oh, stride_om, H, N, EVEN, TMA)
 
 
 @triton.jit
-def fused_attn_fwd_combine_kernel(
-        O, LSE, WS_ACC, WS_ML, SPLIT,
-        stride_ob, stride_oh, stride_om, B, H, N, n_qt, n_split,
-        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
-    """Merge the partial (acc, max, sum) of the work items of a split row."""
-    pid = tl.program_id(0)
-    b = pid % B
-    j = pid // B
-    r = tl.load(SPLIT + j)
-    start = tl.load(SPLIT + n_split + j)
-    n = tl.load(SPLIT + 2 * n_split + j)
-    h = r // n_qt
-    qt = r % n_qt
-    b64 = b.to(tl.int64)
-    rr = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_m = qt * BLOCK_M + rr
+def _merge_items(WS_ACC, WS_ML, start, n, B, b64, rr, offs_d, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """(acc, sum, max) of a split row, from the partial (acc, max, sum) its n work items left
+    in workspace slots start .. start + n - 1 (batch b64). Loaded from L2 (``.cg``): the
+    items ran on other multiprocessors."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for c in range(start, start + n):
         ws = c * B + b64
-        a_c = tl.load(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :])
-        m_c = tl.load(WS_ML + ws * 2 * BLOCK_M + rr)
-        l_c = tl.load(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr)
+        a_c = tl.load(WS_ACC + ws * BLOCK_M * HEAD_DIM + rr[:, None] * HEAD_DIM + offs_d[None, :],
+                      cache_modifier=".cg")
+        m_c = tl.load(WS_ML + ws * 2 * BLOCK_M + rr, cache_modifier=".cg")
+        l_c = tl.load(WS_ML + ws * 2 * BLOCK_M + BLOCK_M + rr, cache_modifier=".cg")
         m_new = tl.maximum(m_i, m_c)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         a1 = tl.math.exp2(m_i - m_use)
@@ -350,8 +356,7 @@ def fused_attn_fwd_combine_kernel(
         l_i = l_i * a1 + l_c * a2
         acc = acc * a1[:, None] + a_c * a2[:, None]
         m_i = m_new
-    _fwd_store(O, None, LSE, acc, l_i, m_i, b, h, qt * BLOCK_M, offs_m, offs_d, stride_ob,
-               stride_oh, stride_om, H, N, EVEN, False)
+    return acc, l_i, m_i
 
 
 @triton.jit
