@@ -1,19 +1,21 @@
-"""Builds attention_h200.md / .json from the H200 runs of 2026-11-29, 23:51-23:55 UTC, with
+"""Builds attention_h200.md / .json from the H200 runs of 2026-11-30, 01:07-01:12 UTC, with
 the shipped kernels: TMA where the library's default takes it (large launches and CUDA-graph
-captures, so every "GPU time" row), the forward tiles of that evening (64 x 64, 2 stages for
-blocks 64 and 128), work records that carry their first key tile.
+captures, so every "GPU time" row), forward tiles 64 x 64 with 2 stages for blocks 64 and
+128, work records that carry their first key tile, work items of at most 1.2 S tiles, and
+split rows merged inside the forward kernel (no merge launch).
 
-- 4096 x4 rows: run h200_first_4096, with FlexAttention, all eight rows in one run.
-- 16384 rows: run h200_first_16384, without FlexAttention: its BlockMask builds for the fine
-  16384 layouts take minutes each. Their Flex times, from the runs of the same card earlier
-  that day (attention_h200_16384b/c/d: Flex does not depend on our kernels), are quoted in
+- 4096 x4 rows: run h200_merge_4096, with FlexAttention, all eight rows in one run.
+- 16384 rows: run h200_merge_16384, without FlexAttention: its BlockMask builds for the fine
+  16384 layouts take minutes each. Their Flex times, from the runs of the same card on
+  2026-11-29 (attention_h200_16384b/c/d: Flex does not depend on our kernels), are quoted in
   the table's note; T1 on those rows is read against them, not in the table.
-- The memory rows (target 4) come from h200_16384b (earlier that day): descriptors live on
-  the host, the kernels allocate exactly what they did.
+- The memory rows (target 4) come from h200_16384b (2026-11-29): descriptors live on the
+  host; the forward's only new allocation since is an int32 counter per split row and batch.
 
-The earlier tables of that day (attention_h200_4096, _rule4, _16384b/c/d before TMA;
-attention_h200_tma_* with TMA at every launch and the previous forward tiles;
-attention_h200_auto_* before the first-tile records, 22:13-22:21 UTC) stay as records.
+The earlier tables stay as records: attention_h200_4096, _rule4, _16384b/c/d (before TMA);
+attention_h200_tma_* (TMA at every launch, the previous forward tiles); attention_h200_auto_*
+(before the first-tile records, 2026-11-29 22:13-22:21 UTC); attention_h200_first_* (before
+the in-kernel merge, 23:51-23:55 UTC).
 
     python benchmarks/compose_h200_table.py
 """
@@ -35,7 +37,7 @@ def load(tag):
 
 
 def main():
-    runs = [load(t) for t in ("h200_first_4096", "h200_first_16384")]
+    runs = [load(t) for t in ("h200_merge_4096", "h200_merge_16384")]
     key = lambda r: (r["seq"], r["layout"], r["block"])  # noqa: E731
     rows = {key(r): r for run in runs for r in run["rows"]}
     ordered = [rows[(n, name, blk)] for n in (4096, 16384) for name, blk in ORDER]
@@ -53,7 +55,7 @@ def main():
     meta["note"] = (
         "4096 x4 rows: the first command (with FlexAttention). 16384 rows: the second "
         "command, without FlexAttention (Flex columns '-', T1 n/a in the table). Flex at "
-        "16384 from the runs of this card earlier the same day (attention_h200_16384b/c/d), "
+        "16384 from the runs of this card on 2026-11-29 (attention_h200_16384b/c/d), "
         "fwd / fwd+bwd ms, beside this table's fused eager times: " + quoted + ". "
         "Memory rows from attention_h200_16384b. benchmarks/compose_h200_table.py builds "
         "this table.")

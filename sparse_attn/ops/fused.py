@@ -28,9 +28,10 @@ Look-up tables are built the first time a layout is seen (device ops and one hos
 the work list) and cached on the device per (layout tensor, block, tile sizes, seq, causal,
 device); a call that hits the cache does no host sync in forward or backward. Rows (columns)
 of the LUT much longer than the average, such as BigBird's global rows and columns, are cut
-into several work items that run in parallel; a small kernel merges their partial results.
-The cache holds a
-reference to the layout and keys on its storage, shape, strides and version counter, so
+into several work items that run in parallel and leave fp32 partial results: in the
+forward the row's last item to finish merges them (an arrival counter per split row, zeroed
+for every call, so calls on other streams or in other CUDA graphs never share one); in the
+backward a small kernel sums them. The cache holds a reference to the layout and keys on its storage, shape, strides and version counter, so
 views of one layout hit and an in-place change of the layout rebuilds.
 
 An eager call is cheap on the host: its signature (shapes, strides, dtypes and devices of the
@@ -123,7 +124,7 @@ _TMA_MIN_WORK = 1 << 34
 def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **kernels):
     """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=(128, 32, 4, 3))``, the
     shortest run of tiles a LUT row is cut into (``split_min``; rows up to that length are
-    never split, which saves the merge launches at the cost of one long program), or which
+    never split, which saves the merge work at the cost of one long program), or which
     kernels load tiles by TMA (``tma``: True, False, or some of "fwd", "dq", "dkdv"; wherever
     it can run: a GPU of compute capability 9+, or the interpreter; at every launch, not only
     the large or graph-captured ones that the default picks).

@@ -311,8 +311,25 @@ def test_split_long_rows(dtype, block):
         out = run_and_compare(q, k, v, layout, block, kpm=kpm)
         assert (out[1] == 0).all() and (out[0, 0] == 0).all()
         assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all()
+        # the forward's merge counts each row's arrivals from zero at every call, and merges
+        # the items in slot order whichever of them arrives last: the same bits every time
+        for _ in range(2):
+            again = fused_block_sparse_attention(q.detach(), k.detach(), v.detach(), layout,
+                                                 block, key_padding_mask=kpm)
+            assert torch.equal(again, out.detach())
     finally:
         F_.clear_lut_cache()
+
+
+@pytest.mark.parametrize("S", [1, 16, 46, 47, 90])
+def test_items_per_row_bound(S):
+    """A row of L tiles becomes the fewest items (at least one) whose near-equal ranges
+    (i * L // n) are at most ceil(1.2 S) tiles long."""
+    lens = torch.arange(0, 600)
+    n = F_._items_per_row(lens, S)
+    assert (n >= 1).all()
+    assert (-(-lens // n) <= -(-6 * S // 5)).all()  # ranges i * L // n: at most ceil(L / n)
+    assert ((n == 1) | (5 * lens > 6 * S * (n - 1))).all()  # one item fewer: too long
 
 
 def _count_descriptors(monkeypatch):
