@@ -38,7 +38,8 @@ EDITS = {
                 "    for it2 in range(lo, 2 * hi - lo):\n"
                 "        it = lo + (it2 - lo) % (hi - lo)\n")],
     "nostore": [(STORE, "    elif n_work < 0:\n" + STORE.split("\n", 1)[1])],
-    "bmajor": [("    b = pid % B\n    w = pid // B\n", "    b = pid // n_work\n    w = pid % n_work\n")],
+    "bmajor": [("    b = pid % B\n    w = pid // B\n",
+                "    b = pid // n_work\n    w = pid % n_work\n")],
 }
 
 

@@ -58,7 +58,8 @@ def main():
                 p.fwd = (lut, main, None, ints, combine_ints)
                 without = t(fwd)
                 print(f"{label} round {rnd} {rule_name:13s} items {lut.n_work:5d}, split rows "
-                      f"{lut.n_split:3d}: fwd {with_merge:6.1f} us ({dens * dense / with_merge * 100:.1f}%"
+                      f"{lut.n_split:3d}: fwd {with_merge:6.1f} us "
+                      f"({dens * dense / with_merge * 100:.1f}%"
                       f" of dense's {dense:.1f}), without the merge launch {without:6.1f} us "
                       f"({dens * dense / without * 100:.1f}%)", flush=True)
     F._items_per_row = PACKAGE

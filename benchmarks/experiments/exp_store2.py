@@ -30,8 +30,8 @@ from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
 from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
 
-STORE_CALL = ("    else:\n        _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, "
-              "stride_ob,\n                   stride_oh, stride_om, H, N, EVEN, TMA)\n")
+STORE_CALL = ("    else:\n        _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, "
+              "offs_d, stride_ob,\n                   stride_oh, stride_om, H, N, EVEN, TMA)\n")
 O_TMA = "    if TMA:\n        O_desc.store([b, h, m0, 0],\n"
 O_PTR = "    else:\n        o_ptrs = O + b64"
 LSE_EVEN = "    if EVEN:\n        tl.store(lse_ptrs, lse)\n    else:\n"

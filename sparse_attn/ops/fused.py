@@ -31,8 +31,9 @@ of the LUT much longer than the average, such as BigBird's global rows and colum
 into several work items that run in parallel and leave fp32 partial results: in the
 forward the row's last item to finish merges them (an arrival counter per split row, zeroed
 for every call, so calls on other streams or in other CUDA graphs never share one); in the
-backward a small kernel sums them. The cache holds a reference to the layout and keys on its storage, shape, strides and version counter, so
-views of one layout hit and an in-place change of the layout rebuilds.
+backward a small kernel sums them. The cache holds a reference to the layout and keys on
+its storage, shape, strides and version counter, so views of one layout hit and an in-place
+change of the layout rebuilds.
 
 An eager call is cheap on the host: its signature (shapes, strides, dtypes and devices of the
 inputs and the mask; the layout; block, scale, causal) is checked once and worked out into a
@@ -356,8 +357,8 @@ class _Lut:
     """Row- or column-major LUT for one (layout, block, BLOCK_M, BLOCK_N, causal, device) and
     batch size (which sets how long rows are cut into work items)."""
     __slots__ = ("idx", "bits", "nfull", "ntot", "n_tiles", "all_full", "nfull_arg", "work",
-                 "n_work", "n_slots", "split", "slot_split", "n_split", "n_own", "n_other", "unit_m",
-                 "unit_n", "fine", "bits32")
+                 "n_work", "n_slots", "split", "slot_split", "n_split", "n_own", "n_other",
+                 "unit_m", "unit_n", "fine", "bits32")
 
 
 def _tile_tables(layout, block, TM, TN, N, causal, device):
