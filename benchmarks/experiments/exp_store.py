@@ -28,7 +28,7 @@ sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
-from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
+from benchmarks.experiments.harness import edited_kernels, rel  # noqa: E402
 
 O_TMA = "    if TMA:\n        O_desc.store([b, h, m0, 0],\n"
 LSE = ("    if EVEN:\n        tl.store(lse_ptrs, lse)\n    else:\n"
@@ -66,12 +66,7 @@ def _hook_ptx():
 
 
 def variant(name):
-    src = open(K.__file__).read()
-    for old, new in EDITS[name]:
-        assert old in src, (name, old[:60])
-        src = src.replace(old, new, 1)  # the forward kernel comes first in the file
-    slug = "".join(c if c.isalnum() else "_" for c in name)
-    return module_from_source(src, f"store_{slug}_kernels")
+    return edited_kernels(EDITS[name], f"store_{name}_kernels")
 
 
 ORIG_KERNEL = K.fused_attn_fwd_kernel

@@ -28,7 +28,7 @@ sys.path.insert(0, os.getcwd())
 from sparse_attn.ops import fused as F  # noqa: E402
 from sparse_attn.ops.kernels import fused_attention as K  # noqa: E402
 import scripts.bench_attention as BA  # noqa: E402
-from benchmarks.experiments.harness import module_from_source, rel  # noqa: E402
+from benchmarks.experiments.harness import edited_kernels, rel  # noqa: E402
 
 STORE_CALL = ("    else:\n        _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, "
               "offs_d, stride_ob,\n                   stride_oh, stride_om, H, N, EVEN, TMA)\n")
@@ -54,12 +54,7 @@ TIMING_ONLY = ("skip epilogue", "compute, no store", "same tile")
 
 
 def variant(name):
-    src = open(K.__file__).read()
-    for old, new in EDITS[name]:
-        assert old in src, (name, old[:60])
-        src = src.replace(old, new, 1)  # the forward kernel and its helpers come first
-    slug = "".join(c if c.isalnum() else "_" for c in name)
-    return module_from_source(src, f"store2_{slug}_kernels")
+    return edited_kernels(EDITS[name], f"store2_{name}_kernels")
 
 
 ORIG_KERNEL = K.fused_attn_fwd_kernel

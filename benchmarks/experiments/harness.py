@@ -48,6 +48,18 @@ def check_and_time(label, variants, q, k, v, layout, block, small):
         print(f"{label}{block} fwd {name}: {ms * 1000:.1f} us", flush=True)
 
 
+def edited_kernels(edits, name):
+    """The package's kernel module with each (old, new) text edit of ``edits`` applied once
+    (the forward kernel and its helpers come first in the file), imported as a module named
+    after ``name`` (exp_ablate, exp_store, exp_store2)."""
+    from sparse_attn.ops.kernels import fused_attention as K
+    src = open(K.__file__).read()
+    for old, new in edits:
+        assert old in src, (name, old[:60])
+        src = src.replace(old, new, 1)
+    return module_from_source(src, "".join(c if c.isalnum() else "_" for c in name))
+
+
 def module_from_source(src, name):
     """Import ``src`` (an edited copy of a kernel module) as module ``name``, from /tmp (Triton
     reads a kernel's source from its file)."""

@@ -612,10 +612,9 @@ class _Plan:
                          _TMA is not None or work >= _TMA_MIN_WORK)
 
     def _forward_launches(self):
-        B, H, N, D = self.shape
+        B, H, N, _ = self.shape
         tiles = self.cfg["fwd"]
         lut = self._lut("row", tiles)
-        TM = tiles[0]
         main = self._prepare(_fwd_kernel, (lut.n_work * B,), lut, tiles, self.tma_fwd,
                              POS_SCALE=self.scale > 0)
         so = self.out_strides
