@@ -15,6 +15,7 @@ reference; then times every method (triton.testing.do_bench, median).
 Writes benchmarks/attention_<tag>.json and .md (device, date, versions, exact command).
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,7 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sparse_attn.ops import fused as fused_mod  # noqa: E402
+from sparse_attn.ops.fused import config as fused_config  # noqa: E402
+from sparse_attn.ops.fused import op as fused_op  # noqa: E402
+from sparse_attn.ops.fused.lut import get_lut  # noqa: E402
 from sparse_attn.ops.fused import fused_block_sparse_attention, set_fused_config  # noqa: E402
 
 H, D = 16, 64
@@ -128,11 +131,12 @@ def check_row(q, k, v, do, Ld, blk, heads=2):
 
 def tile_areas(Ld, blk, N):
     """Computed tile areas (elements) of the fwd, dq and dk/dv kernels and fwd tile density."""
-    cfg = fused_mod._config(D, blk)
+    cfg = fused_config.kernel_tiles(D, blk)
     res = {}
     for name, kind in (("fwd", "row"), ("dq", "row"), ("dkdv", "col")):
-        TM, TN = cfg[name][:2]
-        lut = fused_mod._get_lut(Ld, blk, TM, TN, N, False, Ld.device, kind)
+        tiles = getattr(cfg, name)
+        TM, TN = tiles.block_m, tiles.block_n
+        lut = get_lut(Ld, blk, TM, TN, N, False, Ld.device, kind)
         ntiles = int(lut.ntot.sum())
         res[name] = ntiles * TM * TN
         if name == "fwd":
@@ -170,7 +174,8 @@ def run_row(N, B, name, blk, args, flex):
     r["correct"] = all(e < 2e-2 for e in r["errors"].values())
     areas = tile_areas(Ld, blk, N)
     r["tile_density"] = areas["tile_density"]
-    r["config"] = {k_: list(v_) for k_, v_ in fused_mod._config(D, blk).items()}
+    tiles = fused_config.kernel_tiles(D, blk)
+    r["config"] = {k_: list(dataclasses.astuple(getattr(tiles, k_))) for k_ in fused_config.KERNELS}
 
     def fused_f():
         return fused_block_sparse_attention(q, k, v, Ld, blk)
@@ -296,7 +301,6 @@ def sweep(rows):
                    for _ in range(3)]
         do = torch.randn_like(q)
         line = dict(seq=N, batch=B, layout=name, block=blk, fwd={}, dkdv={}, dq={})
-        base = fused_mod._CONFIGS[D][None]
         for cfg in SWEEP_FWD:
             set_fused_config()
             set_fused_config(D, None, fwd=cfg)
@@ -310,8 +314,8 @@ def sweep(rows):
                 set_fused_config()
                 set_fused_config(D, None, **{kern: cfg})
                 try:
-                    out, lse = fused_mod._forward_impl(q, k, v, Ld, None, blk, D ** -0.5, False)
-                    line[kern][str(cfg)] = bench_graph(lambda: fused_mod._backward_impl(
+                    out, lse = fused_op._fwd_op(q, k, v, Ld, None, blk, D ** -0.5, False)
+                    line[kern][str(cfg)] = bench_graph(lambda: fused_op._bwd_op(
                         do, q, k, v, out, lse, Ld, None, blk, D ** -0.5, False))
                 except Exception as e:
                     line[kern][str(cfg)] = f"{type(e).__name__}"

@@ -22,10 +22,12 @@ memory is reported as OOM. The table ends with the targets of the issue: at 1638
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -254,6 +256,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device)
            if device.type == "cuda" else "cpu", "dtype": str(dtype)}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = "PYTHONPATH=. python3 " + " ".join(
+        ["scripts/bench_bert_training.py"] + list(sys.argv[1:] if argv is None else argv))
     try:
         import transformers
         import triton
@@ -300,10 +305,61 @@ def main(argv=None):
         print("\n" + "\n".join(verdicts))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        data = {"env": env, "date": started, "command": command, "args": vars(args),
+                "results": results, "verdicts": verdicts}
         with open(args.out, "w") as f:
-            json.dump({"env": env, "args": vars(args), "results": results,
-                       "verdicts": verdicts}, f, indent=2)
+            json.dump(data, f, indent=2)
+        write_markdown(os.path.splitext(args.out)[0] + ".md", data)
     return 0
+
+
+def write_markdown(path, data):
+    """The run as a Markdown record: device, date, versions, command, the table, verdicts."""
+    env, a, results = data["env"], data["args"], data["results"]
+    seqs = list(dict.fromkeys(r["seq"] for r in results))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    cell = {(r["seq"], r["variant"]): r for r in results}
+    timer = " (CUDA events)" if env["device"] != "cpu" else ""
+    versions = "; ".join(f"{k} {env[k]}" for k in ("torch", "triton", "transformers") if k in env)
+    md = [f"# BERT masked-LM training step ({env['device']})", "",
+          f"Date {data.get('date', '?')}; {versions}; {env['dtype']}.", "",
+          "Command, run from the repository root:", "",
+          f"    {data.get('command', '?')}", ""]
+    if data.get("command_note"):
+        md += [data["command_note"], ""]
+    md += [f"Batch 1, {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads, block "
+           f"{a['block']}, AdamW; step time in ms: the median over {a['rounds']} interleaved "
+           f"rounds of {a['steps']} steps{timer} after {a['warmup']} warm-up steps; peak "
+           "GiB: the variant's own `max_memory_allocated` over one step; the variants as in "
+           "the docstring of `scripts/bench_bert_training.py`."]
+    dens = {}
+    for v in variants:
+        found = [re.search(r"density ([\d.]+%)", cell[(s_, v)]["desc"]) for s_ in seqs
+                 if (s_, v) in cell]
+        if len(found) == len(seqs) and all(found):
+            dens[v] = [m.group(1) for m in found]
+    if dens:
+        md[-1] += " Layout density at seq " + " / ".join(map(str, seqs)) + ": " + "; ".join(
+            f"{v} {' / '.join(d)}" for v, d in dens.items()) + "."
+    if a.get("compile", "none") != "none":
+        md[-1] += (f" Compiled: the encoder of {', '.join(a['compile_variants'])} under "
+                   f"`torch.compile(mode=\"{a['compile']}\")`; the other variants eager in the "
+                   "same run.")
+        if a["compile"] == "reduce-overhead":
+            md[-1] += (" Peak memory under reduce-overhead is measured after the CUDA graphs "
+                       "were recorded (and after the other variants ran in the same process); "
+                       "it is not comparable with eager peaks and is not claimed.")
+    md += ["", "| seq | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
+    for s_ in seqs:
+        md.append(f"| {s_} | " + " | ".join(
+            cell[(s_, v)].get("error", f"{cell[(s_, v)]['step_ms']:.1f} ms / "
+                                       f"{cell[(s_, v)]['peak_gib']:.2f} GiB")
+            for v in variants) + " |")
+    if data.get("verdicts"):
+        md += ["", "Sparse against dense SDPA (step time), with the targets of the issue:", ""]
+        md += [f"- {v}" for v in data["verdicts"]]
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -123,8 +123,8 @@ def run_sparse(z, h, s, d, dtype, layout, block, results_common):
 
 def sweep(dtype=torch.bfloat16):
     """Launch-parameter sweep at seq 16384 (batch 1, random 20%), printed for tuning."""
-    from sparse_attn.ops.kernels import matmul as km
-    from sparse_attn.ops.kernels import softmax as ks
+    from sparse_attn.ops import matmul_triton as km
+    from sparse_attn.ops import softmax_triton as ks
     z, h, s, d = 1, 16, 16384, 64
     lines = []
     for block in (16, 32, 64, 128):

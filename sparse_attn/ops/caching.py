@@ -2,14 +2,18 @@
 look-up tables, MatMul/Softmax tables, the torch backend's block index), shared by every
 backend so that they are cached and built the same way.
 
-    key = layout_identity(layout)             # which layout tensor, in which state
-    table = build_outside_graph_pools(build, device)
+    key = layout_identity(layout)             # which layout tensor, in which state (no sync)
+    key = layout_digest(cpu_layout)           # what it holds (MatMul/Softmax: equal layouts
+                                              # of different modules share their tables)
+    table = cached_table(kind, key, block, device, build)
 """
+import hashlib
 import threading
 
 import torch
 
-__all__ = ["layout_identity", "build_outside_graph_pools"]
+__all__ = ["layout_identity", "layout_digest", "cached_table", "table_cache_size",
+           "build_outside_graph_pools"]
 
 
 def layout_identity(layout: torch.Tensor) -> tuple:
@@ -24,6 +28,30 @@ def layout_identity(layout: torch.Tensor) -> tuple:
         version = -1
     return (layout.untyped_storage().data_ptr(), layout.storage_offset(), tuple(layout.shape),
             tuple(layout.stride()), layout.dtype, str(layout.device), version)
+
+
+def layout_digest(layout: torch.Tensor) -> tuple:
+    """Content key of a CPU 0/1 layout: equal only for equal layouts."""
+    digest = hashlib.sha1(layout.to(torch.uint8).numpy().tobytes()).hexdigest()
+    return (tuple(layout.shape), digest)
+
+
+_TABLES: dict = {}
+
+
+def cached_table(kind: str, key, block: int, device, build):
+    """The ``kind`` table of the layout keyed ``key`` at ``block`` on ``device``; ``build()``
+    makes it (outside CUDA-graph pools) the first time."""
+    full_key = (kind, key, block, str(device))
+    table = _TABLES.get(full_key)
+    if table is None:
+        table = _TABLES[full_key] = build_outside_graph_pools(build, torch.device(device))
+    return table
+
+
+def table_cache_size() -> int:
+    """How many MatMul/Softmax tables are cached."""
+    return len(_TABLES)
 
 
 def _tensors(obj, depth=0):

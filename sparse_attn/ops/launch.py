@@ -3,7 +3,7 @@
 ``kernel[grid](*args, **constexprs)`` re-derives, on every launch, what Triton needs to pick
 the compiled binary: it binds the arguments to the signature, specializes each one, builds a
 cache key from them, looks the kernel up and checks the globals it read. On the H100 host
-that bookkeeping costs about 35 us a launch (``scripts/host_breakdown.py``: six launches of
+that bookkeeping costs about 35 us a launch (``scripts/dev/host_breakdown.py``: six launches of
 one BigBird forward+backward take 288 us through ``kernel[grid]`` and 69 us straight into the
 compiled launcher), and a batch-1 BERT step is bound by host time.
 
@@ -26,12 +26,14 @@ same tensor dtypes; the fused attention's per-signature plans do): it keys once,
 launch. Per call, the caller asks ``direct_context(tensors)`` once (hooks, current device and
 stream, alignment of the tensors that change between calls) and launches each kernel with
 ``prepared.launch(context, *args)``.
-``tests/ops/sm90_compile.py`` checks, launch by launch, that both paths pass the same
+``tests/sm90_compile.py`` checks, launch by launch, that both paths pass the same
 arguments to the same binary.
 """
 import os
 
 import torch
+
+from . import common
 
 try:
     import triton
@@ -47,7 +49,7 @@ except Exception:  # pragma: no cover - a Triton without host tensor descriptors
 __all__ = ["Launcher", "Prepared", "direct_context", "set_direct_launch"]
 
 # off under the interpreter (nothing is compiled) or with SPARSE_ATTN_DIRECT_LAUNCH=0
-_DIRECT = (triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_DIRECT = (triton is not None and not common.interpreting()
            and os.environ.get("SPARSE_ATTN_DIRECT_LAUNCH", "1") not in ("", "0"))
 
 

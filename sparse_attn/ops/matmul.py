@@ -13,7 +13,7 @@ is set (for a sparse operand: the whole matrix, the blocks included). Blocks are
 ``layout.nonzero()`` order (head, row, col).
 
 Backends: Triton kernels when the tensors are on CUDA, or on CPU tensors when
-``TRITON_INTERPRET=1``; the pure-PyTorch block-sparse backend (``blocksparse_torch``)
+``TRITON_INTERPRET=1``; the pure-PyTorch block-sparse backend (``matmul_softmax_torch``)
 otherwise. Force one with ``backend="triton"`` / ``backend="torch"`` (constructor keyword)
 or by setting the module attribute ``sparse_attn.ops.matmul.default_backend``.
 
@@ -22,132 +22,21 @@ tensor cores in TF32 (Triton's default for a float32 ``tl.dot``; relative error 
 as DeepSpeed's kernels did on A100; the PyTorch backend computes them in full float32.
 
 Look-up tables are built from the layout once per (layout content, block, device) and kept in
-a module-level cache (``_LUT_CACHE``); calls after the first do no host-device
+a module-level cache (``caching.cached_table``); calls after the first do no host-device
 synchronisation, so the forward and backward can be captured in a CUDA graph.
 """
-import hashlib
-import operator
 import os
-import weakref
 
 import torch
 
-from . import blocksparse_torch as _bt
-from .caching import build_outside_graph_pools
+from . import matmul_softmax_torch as _bt
+from .caching import cached_table
+from .common import BACKENDS, LayoutOp, check_dtype, resolve_backend
 
-BLOCKS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("sdd", "dsd", "dds")
-BACKENDS = ("auto", "triton", "torch")
 
 #: backend used when a MatMul/Softmax is built without ``backend=``: "auto", "triton", "torch"
 default_backend = os.environ.get("SPARSE_ATTN_BACKEND", "auto")
-
-_LUT_CACHE = {}
-
-
-# ----------------------------------------------------------------------------------------
-# shared helpers (also used by softmax.py)
-# ----------------------------------------------------------------------------------------
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-        return True
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(requested, device):
-    """Pick the backend for tensors on ``device``."""
-    b = requested or default_backend
-    if b not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {b!r}")
-    if b == "auto":
-        if _triton_available() and (device.type == "cuda" or (device.type == "cpu" and _interpreting())):
-            return "triton"
-        return "torch"
-    if b == "triton":
-        if not _triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not installed")
-        if device.type == "cpu" and not _interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "sparse_attn's kernels are imported; use backend='torch' on CPU")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' does not run on device {device}")
-    return b
-
-
-_LAYOUT_SEEN = {}
-
-
-def as_block(block, who):
-    """The block size as a Python int, or ValueError."""
-    try:
-        b = operator.index(block) if not isinstance(block, bool) else None
-    except TypeError:
-        b = None
-    if b not in BLOCKS:
-        raise ValueError(f"{who}: argument 'block' is {block!r}; allowed: {BLOCKS}")
-    return b
-
-
-def canonical_layout(layout, block, who):
-    """(CPU int64 layout, content key), remembered per layout object and version so that
-    building a MatMul/Softmax per call costs no device copy (and no sync) after the first."""
-    block = as_block(block, who)
-    if torch.is_tensor(layout):
-        hit = _LAYOUT_SEEN.get(id(layout))
-        if hit is not None and hit[0]() is layout and hit[1] == layout._version:
-            return hit[2], hit[3]
-    lay = check_layout(layout, block, who)
-    key = layout_key(lay)
-    if len(_LAYOUT_SEEN) > 4096:
-        _LAYOUT_SEEN.clear()
-    _LAYOUT_SEEN[id(layout)] = (weakref.ref(layout), layout._version, lay, key)
-    return lay, key
-
-
-def check_layout(layout, block, who):
-    if not torch.is_tensor(layout):
-        raise ValueError(f"{who}: argument 'layout' must be a torch tensor [heads, rows, cols], "
-                         f"got {type(layout).__name__}")
-    if layout.dim() != 3:
-        raise ValueError(f"{who}: argument 'layout' has shape {tuple(layout.shape)}; expected 3 "
-                         "dimensions [heads, rows/block, cols/block]")
-    as_block(block, who)
-    lay = layout.detach().to("cpu")
-    if lay.is_floating_point() or lay.is_complex():
-        if not bool(((lay == 0) | (lay == 1)).all()):
-            raise ValueError(f"{who}: argument 'layout' must hold only 0 and 1")
-    lay = lay.to(torch.int64)
-    if not bool(((lay == 0) | (lay == 1)).all()):
-        raise ValueError(f"{who}: argument 'layout' must hold only 0 and 1")
-    return lay.contiguous()
-
-
-def layout_key(layout):
-    """Content key of a CPU int64 layout: equal only for equal layouts."""
-    digest = hashlib.sha1(layout.to(torch.uint8).numpy().tobytes()).hexdigest()
-    return (tuple(layout.shape), digest)
-
-
-def cached(kind, lkey, block, device, build):
-    key = (kind, lkey, block, str(device))
-    val = _LUT_CACHE.get(key)
-    if val is None:
-        val = build_outside_graph_pools(build, torch.device(device))
-        _LUT_CACHE[key] = val
-    return val
-
-
-def check_dtype(who, name, t):
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{who}: argument '{name}' has dtype {t.dtype}; supported: "
-                         "torch.float32, torch.float16, torch.bfloat16")
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,14 +44,14 @@ def check_dtype(who, name, t):
 # ----------------------------------------------------------------------------------------
 class _TritonOps:
     def __init__(self, layout, lkey, block, device):
-        from .kernels import matmul as km
+        from . import matmul_triton as km
         self.km = km
         self.block = block
         self.nnz = int(layout.sum())
         self.nb_rows, self.nb_cols = int(layout.shape[1]), int(layout.shape[2])
-        self.sdd_lut = cached("mm_sdd", lkey, block, device,
+        self.sdd_lut = cached_table("mm_sdd", lkey, block, device,
                               lambda: km.lut_to(km.sdd_lut(layout, block), device))
-        self.dsd_lut = {t: cached(f"mm_dsd{int(t)}", lkey, block, device,
+        self.dsd_lut = {t: cached_table(f"mm_dsd{int(t)}", lkey, block, device,
                                   lambda t=t: km.lut_to(km.dsd_lut(layout, block, t), device))
                         for t in (False, True)}
 
@@ -183,7 +72,7 @@ class _TritonOps:
 
 class _TorchOps:
     def __init__(self, layout, lkey, block, device):
-        self.ix = cached("torch_index", lkey, block, device,
+        self.ix = cached_table("torch_index", lkey, block, device,
                          lambda: _bt.LayoutIndex(layout, block, device))
 
     def sdd(self, a, b, ta, tb):
@@ -194,11 +83,6 @@ class _TorchOps:
 
     def dds(self, a, b, ta, tb):
         return _bt.dds(a, b.contiguous(), ta, tb, self.ix)
-
-
-def make_ops(backend, layout, lkey, block, device):
-    cls = _TritonOps if backend == "triton" else _TorchOps
-    return cls(layout, lkey, block, device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,32 +126,21 @@ class _SparseMatMulFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # public class
 # ----------------------------------------------------------------------------------------
-class MatMul:
+class MatMul(LayoutOp):
     """Block-sparse matrix product (DeepSpeed's ``MatMul``). See the module docstring."""
 
     def __init__(self, layout, block, mode, trans_a=False, trans_b=False, backend=None):
         who = "MatMul"
         if mode not in MODES:
             raise ValueError(f"{who}: argument 'mode' is {mode!r}; allowed: {MODES}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"{who}: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
-        self.layout, self._key = canonical_layout(layout, block, who)
-        self.block = block = as_block(block, who)
+        super().__init__(layout, block, backend, who)
         self.mode = mode
         self.trans_a = bool(trans_a)
         self.trans_b = bool(trans_b)
-        self.backend = backend
-        self.spdims = tuple(self.layout.shape)
-        self.nnz = int(self.layout.sum())
-        self._ops = {}
 
-    def _get_ops(self, backend, device):
-        k = (backend, str(device))
-        ops = self._ops.get(k)
-        if ops is None:
-            ops = make_ops(backend, self.layout, self._key, self.block, device)
-            self._ops[k] = ops
-        return ops
+    def _make_ops(self, backend, device):
+        cls = _TritonOps if backend == "triton" else _TorchOps
+        return cls(self.layout, self._key, self.block, device)
 
     def _desc(self):
         return f"MatMul(mode={self.mode!r}, trans_a={self.trans_a}, trans_b={self.trans_b}, block={self.block})"
@@ -334,7 +207,7 @@ class MatMul:
 
     def __call__(self, a, b):
         self._check(a, b)
-        backend = resolve_backend(self.backend, a.device)
+        backend = resolve_backend(self.backend, a.device, default_backend)
         ops = self._get_ops(backend, a.device)
         return _SparseMatMulFn.apply(a, b, ops, self.mode, self.trans_a, self.trans_b)
 

@@ -20,18 +20,20 @@ Gradients flow to ``x`` only (rpe and masks are constants). Output has ``x``'s d
 """
 import torch
 
-from . import blocksparse_torch as _bt
-from .matmul import BACKENDS, as_block, cached, canonical_layout, check_dtype, resolve_backend
+from . import matmul
+from . import matmul_softmax_torch as _bt
+from .caching import cached_table
+from .common import LayoutOp, check_dtype, resolve_backend
 
 MASK_MODES = ("add", "mul")
 
 
 class _TritonSoftmaxOps:
     def __init__(self, layout, lkey, block, device):
-        from .kernels import softmax as ks
+        from . import softmax_triton as ks
         self.ks = ks
         self.block = block
-        self.lut = cached("softmax", lkey, block, device,
+        self.lut = cached_table("softmax", lkey, block, device,
                           lambda: ks.lut_to(ks.softmax_lut(layout, block), device))
 
     def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
@@ -53,7 +55,7 @@ class _TritonSoftmaxOps:
 
 class _TorchSoftmaxOps:
     def __init__(self, layout, lkey, block, device):
-        self.ix = cached("torch_index", lkey, block, device,
+        self.ix = cached_table("torch_index", lkey, block, device,
                          lambda: _bt.LayoutIndex(layout, block, device))
 
     def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
@@ -89,27 +91,15 @@ def _squeeze_to(t, ndim):
     return t
 
 
-class Softmax:
+class Softmax(LayoutOp):
     """Block-sparse softmax (DeepSpeed's ``Softmax``). See the module docstring."""
 
     def __init__(self, layout, block, backend=None):
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"Softmax: argument 'backend' is {backend!r}; allowed: {BACKENDS}")
-        self.layout, self._key = canonical_layout(layout, block, "Softmax")
-        self.block = block = as_block(block, "Softmax")
-        self.backend = backend
-        self.spdims = tuple(self.layout.shape)
-        self.nnz = int(self.layout.sum())
-        self._ops = {}
+        super().__init__(layout, block, backend, "Softmax")
 
-    def _get_ops(self, backend, device):
-        k = (backend, str(device))
-        ops = self._ops.get(k)
-        if ops is None:
-            cls = _TritonSoftmaxOps if backend == "triton" else _TorchSoftmaxOps
-            ops = cls(self.layout, self._key, self.block, device)
-            self._ops[k] = ops
-        return ops
+    def _make_ops(self, backend, device):
+        cls = _TritonSoftmaxOps if backend == "triton" else _TorchSoftmaxOps
+        return cls(self.layout, self._key, self.block, device)
 
     def _mask(self, name, t, shape_desc, want, x, mode):
         who = f"Softmax(block={self.block})"
@@ -190,7 +180,7 @@ class Softmax:
         if attn_mask is not None:
             am_t, am_keep = self._mask("attn_mask", attn_mask.detach(), f"[{S}, {Sk}]", (S, Sk), x,
                                        attn_mask_mode)
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, x.device, matmul.default_backend)
         ops = self._get_ops(backend, x.device)
         return _SparseSoftmaxFn.apply(x, ops, scale, rpe_t, rpe_sparse, kpm_t, kpm_keep, am_t, am_keep)
 

@@ -1,4 +1,4 @@
-"""scripts/check_two_gpu_run.py, the checker of the multi-GPU example runs, on logs written
+"""scripts/dev/check_two_gpu_run.py, the checker of the multi-GPU example runs, on logs written
 the way the example and the launcher write them."""
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 spec = importlib.util.spec_from_file_location(
-    "check_two_gpu_run", os.path.join(ROOT, "scripts", "check_two_gpu_run.py"))
+    "check_two_gpu_run", os.path.join(ROOT, "scripts", "dev", "check_two_gpu_run.py"))
 checker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checker)
 

@@ -606,6 +606,7 @@ def test_torch_compile_fullgraph_fused(monkeypatch):
     would get without needing a compiler."""
     from sparse_attn.ops import attention as dispatch
     from sparse_attn.ops import fused
+    from sparse_attn.ops.fused import lut as fused_lut
 
     if not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -613,9 +614,9 @@ def test_torch_compile_fullgraph_fused(monkeypatch):
         monkeypatch.setattr(dispatch, "select_backend", lambda *a, **kw: "fused")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     builds = []
-    make_lut = fused._make_lut
-    monkeypatch.setattr(fused, "_make_lut", lambda *a: builds.append(1) or make_lut(*a))
-    fused.clear_lut_cache()
+    make_lut = fused_lut.make_lut
+    monkeypatch.setattr(fused_lut, "make_lut", lambda *a: builds.append(1) or make_lut(*a))
+    fused.clear_caches()
     model = make("bert", layers=2, hidden=128, heads=2, max_pos=256,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     sahf.enable_sparse_attention(model, BigBirdSparsityConfig(2, 64, num_random_blocks=1,
@@ -648,7 +649,7 @@ def test_torch_compile_reduce_overhead_training():
     gradients match eager."""
     from sparse_attn.ops import fused
 
-    fused.clear_lut_cache()
+    fused.clear_caches()
     torch.manual_seed(0)
     model = make("bert", layers=2, hidden=128, heads=2, max_pos=512,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -10,9 +10,12 @@ import torch
 
 from reference import assert_rel_close, reference_attention, rel_error
 
-from sparse_attn.ops import fused as F_
-from sparse_attn.ops.fused import (FusedBlockSparseAttention, fused_block_sparse_attention,
-                                   fused_supported, set_fused_config)
+from sparse_attn.ops.fused import (FusedBlockSparseAttention, TileConfig, cached_plan,
+                                   clear_caches, fused_block_sparse_attention, fused_supported,
+                                   get_plan, set_fused_config)
+from sparse_attn.ops.fused import config as fused_config
+from sparse_attn.ops.fused.lut import get_lut, items_per_row, lut_cache_size, split_chunk
+from sparse_attn.ops.fused.plan import plan_cache_size
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -153,7 +156,7 @@ def test_split_min_knob():
     dev = torch.device(DEV)
 
     def n_split():
-        return F_._get_lut(layout, block, 64, 32, SEQ, False, dev, "row").n_split
+        return get_lut(layout, block, 64, 32, SEQ, False, dev, "row").n_split
 
     set_fused_config(split_min=1)
     assert n_split() > 0
@@ -162,7 +165,7 @@ def test_split_min_knob():
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=4)
     run_and_compare(q, k, v, layout, block)
     set_fused_config()
-    assert F_._SPLIT_MIN == F_._SPLIT_MIN_DEFAULT
+    assert fused_config.split_min() == fused_config.SPLIT_MIN_DEFAULT
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="split_min"):
             set_fused_config(split_min=bad)
@@ -249,11 +252,11 @@ def test_work_items_cover_each_row_once(batch):
     nb = 64
     layout = bigbird_like(HEADS, nb, rand=0, window=1)  # rows of 2 tiles and one of 64
     dev = torch.device(DEV)
-    lut = F_._get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=batch)
+    lut = get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=batch)
     if batch == 1:
         assert lut.n_split > 0  # the global row is cut
     lens = lut.ntot.cpu().long()
-    S = F_._split_chunk(int(lens.sum()) * batch, dev)
+    S = split_chunk(int(lens.sum()) * batch, dev)
     work = lut.work.cpu().long()
     assert work.shape == (5, lut.n_work)
     idx = lut.idx.cpu().long()
@@ -266,7 +269,7 @@ def test_work_items_cover_each_row_once(batch):
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
         assert all(hi - lo <= S + S // 2 for lo, hi in spans)
         assert ((mine[3] >= 0) == (len(spans) > 1)).all()  # a workspace slot iff split
-    one = F_._get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=1)
+    one = get_lut(layout, 64, 64, 64, nb * 64, False, dev, "row", batch=1)
     assert (one is lut) == (batch == 1)
     assert one.n_work >= lut.n_work
 
@@ -281,7 +284,7 @@ def test_all_full_tables(block, causal, want):
     layout = bigbird_like(HEADS, nb, causal=causal, gen=torch.Generator().manual_seed(block))
     dev = torch.device(DEV)
     for kind in ("row", "col"):
-        lut = F_._get_lut(layout, block, 64, 64, SEQ, causal, dev, kind)
+        lut = get_lut(layout, block, 64, 64, SEQ, causal, dev, kind)
         assert lut.all_full == want
         assert (lut.nfull_arg is None) == want
         assert lut.all_full == bool((lut.nfull == lut.ntot).all())
@@ -306,7 +309,7 @@ def test_split_long_rows(dtype, block):
         kpm[1] = float("-inf")
         kpm[0, :block] = float("-inf")  # head 0 sees nothing in batch 0
         kpm[0, -9:] = 0.25
-        lut = F_._get_lut(layout, block, 64, 32, SEQ, False, q.device, "row")
+        lut = get_lut(layout, block, 64, 32, SEQ, False, q.device, "row")
         assert lut.n_split > 0
         out = run_and_compare(q, k, v, layout, block, kpm=kpm)
         assert (out[1] == 0).all() and (out[0, 0] == 0).all()
@@ -318,7 +321,7 @@ def test_split_long_rows(dtype, block):
                                                  block, key_padding_mask=kpm)
             assert torch.equal(again, out.detach())
     finally:
-        F_.clear_lut_cache()
+        clear_caches()
 
 
 @pytest.mark.parametrize("S", [1, 16, 46, 47, 90])
@@ -326,7 +329,7 @@ def test_items_per_row_bound(S):
     """A row of L tiles becomes the fewest items (at least one) whose near-equal ranges
     (i * L // n) are at most ceil(1.2 S) tiles long."""
     lens = torch.arange(0, 600)
-    n = F_._items_per_row(lens, S)
+    n = items_per_row(lens, S)
     assert (n >= 1).all()
     assert (-(-lens // n) <= -(-6 * S // 5)).all()  # ranges i * L // n: at most ceil(L / n)
     assert ((n == 1) | (5 * lens > 6 * S * (n - 1))).all()  # one item fewer: too long
@@ -335,8 +338,9 @@ def test_items_per_row_bound(S):
 def _count_descriptors(monkeypatch):
     """Count the TMA descriptors the plans make (forward: four; dq, dk/dv: two each)."""
     made = []
-    real = F_._descriptor
-    monkeypatch.setattr(F_, "_descriptor", lambda t, rows: made.append(rows) or real(t, rows))
+    real = fused_config.descriptor
+    monkeypatch.setattr(fused_config, "descriptor",
+                        lambda t, rows: made.append(rows) or real(t, rows))
     return made
 
 
@@ -429,8 +433,9 @@ def test_tma_default_by_work_and_capture(min_work, capturing, expect, monkeypatc
     for t in (q, k, v):
         t.grad = None
     set_fused_config()  # the default; in the interpreter it would be pointers only
-    monkeypatch.setattr(F_, "_tma_kernels", lambda device: F_._TMA_DEFAULT)
-    monkeypatch.setattr(F_, "_TMA_MIN_WORK", min_work)
+    monkeypatch.setattr(fused_config, "tma_kernels",
+                        lambda device: frozenset(fused_config.KERNELS))
+    monkeypatch.setattr(fused_config, "TMA_MIN_WORK", min_work)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     fused_block_sparse_attention(q, k, v, layout, block).sum().backward()  # first calls
     assert len(made) == 8, made
@@ -501,7 +506,7 @@ def test_autograd_function():
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.bfloat16, seed=10)
 
     def fn(q, k, v, layout, block, scale=None, causal=False, key_padding_mask=None):
-        plan = F_.plan("test", q, k, v, layout, block, scale, causal, key_padding_mask)
+        plan = get_plan(q, k, v, layout, block, scale, causal, key_padding_mask)
         return FusedBlockSparseAttention.apply(q, k, v, plan.key_padding(key_padding_mask),
                                                plan)
     run_and_compare(q, k, v, layout, block, fn=fn)
@@ -512,7 +517,7 @@ def test_one_plan_serves_fresh_inputs_and_gradients_in_any_format():
     computes its own inputs: fresh q, k, v and mask values every call, the incoming gradient
     contiguous in one call and [B, N, H, D] in the next (the backward keys on its strides),
     a float16 [B, 1, 1, N] mask converted per call."""
-    F_.clear_lut_cache()
+    clear_caches()
     block = 32
     layout = bigbird_like(HEADS, SEQ // block, gen=torch.Generator().manual_seed(11))
     g = torch.Generator().manual_seed(12)
@@ -532,51 +537,55 @@ def test_one_plan_serves_fresh_inputs_and_gradients_in_any_format():
         assert_rel_close(out, ref, q.dtype)
         for a, b in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), do.double())):
             assert_rel_close(a, b, q.dtype, factor=2)
-    plans = [p for key, p in F_._PLANS.items() if key[0] == "fused"]
-    assert len(plans) == 1 and len(plans[0].bwd) == 2
+    assert plan_cache_size() == 1
+    assert len(cached_plan(q, k, v, layout, block, None, False, kpm).bwd) == 2
 
 
-def test_plans_keep_each_callers_checks():
-    """A signature planned by the public fused function (which takes a [B, 1, 1, N] mask) is
-    not thereby accepted by block_sparse_attention (which wants [B, N]); and a planned
-    dispatcher call does not let a call with another signature skip the checks."""
+def test_one_validator_for_every_entry_point():
+    """The public fused function and block_sparse_attention apply the same rules with the
+    same messages: a [B, 1, 1, N] mask is taken by both (one plan serves both), a wrong one
+    is refused by both; and a planned call does not let a call with another signature skip
+    the checks."""
     from sparse_attn.ops import block_sparse_attention
 
+    clear_caches()
     block = 64
     layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(13))
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=13)
     kpm4 = torch.zeros(1, 1, 1, SEQ, device=DEV)
+    kpm4[..., -9:] = float("-inf")
     with torch.no_grad():
-        fused_block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4)
-        with pytest.raises(ValueError, match="key_padding_mask has shape"):
-            block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4,
-                                   backend="fused")
-        out = block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4.view(1, SEQ),
+        want = fused_block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4)
+        out = block_sparse_attention(q, k, v, layout, block, key_padding_mask=kpm4,
                                      backend="fused")
-        assert_rel_close(out, reference_attention(q, k, v, layout, block), q.dtype)
-        with pytest.raises(ValueError, match="key_padding_mask has shape"):
-            block_sparse_attention(q, k, v, layout, block, backend="fused",
-                                   key_padding_mask=torch.zeros(1, SEQ // 2, device=DEV))
-        with pytest.raises(ValueError, match="layout"):
-            block_sparse_attention(q, k, v, layout[:1], block, backend="fused")
+        assert torch.equal(out, want) and plan_cache_size() == 1
+        assert_rel_close(out, reference_attention(q, k, v, layout, block,
+                                                  key_padding_mask=kpm4.view(1, SEQ)), q.dtype)
+        bad = torch.zeros(1, SEQ // 2, device=DEV)
+        for fn in (fused_block_sparse_attention,
+                   lambda *a, **kw: block_sparse_attention(*a, backend="fused", **kw)):
+            with pytest.raises(ValueError, match="key_padding_mask has shape"):
+                fn(q, k, v, layout, block, key_padding_mask=bad)
+            with pytest.raises(ValueError, match="layout"):
+                fn(q, k, v, layout[:1], block)
 
 
 def test_lut_cache_hits_and_rebuilds_on_change():
-    F_.clear_lut_cache()
+    clear_caches()
     block = 32
     layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(1))
     q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=1)
     with torch.no_grad():
         fused_block_sparse_attention(q, k, v, layout, block)
-        n = len(F_._LUT_CACHE)
+        n = lut_cache_size()
         assert n == 1
         fused_block_sparse_attention(q, k, v, layout, block)
         fused_block_sparse_attention(q, k, v, layout[:, :, :], block)  # a view hits too
-        assert len(F_._LUT_CACHE) == n
+        assert lut_cache_size() == n
         layout[:, 0, :] = 1 - layout[:, 0, :]  # in place: must rebuild
         layout[:, 0, 0] = 1
         out = fused_block_sparse_attention(q, k, v, layout, block)
-        assert len(F_._LUT_CACHE) == n + 1
+        assert lut_cache_size() == n + 1
     ref = reference_attention(q, k, v, layout, block)
     assert_rel_close(out, ref, q.dtype)
 
@@ -589,7 +598,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="head_dim"):
         q2 = q[..., :48]
         fused_block_sparse_attention(q2, q2, q2, L, 32)
-    with pytest.raises(ValueError, match="multiple of block"):
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
         q3 = q[:, :, :120]
         fused_block_sparse_attention(q3, q3, q3, L, 32)
     with pytest.raises(ValueError, match="layout"):
@@ -610,7 +619,7 @@ def test_bad_inputs_raise_value_error():
 def test_fused_supported_reasons():
     q, k, v = make_inputs(1, 2, 128, 64, torch.float16)
     assert fused_supported(q, k, v) is None
-    assert fused_supported(q, k, v, layout=torch.ones(2, 4, 4), block=32) is None
+    assert fused_supported(q, k, v, layout=torch.ones(2, 4, 4, dtype=torch.long), block=32) is None
     assert "rpe" in fused_supported(q, k, v, rpe=torch.zeros(1))
     assert "attn_mask" in fused_supported(q, k, v, attn_mask=torch.zeros(1))
     assert "dtype" in fused_supported(q.float(), k.float(), v.float())

@@ -11,7 +11,7 @@ import torch
 
 from reference import assert_rel_close, reference_attention
 from sparse_attn import block_sparse_attention
-from sparse_attn.ops.torch_backend import block_index, mask_future
+from sparse_attn.ops.attention_torch import block_index, mask_future
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -4,7 +4,7 @@ import torch
 
 from reference import assert_rel_close, reference_attention
 from sparse_attn import block_sparse_attention
-from sparse_attn.ops.torch_backend import torch_block_sparse_attention
+from sparse_attn.ops.attention_torch import torch_block_sparse_attention
 from sparse_attn.sparsity_config import (
     BigBirdSparsityConfig,
     BSLongformerSparsityConfig,
@@ -168,7 +168,7 @@ def test_autocast_does_not_change_the_result():
 def test_block_index_is_cached_per_view_and_version():
     """The block index is shared by views that read the layout the same way, and rebuilt
     for a view that reads it differently (a transpose) or after an in-place change."""
-    from sparse_attn.ops.torch_backend import block_index
+    from sparse_attn.ops.attention_torch import block_index
 
     layout = (torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(3)) < 0.5).long()
     layout[:, 0, 1] = 1
@@ -196,7 +196,7 @@ def test_block_index_is_cached_per_view_and_version():
 
 def test_block_index_of_an_inference_mode_layout():
     """A layout made under inference_mode has no version counter; the cache key copes."""
-    from sparse_attn.ops.torch_backend import block_index
+    from sparse_attn.ops.attention_torch import block_index
 
     with torch.inference_mode():
         layout = torch.ones(2, 3, 3, dtype=torch.long).tril()

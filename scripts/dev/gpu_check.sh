@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests of the module layer and the fused kernel, the BERT
+# training benchmark (issue 6), and a short bf16 BERT-base training run at sequence 4096
+# through the deepspeed launcher. Results go under $OUT (default out/gpu).
+#   bash scripts/dev/gpu_check.sh            # everything
+#   STAGES="bench tests" bash scripts/dev/gpu_check.sh
+#   STAGES="launch split" bash scripts/dev/gpu_check.sh   # launch cost; host vs GPU per step
+#   STAGES="ptests cprofile" bash scripts/dev/gpu_check.sh # tests in 6 parallel groups; host profile
+#   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
+#   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
+#   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
+# DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"bench tests train"}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+date -u +%FT%TZ >> "$OUT/device.txt"
+for stage in $STAGES; do
+  case $stage in
+    bench)
+      timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py ${BENCH_ARGS:-} \
+        --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
+    launch)
+      python3 scripts/dev/bench_launch.py 2>&1 | tee "$OUT/bench_launch.log" ;;
+    split)
+      for seq in 4096 16384; do
+        timeout "${SPLIT_TIMEOUT:-150}" python3 scripts/dev/profile_bert_step.py --seq $seq --split
+      done 2>&1 | tee "$OUT/host_gpu_split.log" ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
+        ${TESTS:-tests/ops tests/modules} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    ptests)  # the same tests in six parallel groups (kernel compiles are CPU-bound): the
+      # fused tests split four ways by test id (one group of them took over 4 minutes), then
+      # MatMul + Softmax, then the rest
+      python3 -m pytest --collect-only -q -p no:cacheprovider tests/ops/test_fused_attention.py \
+        | grep :: > "$OUT/fused_ids.txt"
+      split -n r/4 "$OUT/fused_ids.txt" "$OUT/fused_ids_"
+      i=0
+      for ids in "$OUT"/fused_ids_a?; do
+        i=$((i + 1))
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $(cat "$ids") \
+          > "$OUT/gpu_tests_$i.log" 2>&1 &
+      done
+      for group in "tests/ops/test_matmul.py tests/ops/test_softmax.py" \
+          "tests/ops/test_three_kernel_attention.py tests/ops/test_torch_backend.py tests/modules"; do
+        i=$((i + 1))
+        timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $group \
+          > "$OUT/gpu_tests_$i.log" 2>&1 &
+      done
+      wait
+      for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$f" | head -20; tail -2 "$f"; done ;;
+    cprofile)
+      for v in dense_sdpa sparse_bigbird; do
+        timeout 120 python3 scripts/dev/profile_bert_step.py --seq 4096 --variant $v --cprofile
+      done > "$OUT/cprofile_step_4096.log" 2>&1
+      grep -A45 "ordered by: internal time" "$OUT/cprofile_step_4096.log" | head -100 ;;
+    multigpu)  # the example under `deepspeed --num_gpus N` (default: every GPU): BERT-base,
+      # seq 4096, ZeRO-2 bf16 for MG_STEPS (200) steps, a resume from step 100, then ZeRO-3 fp16
+      NG=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      MD=/tmp/multigpu; mkdir -p $MD
+      MG_STEPS=${MG_STEPS:-200}  # ZeRO-2 steps (a checkpoint at 100, resumed to 106)
+      python3 - "$MD" "$MG_STEPS" <<'PY'
+import json, sys
+md = sys.argv[1]
+cfg = json.load(open("configs/bing_bert/ds_sa_bert_base_seq4096_zero2.json"))
+cfg["scheduler"]["params"].update(total_num_steps=int(sys.argv[2]), warmup_num_steps=20)
+cfg["tensorboard"]["enabled"] = False
+json.dump(cfg, open(f"{md}/zero2_bf16.json", "w"), indent=2)
+cfg["zero_optimization"] = {"stage": 3}
+cfg["bf16"]["enabled"], cfg["fp16"]["enabled"] = False, True
+json.dump(cfg, open(f"{md}/zero3_fp16.json", "w"), indent=2)
+PY
+      TRAIN=examples/bing_bert/ds_sa_train_bert_base_seq4096.sh
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2 STEPS=$MG_STEPS timeout 300 \
+        bash $TRAIN --save_every 100 --log_every 1 --eval_every 100 --no_progress_bar \
+        > "$OUT/multigpu_zero2.log" 2>&1; echo "zero2 exit $?"
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero2_bf16.json OUT_DIR=$MD/zero2_resumed STEPS=106 timeout 200 \
+        bash $TRAIN --log_every 1 --eval_every 0 --no_progress_bar \
+        --load_checkpoint_dir $MD/zero2/checkpoints --load_checkpoint_tag step_100 \
+        > "$OUT/multigpu_zero2_resumed.log" 2>&1; echo "zero2 resume exit $?"
+      NUM_GPUS=$NG DS_CONFIG=$MD/zero3_fp16.json OUT_DIR=$MD/zero3 STEPS=40 timeout 200 \
+        bash $TRAIN --log_every 1 --eval_every 0 --no_progress_bar \
+        > "$OUT/multigpu_zero3_fp16.log" 2>&1; echo "zero3 exit $?"
+      cp $MD/zero2/metrics.jsonl "$OUT/multigpu_zero2_metrics.jsonl"
+      cp $MD/zero2_resumed/metrics.jsonl "$OUT/multigpu_zero2_resumed_metrics.jsonl"
+      cp $MD/zero3/metrics.jsonl "$OUT/multigpu_zero3_fp16_metrics.jsonl"
+      python3 scripts/dev/check_two_gpu_run.py --world "$NG" --log "$OUT/multigpu_zero2.log" \
+        --metrics $MD/zero2/metrics.jsonl --resumed-log "$OUT/multigpu_zero2_resumed.log" \
+        --resumed-metrics $MD/zero2_resumed/metrics.jsonl --out "$OUT/multigpu_zero2_check.json"
+      python3 scripts/dev/check_two_gpu_run.py --world "$NG" --log "$OUT/multigpu_zero3_fp16.log" \
+        --metrics $MD/zero3/metrics.jsonl --out "$OUT/multigpu_zero3_fp16_check.json"
+      (cd "$OUT" && tar czf multigpu.tgz multigpu_* && rm -f multigpu_*) ;;  # few files come back
+    train)
+      python3 - <<'PY'
+import json
+cfg = json.load(open("configs/bing_bert/ds_sa_bert_base_seq4096.json"))
+cfg["train_batch_size"] = cfg["train_micro_batch_size_per_gpu"] = 4
+cfg["scheduler"]["params"]["total_num_steps"] = 200
+cfg["scheduler"]["params"]["warmup_num_steps"] = 20
+cfg["tensorboard"]["enabled"] = False  # tensorboard is not on the GPU image
+json.dump(cfg, open("/tmp/ds_base_seq4096_short.json", "w"), indent=2)
+PY
+      DS_CONFIG=/tmp/ds_base_seq4096_short.json OUT_DIR=/tmp/train_base_seq4096 \
+        timeout "${TRAIN_TIMEOUT:-200}" bash examples/bing_bert/ds_sa_train_bert_base_seq4096.sh \
+        --lamb torch --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
+      echo "train exit $?"; grep -E "step +[0-9]+|eval|loss" "$OUT/train_base_seq4096.log" | tail -12
+      cp /tmp/train_base_seq4096/metrics.jsonl "$OUT/train_base_seq4096_metrics.jsonl" ;;
+  esac
+done
