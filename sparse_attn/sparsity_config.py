@@ -20,37 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-BIDIRECTIONAL = "bidirectional"
-UNIDIRECTIONAL = "unidirectional"
-_ATTENTIONS = (BIDIRECTIONAL, UNIDIRECTIONAL)
-
-
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_attention(attention: str) -> None:
-    if attention not in _ATTENTIONS:
-        raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
-
-
-def _check_global_indices(starts: Sequence[int], ends: Optional[Sequence[int]]) -> None:
-    for i, s in enumerate(starts):
-        _check_positive(f"global_block_indices[{i}]", s, minimum=0)
-    if ends is None:
-        return
-    if len(ends) != len(starts):
-        raise ValueError(
-            f"global_block_end_indices has {len(ends)} entries but global_block_indices has "
-            f"{len(starts)}; they must have the same length")
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        _check_positive(f"global_block_end_indices[{i}]", e, minimum=0)
-        if e <= s:
-            raise ValueError(
-                f"global_block_end_indices[{i}] = {e} must be greater than "
-                f"global_block_indices[{i}] = {s}")
-
+from .layout_parts import (  # noqa: F401 (layout_checksum and the constants: public here too)
+    ATTENTIONS, BIDIRECTIONAL, UNIDIRECTIONAL, check_attention, check_global_indices,
+    check_positive, layout_checksum, local_windows, random_generator, sliding_window)
 
 class SparsityConfig:
     """Base class of all layouts.
@@ -65,8 +37,8 @@ class SparsityConfig:
     """
 
     def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False):
-        _check_positive("num_heads", num_heads)
-        _check_positive("block", block)
+        check_positive("num_heads", num_heads)
+        check_positive("block", block)
         self.num_heads = num_heads
         self.block = block
         self.different_layout_per_head = different_layout_per_head
@@ -115,30 +87,6 @@ class DenseSparsityConfig(SparsityConfig):
         return layout
 
 
-def _local_windows(layout: torch.Tensor, h: int, windows, unidirectional: bool) -> None:
-    """Set square windows ``[start, end)`` on head ``h`` (lower triangle only if uni)."""
-    for start, end in windows:
-        if unidirectional:
-            n = end - start
-            layout[h, start:end, start:end] = torch.ones(n, n, dtype=layout.dtype).tril()
-        else:
-            layout[h, start:end, start:end] = 1
-
-
-def _sliding_window(layout: torch.Tensor, h: int, width: int, unidirectional: bool) -> None:
-    nb = layout.shape[1]
-    half = width // 2
-    rows = torch.arange(nb)[:, None]
-    cols = torch.arange(nb)[None, :]
-    band = (cols >= rows - half) & (cols <= (rows if unidirectional else rows + half))
-    layout[h] |= band.to(layout.dtype)
-
-
-def _random_generator(seed: int, h: int) -> torch.Generator:
-    # One stream per (seed, head): a head's random blocks do not depend on the other heads.
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + h)
-
-
 class FixedSparsityConfig(SparsityConfig):
     """Local windows plus global representative blocks (Sparse Transformers, Child et al.).
 
@@ -157,10 +105,10 @@ class FixedSparsityConfig(SparsityConfig):
                  attention: str = BIDIRECTIONAL, horizontal_global_attention: bool = False,
                  num_different_global_patterns: int = 1):
         super().__init__(num_heads, block, different_layout_per_head)
-        _check_positive("num_local_blocks", num_local_blocks)
-        _check_positive("num_global_blocks", num_global_blocks)
-        _check_positive("num_different_global_patterns", num_different_global_patterns)
-        _check_attention(attention)
+        check_positive("num_local_blocks", num_local_blocks)
+        check_positive("num_global_blocks", num_global_blocks)
+        check_positive("num_different_global_patterns", num_different_global_patterns)
+        check_attention(attention)
         if num_local_blocks % num_global_blocks != 0:
             raise ValueError(
                 f"num_local_blocks ({num_local_blocks}) must be divisible by "
@@ -185,7 +133,7 @@ class FixedSparsityConfig(SparsityConfig):
     def set_local_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb, w = layout.shape[1], self.num_local_blocks
         windows = [(s, min(s + w, nb)) for s in range(0, nb, w)]
-        _local_windows(layout, h, windows, self.attention == UNIDIRECTIONAL)
+        local_windows(layout, h, windows, self.attention == UNIDIRECTIONAL)
         return layout
 
     def _set_global(self, h: int, layout: torch.Tensor, start: int, end: int) -> None:
@@ -236,17 +184,17 @@ class VariableSparsityConfig(SparsityConfig):
                  attention: str = BIDIRECTIONAL, horizontal_global_attention: bool = False,
                  seed: int = 0):
         super().__init__(num_heads, block, different_layout_per_head)
-        _check_positive("num_random_blocks", num_random_blocks, minimum=0)
+        check_positive("num_random_blocks", num_random_blocks, minimum=0)
         local_window_blocks = list(local_window_blocks)
         if not local_window_blocks:
             raise ValueError("local_window_blocks must hold at least one window size")
         for i, w in enumerate(local_window_blocks):
-            _check_positive(f"local_window_blocks[{i}]", w)
+            check_positive(f"local_window_blocks[{i}]", w)
         global_block_indices = list(global_block_indices)
         if global_block_end_indices is not None:
             global_block_end_indices = list(global_block_end_indices)
-        _check_global_indices(global_block_indices, global_block_end_indices)
-        _check_attention(attention)
+        check_global_indices(global_block_indices, global_block_end_indices)
+        check_attention(attention)
         if horizontal_global_attention and attention != BIDIRECTIONAL:
             raise ValueError("horizontal_global_attention needs attention 'bidirectional'")
         self.num_random_blocks = num_random_blocks
@@ -265,7 +213,7 @@ class VariableSparsityConfig(SparsityConfig):
             raise ValueError(
                 f"num_random_blocks ({self.num_random_blocks}) is more than the {nb} blocks "
                 f"of the sequence")
-        gen = _random_generator(self.seed, h)
+        gen = random_generator(self.seed, h)
         for row in range(nb):
             cols = torch.randperm(nb, generator=gen)[: self.num_random_blocks]
             layout[h, row, cols] = 1
@@ -281,7 +229,7 @@ class VariableSparsityConfig(SparsityConfig):
             start += size
         last = self.local_window_blocks[-1]
         windows += [(s, min(s + last, nb)) for s in range(start, nb, last)]
-        _local_windows(layout, h, windows, self.attention == UNIDIRECTIONAL)
+        local_windows(layout, h, windows, self.attention == UNIDIRECTIONAL)
         return layout
 
     def set_global_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -322,10 +270,10 @@ class BigBirdSparsityConfig(SparsityConfig):
                  num_random_blocks: int = 1, num_sliding_window_blocks: int = 3,
                  num_global_blocks: int = 1, attention: str = BIDIRECTIONAL, seed: int = 0):
         super().__init__(num_heads, block, different_layout_per_head)
-        _check_positive("num_random_blocks", num_random_blocks, minimum=0)
-        _check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
-        _check_positive("num_global_blocks", num_global_blocks, minimum=0)
-        _check_attention(attention)
+        check_positive("num_random_blocks", num_random_blocks, minimum=0)
+        check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
+        check_positive("num_global_blocks", num_global_blocks, minimum=0)
+        check_attention(attention)
         self.num_random_blocks = num_random_blocks
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.num_global_blocks = num_global_blocks
@@ -343,7 +291,7 @@ class BigBirdSparsityConfig(SparsityConfig):
         nb = layout.shape[1]
         if self.num_random_blocks == 0:
             return layout
-        gen = _random_generator(self.seed, h)
+        gen = random_generator(self.seed, h)
         for row in range(nb):
             n = nb if self.attention == BIDIRECTIONAL else row + 1
             cols = torch.randperm(n, generator=gen)[: self.num_random_blocks]
@@ -351,7 +299,7 @@ class BigBirdSparsityConfig(SparsityConfig):
         return layout
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
-        _sliding_window(layout, h, self.num_sliding_window_blocks, unidirectional=False)
+        sliding_window(layout, h, self.num_sliding_window_blocks, unidirectional=False)
         return layout
 
     def set_global_layout_itc(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -386,12 +334,12 @@ class BSLongformerSparsityConfig(SparsityConfig):
                  global_block_end_indices: Optional[Sequence[int]] = None,
                  attention: str = BIDIRECTIONAL):
         super().__init__(num_heads, block, different_layout_per_head)
-        _check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
+        check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
         global_block_indices = list(global_block_indices)
         if global_block_end_indices is not None:
             global_block_end_indices = list(global_block_end_indices)
-        _check_global_indices(global_block_indices, global_block_end_indices)
-        _check_attention(attention)
+        check_global_indices(global_block_indices, global_block_end_indices)
+        check_attention(attention)
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.global_block_indices = global_block_indices
         self.global_block_end_indices = global_block_end_indices
@@ -403,7 +351,7 @@ class BSLongformerSparsityConfig(SparsityConfig):
             raise ValueError(
                 f"num_sliding_window_blocks ({self.num_sliding_window_blocks}) is more than "
                 f"the {nb} blocks of the sequence")
-        _sliding_window(layout, h, self.num_sliding_window_blocks, unidirectional=False)
+        sliding_window(layout, h, self.num_sliding_window_blocks, unidirectional=False)
         return layout
 
     def set_global_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -437,8 +385,8 @@ class LocalSlidingWindowSparsityConfig(SparsityConfig):
     def __init__(self, num_heads: int, block: int = 16, num_sliding_window_blocks: int = 3,
                  attention: str = UNIDIRECTIONAL):
         super().__init__(num_heads, block, different_layout_per_head=False)
-        _check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
-        _check_attention(attention)
+        check_positive("num_sliding_window_blocks", num_sliding_window_blocks)
+        check_attention(attention)
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.attention = attention
 
@@ -448,7 +396,7 @@ class LocalSlidingWindowSparsityConfig(SparsityConfig):
             raise ValueError(
                 f"num_sliding_window_blocks ({self.num_sliding_window_blocks}) is more than "
                 f"the {nb} blocks of the sequence")
-        _sliding_window(layout, h, self.num_sliding_window_blocks,
+        sliding_window(layout, h, self.num_sliding_window_blocks,
                         unidirectional=self.attention == UNIDIRECTIONAL)
         return layout
 
@@ -456,12 +404,3 @@ class LocalSlidingWindowSparsityConfig(SparsityConfig):
         layout = self.setup_layout(seq_len)
         self.set_sliding_window_layout(0, layout)
         return self._finish(layout)
-
-
-def layout_checksum(layout: torch.Tensor) -> str:
-    """A short stable fingerprint of a layout, to compare layouts across ranks and runs."""
-    import hashlib
-
-    data = layout.to(torch.uint8).contiguous().cpu().numpy().tobytes()
-    shape = "x".join(str(s) for s in layout.shape)
-    return f"{shape}:{hashlib.sha1(data).hexdigest()[:12]}"

@@ -31,7 +31,7 @@ import torch
 
 from . import matmul_softmax_torch as _bt
 from .caching import cached_table
-from .common import BACKENDS, LayoutOp, check_dtype, resolve_backend
+from .common import LayoutOp, check_dtype, resolve_backend
 
 MODES = ("sdd", "dsd", "dds")
 

@@ -232,6 +232,8 @@ def test_seq_not_multiple_of_tile(block, seq, causal):
     dict(fwd=(64, 32, 4, 3, True), dq=(64, 32, 4, 3, True), dkdv=(32, 64, 4, 3, True)),
     dict(fwd=(64, 64, 4, 3, False, 128), dq=(64, 64, 4, 2, True, 168),
          dkdv=(64, 64, 4, 3, False, 168)),  # register caps (ignored by the interpreter)
+    dict(fwd=TileConfig(block_m=128, block_n=32, num_warps=4, num_stages=2),
+         dq=TileConfig(block_m=32, block_n=64), dkdv=TileConfig(64, 32, one_loop=True)),
 ])
 @pytest.mark.parametrize("block", [16, 128])
 def test_other_tile_configs(cfg, block):
