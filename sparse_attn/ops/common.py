@@ -9,7 +9,8 @@ import torch
 
 from .caching import layout_digest
 
-__all__ = ["BLOCKS", "interpreting", "triton_available", "needs_upcast", "resolve_backend",
+__all__ = ["BLOCKS", "interpreting", "triton_available", "needs_upcast", "dot_precision",
+           "resolve_backend",
            "as_block", "check_dtype", "check_layout", "canonical_layout", "LayoutOp"]
 
 BLOCKS = (16, 32, 64, 128)
@@ -36,6 +37,15 @@ def needs_upcast(t: torch.Tensor) -> bool:
     """Whether a kernel must compute ``t``'s bfloat16 products in float32: the interpreter
     gets bfloat16 dots wrong (numpy has no bfloat16); a GPU takes them as they are."""
     return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """Input precision of a kernel's products for operands like ``t``: float32 is computed
+    at float32 precision ("ieee") unless the user allows TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, PyTorch's switch for its own matmuls)."""
+    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def resolve_backend(requested, device, default="auto"):

@@ -1,6 +1,7 @@
 """Block-sparse matrix products with DeepSpeed's semantics.
 
-``MatMul(layout, block, mode, trans_a=False, trans_b=False)(a, b)`` with ``mode``:
+``MatMul(layout, block, mode, trans_a=False, trans_b=False, bench=False)(a, b)`` with
+``mode``:
 
 * ``"sdd"``: ``c = op(a) @ op(b)``, a and b dense ``[batch, heads, ., .]``, c block-sparse
   ``[batch, nnz, block, block]``: only the nonzero blocks of ``layout`` (which describes c).
@@ -17,9 +18,13 @@ Backends: Triton kernels when the tensors are on CUDA, or on CPU tensors when
 otherwise. Force one with ``backend="triton"`` / ``backend="torch"`` (constructor keyword)
 or by setting the module attribute ``sparse_attn.ops.matmul.default_backend``.
 
-Precision: fp16/bf16 products accumulate in float32. float32 inputs on the GPU go through the
-tensor cores in TF32 (Triton's default for a float32 ``tl.dot``; relative error near 3e-4),
-as DeepSpeed's kernels did on A100; the PyTorch backend computes them in full float32.
+``bench`` is DeepSpeed's switch for timing its kernels; it is accepted (also positionally)
+and does nothing.
+
+Precision: fp16/bf16 products accumulate in float32. float32 inputs are computed at float32
+precision, unless the user allows TF32 for matmuls
+(``torch.backends.cuda.matmul.allow_tf32 = True``, PyTorch's convention), which then applies
+to these kernels too.
 
 Look-up tables are built from the layout once per (layout content, block, device) and kept in
 a module-level cache (``caching.cached_table``); calls after the first do no host-device
@@ -129,7 +134,8 @@ class _SparseMatMulFn(torch.autograd.Function):
 class MatMul(LayoutOp):
     """Block-sparse matrix product (DeepSpeed's ``MatMul``). See the module docstring."""
 
-    def __init__(self, layout, block, mode, trans_a=False, trans_b=False, backend=None):
+    def __init__(self, layout, block, mode, trans_a=False, trans_b=False, bench=False, *,
+                 backend=None):
         who = "MatMul"
         if mode not in MODES:
             raise ValueError(f"{who}: argument 'mode' is {mode!r}; allowed: {MODES}")

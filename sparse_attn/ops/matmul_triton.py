@@ -149,7 +149,8 @@ def sdd(a, b, trans_a, trans_b, lut, block, nnz, num_warps=None, num_stages=None
         sa[0], sa[1], a_m, a_k, sb[0], sb[1], b_k, b_n, c.stride(0),
         BLOCK=block, TILE=tile, TILE_K=tile_k,
         EVEN_MN=(M % tile == 0 and N % tile == 0), EVEN_K=(K % tile_k == 0),
-        UPCAST=common.needs_upcast(a), R=tile // block, num_warps=nw, num_stages=ns)
+        UPCAST=common.needs_upcast(a), PRECISION=common.dot_precision(a), R=tile // block,
+        num_warps=nw, num_stages=ns)
     return c
 
 
@@ -194,7 +195,8 @@ def dsd(a, b, trans_a, trans_b, lut, block, out_rows, out=None, out_transposed=F
         sc[0], sc[1], c_m, c_n, ws.stride(0) if lut["n_slots"] else 0,
         BLOCK=block, TILE=tile, TILE_N=tile_n,
         EVEN_MK=even_mk, EVEN_N=(N % tile_n == 0),
-        UPCAST=common.needs_upcast(b), R=tile // block, num_warps=num_warps, num_stages=num_stages)
+        UPCAST=common.needs_upcast(b), PRECISION=common.dot_precision(b),
+        R=tile // block, num_warps=num_warps, num_stages=num_stages)
     if lut["n_splits"]:
         _launch_dsd_reduce_kernel(
             (lut["n_splits"], n_tiles, z),

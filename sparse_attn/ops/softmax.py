@@ -1,7 +1,7 @@
 """Row softmax over block-sparse scores, DeepSpeed's ``Softmax``.
 
-``Softmax(layout, block)(x, scale=1.0, rpe=None, key_padding_mask=None, attn_mask=None,
-key_padding_mask_mode="add", attn_mask_mode="mul")`` with ``x`` block-sparse
+``Softmax(layout, block, bench=False)(x, scale=1.0, rpe=None, key_padding_mask=None,
+attn_mask=None, key_padding_mask_mode="add", attn_mask_mode="mul")`` with ``x`` block-sparse
 ``[batch, nnz, block, block]`` (blocks in ``layout.nonzero()`` order). Each token row is
 normalised over the row's nonzero blocks only, after, in this order:
 
@@ -17,6 +17,12 @@ normalised over the row's nonzero blocks only, after, in this order:
 Masks may be float, integer or bool; a bool mask always means True = keep, False = drop
 (in either mode). A row whose entries are all dropped gives zeros (and zero gradient).
 Gradients flow to ``x`` only (rpe and masks are constants). Output has ``x``'s dtype.
+
+In place, as DeepSpeed's was: the probabilities are written into ``x``, and the result is
+``x``'s memory (a new tensor object over the same storage, whose gradient is the softmax's;
+``x.grad``, when ``x`` retains it, is the gradient with respect to the scores). An autograd
+graph that saved ``x`` before the call sees the change and raises, as after any in-place op.
+``bench`` (DeepSpeed's kernel timing switch) is accepted and does nothing.
 """
 import torch
 
@@ -36,7 +42,7 @@ class _TritonSoftmaxOps:
         self.lut = cached_table("softmax", lkey, block, device,
                           lambda: ks.lut_to(ks.softmax_lut(layout, block), device))
 
-    def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
+    def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep, out):
         kw = {}
         if rpe is not None:
             if rpe_sparse:
@@ -47,7 +53,7 @@ class _TritonSoftmaxOps:
             kw.update(kpm=kpm, kpm_mode=2 if kpm_keep else 1, kpm_strides=tuple(kpm.stride()))
         if am is not None:
             kw.update(am=am, am_mode=2 if am_keep else 1, am_strides=tuple(am.stride()))
-        return self.ks.softmax_fwd(x, scale, self.lut, self.block, **kw)
+        return self.ks.softmax_fwd(x, scale, self.lut, self.block, out=out, **kw)
 
     def backward(self, y, dy, scale):
         return self.ks.softmax_bwd(y, dy, scale, self.lut, self.block)
@@ -58,25 +64,37 @@ class _TorchSoftmaxOps:
         self.ix = cached_table("torch_index", lkey, block, device,
                          lambda: _bt.LayoutIndex(layout, block, device))
 
-    def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
-        return _bt.softmax_forward(x, scale, self.ix, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep)
+    def forward(self, x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep, out):
+        y = _bt.softmax_forward(x, scale, self.ix, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep)
+        return out.copy_(y)
 
     def backward(self, y, dy, scale):
         return _bt.softmax_backward(y, dy, scale, self.ix)
 
 
 class _SparseSoftmaxFn(torch.autograd.Function):
+    """The probabilities are written into ``x`` outside autograd's view (so that ``x``'s
+    retained gradient stays the scores' gradient, as in DeepSpeed); the write bumps ``x``'s
+    version, so a graph that saved ``x`` earlier still detects it."""
+
     @staticmethod
     def forward(ctx, x, ops, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep):
-        y = ops.forward(x, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep)
-        ctx.save_for_backward(y)
+        target = x.detach()
+        if target.is_contiguous():
+            ops.forward(target, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep, out=target)
+            torch.autograd.graph.increment_version(target)  # a kernel's write is not counted
+        else:
+            dense = target.contiguous()
+            target.copy_(ops.forward(dense, scale, rpe, rpe_sparse, kpm, kpm_keep, am, am_keep,
+                                     out=torch.empty_like(dense)))
+        ctx.save_for_backward(x)
         ctx.ops, ctx.scale = ops, scale
-        return y
+        return x
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dx = ctx.ops.backward(y, dy.contiguous(), ctx.scale)
+        dx = ctx.ops.backward(y.contiguous(), dy.contiguous(), ctx.scale)
         return dx, None, None, None, None, None, None, None, None
 
 
@@ -94,7 +112,7 @@ def _squeeze_to(t, ndim):
 class Softmax(LayoutOp):
     """Block-sparse softmax (DeepSpeed's ``Softmax``). See the module docstring."""
 
-    def __init__(self, layout, block, backend=None):
+    def __init__(self, layout, block, bench=False, *, backend=None):
         super().__init__(layout, block, backend, "Softmax")
 
     def _make_ops(self, backend, device):
@@ -140,7 +158,6 @@ class Softmax(LayoutOp):
         except (TypeError, ValueError):
             raise ValueError(f"{who}: argument 'scale' must be a number, got {scale!r}") from None
         Z = x.shape[0]
-        x = x.contiguous()
 
         rpe_t, rpe_sparse = None, False
         if rpe is not None:

@@ -62,8 +62,10 @@ def _warps(r, chunk, block):
 
 def softmax_fwd(x, scale, lut, block, rpe=None, rpe_mode=0, rpe_strides=(0, 0, 0, 0),
                 kpm=None, kpm_mode=0, kpm_strides=(0, 0), am=None, am_mode=0,
-                am_strides=(0, 0), num_warps=None):
-    y = torch.empty_like(x)
+                am_strides=(0, 0), num_warps=None, out=None):
+    """Probabilities of x [Z, nnz, block, block] (contiguous) into ``out`` (may be x itself:
+    each program reads its rows before it writes them), a new tensor by default."""
+    y = torch.empty_like(x) if out is None else out
     z = x.shape[0]
     if z == 0:
         return y

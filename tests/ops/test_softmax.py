@@ -113,9 +113,9 @@ def test_softmax_forward_backward(backend, feature, dtype, block):
     kw, ref_kw = make_features(feature, z, h, seq, layout, block, nnz, g)
     if CUDA:
         torch.empty(64 << 20, device="cuda").fill_(float("nan"))
+    x64 = x.detach().double().requires_grad_(True)  # before the call: it works in place
     y = Softmax(layout, block, backend=backend)(x, **kw)
     assert y.dtype == dtype and y.shape == x.shape
-    x64 = x.detach().double().requires_grad_(True)
     ref = reference_softmax(x64, layout, block, **ref_kw)
     assert_rel_close(y, ref, dtype)
     dy = torch.randn(y.shape, generator=g).to(DEVICE, dtype)
@@ -159,8 +159,9 @@ def test_noncontiguous_and_long_rows(backend):
     layout[0, 3, :] = 1
     nnz = int(layout.sum())
     x = torch.randn(z, nnz, block, block, device=DEVICE).transpose(-1, -2)
-    y = Softmax(layout, block, backend=backend)(x, scale=2.0)
     ref = reference_softmax(x.double(), layout, block, 2.0, None, None, None, None, None)
+    y = Softmax(layout, block, backend=backend)(x, scale=2.0)
+    assert torch.equal(x, y)  # written in place, through the transposed strides
     assert_rel_close(y, ref, torch.float32)
 
 
@@ -208,8 +209,8 @@ def test_global_row_two_pass(backend):
     x = (4 * torch.randn(z, nnz, block, block, generator=g)).to(DEVICE).requires_grad_(True)
     kpm = torch.zeros(z, seq)
     kpm[:, seq - 100:] = float("-inf")
-    y = Softmax(layout, block, backend=backend)(x, scale=0.5, key_padding_mask=kpm.to(DEVICE))
     x64 = x.detach().double().requires_grad_(True)
+    y = Softmax(layout, block, backend=backend)(x, scale=0.5, key_padding_mask=kpm.to(DEVICE))
     ref = reference_softmax(x64, layout, block, 0.5, None, kpm.double().to(DEVICE), False,
                             None, None)
     assert_rel_close(y, ref, torch.float32)
@@ -232,10 +233,10 @@ def test_rectangular_layout(backend):
     kpm = torch.zeros(z, 48)
     kpm[1, 40:] = float("-inf")
     am = (torch.rand(80, 48, generator=g) < 0.8).float()
+    x64 = x.detach().double().requires_grad_(True)
     y = Softmax(layout, block, backend=backend)(x, scale=0.3, rpe=rpe,
                                                 key_padding_mask=kpm.to(DEVICE),
                                                 attn_mask=am.to(DEVICE))
-    x64 = x.detach().double().requires_grad_(True)
     ref = reference_softmax(x64, layout, block, 0.3, rpe.double(), kpm.double().to(DEVICE),
                             False, am.to(DEVICE), True)
     assert_rel_close(y, ref, torch.float32)

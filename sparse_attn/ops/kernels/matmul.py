@@ -11,7 +11,9 @@ Block-sparse tensors are ``[batch, nnz, block, block]`` (contiguous), blocks in 
   dense x sparse (``dds``) runs on the same kernel through ``C^T = B^T A^T``: the output
   is written through transposed strides.
 
-Their look-up tables and launches are in ``sparse_attn/ops/matmul_triton.py``.
+PRECISION is the products' input precision: "ieee" for float32 inputs unless the user allows
+TF32, "tf32" otherwise (ignored for 16-bit inputs). Their look-up tables and launches are in
+``sparse_attn/ops/matmul_triton.py``.
 """
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
                 stride_cz,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_K: tl.constexpr,
                 EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr,
                 R: tl.constexpr):
     item = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
@@ -50,7 +53,7 @@ def _sdd_kernel(A, B, C, LUT_HIJ, LUT_IDX,
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += TILE_K * stride_ak
         b_ptrs += TILE_K * stride_bk
     c = acc.to(C.dtype.element_ty)
@@ -73,6 +76,7 @@ def _dsd_kernel(A, B, C, ITEMS, STEP_K, STEP_IDX, WS,
                 stride_cz, stride_ch, stride_cm, stride_cn, stride_wz,
                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_N: tl.constexpr,
                 EVEN_MK: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr,
                 R: tl.constexpr):
     item = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -107,7 +111,7 @@ def _dsd_kernel(A, B, C, ITEMS, STEP_K, STEP_IDX, WS,
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if slot < 0:
         c = acc.to(C.dtype.element_ty)
         offs_m = ti * TILE + offs_r
