@@ -48,7 +48,7 @@ for stage in $STAGES; do
         timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $(cat "$ids") \
           > "$OUT/gpu_tests_$i.log" 2>&1 &
       done
-      for group in "tests/ops/test_matmul.py tests/ops/test_softmax.py" \
+      for group in "tests/ops/test_matmul.py tests/ops/test_softmax.py tests/ops/test_deepspeed_contract.py" \
           "tests/ops/test_three_kernel_attention.py tests/ops/test_torch_backend.py tests/modules"; do
         i=$((i + 1))
         timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider $group \
