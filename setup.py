@@ -13,9 +13,9 @@ setup(
         "deepspeed": ["deepspeed>=0.19", "tensorboard"],
         "hf": ["transformers>=5,<6", "tokenizers", "accelerate>=1.1"],
         "viz": ["matplotlib"],
-        "test": ["pytest>=8", "triton>=3.2", "matplotlib"],
-        "dev": ["pytest>=8", "triton>=3.2", "matplotlib", "transformers>=5,<6", "tokenizers",
-                "accelerate>=1.1", "deepspeed>=0.19", "tensorboard"],
+        "test": ["pytest>=8", "triton>=3.2", "matplotlib", "jsonschema>=4"],
+        "dev": ["pytest>=8", "triton>=3.2", "matplotlib", "jsonschema>=4", "transformers>=5,<6",
+                "tokenizers", "accelerate>=1.1", "deepspeed>=0.19", "tensorboard"],
     },
     entry_points={"console_scripts": ["sparse-attn=sparse_attn.__main__:main"]},
 )

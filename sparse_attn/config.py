@@ -1,7 +1,10 @@
 """The ``"sparse_attention"`` block of a DeepSpeed JSON config, validated with pydantic 2.
 
-One model per ``mode``; a block without ``mode`` is ``fixed``, as in DeepSpeed. Unknown keys
-are rejected, and the defaults are DeepSpeed's config defaults (which differ from some class
+One model per ``mode``; a block without ``mode`` is ``fixed``, as in DeepSpeed. A key of another
+mode is ignored with one warning (DeepSpeed read the keys of the chosen mode, and its
+documented example lists every mode's keys under ``"mode": "fixed"``); a key of no mode is an
+error with a did-you-mean suggestion; a key given twice in the JSON is an error, as in
+DeepSpeed's loader. The defaults are DeepSpeed's config defaults (which differ from some class
 defaults: ``num_random_blocks`` is 0 here, also for ``bigbird``).
 
     model = parse_sparse_attention({"mode": "bigbird", "block": 64})
@@ -11,8 +14,10 @@ defaults: ``num_random_blocks`` is 0 here, also for ``bigbird``).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
+import warnings
 from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -194,6 +199,31 @@ _ADAPTER = TypeAdapter(SparseAttentionBlock)
 MODES = ("dense", "fixed", "variable", "bigbird", "bslongformer", "local_sliding_window")
 
 
+_MODELS = {"dense": DenseBlock, "fixed": FixedBlock, "variable": VariableBlock,
+           "bigbird": BigBirdBlock, "bslongformer": BSLongformerBlock,
+           "local_sliding_window": LocalSlidingWindowBlock}
+ALL_KEYS = frozenset(k for model in _MODELS.values() for k in model.model_fields)
+
+
+def _own_keys(block: dict, mode: str) -> dict:
+    """The keys of ``mode``: keys of other modes dropped with one warning, keys of no mode
+    refused with the nearest known key."""
+    own = _MODELS[mode].model_fields
+    unknown = [k for k in block if k not in ALL_KEYS]
+    if unknown:
+        lines = []
+        for key in unknown:
+            near = difflib.get_close_matches(str(key), sorted(ALL_KEYS), n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            lines.append(f"{KEY}.{key}: unknown key{hint}")
+        raise SparseAttentionConfigError("; ".join(lines))
+    ignored = [k for k in block if k not in own]
+    if ignored:
+        warnings.warn(f"{KEY}: {', '.join(ignored)} belong to other modes and are ignored for "
+                      f"mode \"{mode}\"", UserWarning, stacklevel=3)
+    return {k: v for k, v in block.items() if k in own}
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -229,10 +259,24 @@ def parse_sparse_attention(block: Any):
     elif not isinstance(block["mode"], str) or block["mode"] not in MODES:
         raise SparseAttentionConfigError(
             f"{KEY}.mode: {block['mode']!r} is not one of {list(MODES)}")
+    block = _own_keys(block, block["mode"])
     try:
         return _ADAPTER.validate_python(block)
     except ValidationError as err:
         raise SparseAttentionConfigError(_format_error(err)) from None
+
+
+def _no_duplicates(pairs, path) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error (DeepSpeed's config
+    loader refuses them too), never last-one-wins."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            shown = f" (its keys: {', '.join(sorted(map(str, seen)))})" if len(seen) < 12 else ""
+            raise SparseAttentionConfigError(
+                f"{path}: duplicate key {key!r} in one JSON object{shown}")
+        seen[key] = value
+    return seen
 
 
 def load_json(path: str) -> dict:
@@ -244,7 +288,7 @@ def load_json(path: str) -> dict:
     except OSError as err:
         raise SparseAttentionConfigError(f"cannot read DeepSpeed config {path}: {err}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, path))
     except json.JSONDecodeError as err:
         raise SparseAttentionConfigError(
             f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
@@ -271,12 +315,24 @@ def split_deepspeed_config(path_or_dict) -> Tuple[Optional[_Block], dict]:
 
 
 def json_schema() -> dict:
-    """The JSON Schema of the block, generated from the models."""
+    """The JSON Schema of the block, generated from the models, accepting what
+    ``parse_sparse_attention`` accepts: a block without ``mode`` is ``fixed``, and the keys
+    of other modes are allowed (and ignored)."""
     schema = _ADAPTER.json_schema()
+    schema.pop("discriminator", None)  # "mode" may be missing: each branch says its own
+    for name, model in _MODELS.items():
+        branch = schema["$defs"][model.__name__]
+        own = branch["properties"]
+        for key in sorted(ALL_KEYS - set(own)):
+            own[key] = {"description": "A key of another mode: ignored for this one."}
+        if name == "fixed":
+            branch["required"] = [k for k in branch.get("required", []) if k != "mode"]
+            if not branch["required"]:
+                branch.pop("required")
     schema["title"] = "DeepSpeed sparse_attention block"
     schema["description"] = (
         "The \"sparse_attention\" block of a DeepSpeed config, as read by sparse_attn. "
-        "A block without \"mode\" is \"fixed\".")
+        "A block without \"mode\" is \"fixed\"; keys of other modes are ignored.")
     return schema
 
 

@@ -114,8 +114,8 @@ INVALID = [
     ({"mode": 3}, "sparse_attention.mode"),
     ({"mode": None}, "sparse_attention.mode"),
     ({"blocks": 16}, "sparse_attention.blocks: unknown key"),
-    ({"mode": "dense", "num_local_blocks": 4}, "sparse_attention.num_local_blocks: unknown key"),
-    ({"mode": "bigbird", "num_local_blocks": 4}, "sparse_attention.num_local_blocks"),
+    ({"mode": "dense", "num_local_blockz": 4}, "sparse_attention.num_local_blockz: unknown key"),
+    ({"mode": "bigbird", "num_locals": 4}, "sparse_attention.num_locals"),
     ({"num_local_blocks": 0}, "sparse_attention.num_local_blocks"),
     ({"num_local_blocks": -4}, "sparse_attention.num_local_blocks"),
     ({"num_global_blocks": 0}, "sparse_attention.num_global_blocks"),
@@ -235,3 +235,129 @@ def test_cli_show_writes_png(tmp_path):
     assert "head  11" in proc.stdout and "density" in proc.stdout
     assert "4 distinct head layouts" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# DeepSpeed's config reference (docs/_pages/config-json.md) shows every mode's keys under
+# "mode": "fixed" (with null for its Python None); users copied it verbatim.
+DOCUMENTED_EXAMPLE = {
+    "mode": "fixed", "block": 16, "different_layout_per_head": True, "num_local_blocks": 4,
+    "num_global_blocks": 1, "attention": "bidirectional", "horizontal_global_attention": False,
+    "num_different_global_patterns": 4, "num_random_blocks": 0, "local_window_blocks": [4],
+    "global_block_indices": [0], "global_block_end_indices": None,
+    "num_sliding_window_blocks": 3,
+}
+
+
+def test_documented_example_validates_with_one_warning():
+    with pytest.warns(UserWarning) as record:
+        model = parse_sparse_attention(DOCUMENTED_EXAMPLE)
+    assert len(record) == 1
+    message = str(record[0].message)
+    for key in ("num_random_blocks", "local_window_blocks", "global_block_indices",
+                "global_block_end_indices", "num_sliding_window_blocks"):
+        assert key in message
+    assert "ignored" in message and '"fixed"' in message
+    assert model.num_different_global_patterns == 4 and model.different_layout_per_head
+    want = sc.FixedSparsityConfig(4, 16, different_layout_per_head=True,
+                                  num_different_global_patterns=4).make_layout(256)
+    assert torch.equal(model.build(4).make_layout(256), want)
+
+
+def test_documented_example_through_a_file_and_the_cli(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "sparse_attention": DOCUMENTED_EXAMPLE}))
+    with pytest.warns(UserWarning, match="ignored for mode"):
+        model, rest = split_deepspeed_config(str(path))
+    assert model.mode == "fixed" and rest == {"train_batch_size": 8}
+    with pytest.warns(UserWarning, match="ignored for mode"):
+        assert cli(["validate", str(path)]) == 0
+
+
+@pytest.mark.parametrize("block, ignored", [
+    ({"mode": "dense", "num_local_blocks": 4}, "num_local_blocks"),
+    ({"mode": "bigbird", "num_local_blocks": 4, "seed": 1}, "num_local_blocks"),
+    ({"num_sliding_window_blocks": 5, "seed": 2}, "num_sliding_window_blocks, seed"),
+])
+def test_keys_of_other_modes_are_ignored_with_a_warning(block, ignored):
+    with pytest.warns(UserWarning, match=f"{ignored} belong to other modes"):
+        model = parse_sparse_attention(block)
+    mode = block.get("mode", "fixed")
+    assert model == parse_sparse_attention(
+        {k: v for k, v in block.items() if k in type(model).model_fields} | {"mode": mode})
+
+
+@pytest.mark.parametrize("key, near", [("num_local_block", "num_local_blocks"),
+                                       ("num_random_block", "num_random_blocks"),
+                                       ("globl_block_indices", "global_block_indices"),
+                                       ("blocksize", "block"), ("zzz", None)])
+def test_key_of_no_mode_is_refused_with_a_suggestion(key, near):
+    with pytest.raises(SparseAttentionConfigError, match=f"sparse_attention.{key}: unknown key") \
+            as err:
+        parse_sparse_attention({"mode": "bigbird", key: 1})
+    if near:
+        assert f"did you mean {near}?" in str(err.value)
+    else:
+        assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"sparse_attention": {"mode": "fixed", "block": 16, "block": 32}}', "block"),
+    ('{"sparse_attention": {"mode": "fixed"}, "sparse_attention": {"mode": "bigbird"}}',
+     "sparse_attention"),
+    ('{"train_batch_size": 8, "optimizer": {"type": "Adam", "type": "AdamW"}}', "type"),
+])
+def test_duplicate_json_keys_are_refused(tmp_path, text, key):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(SparseAttentionConfigError, match=f"duplicate key '{key}'") as err:
+        split_deepspeed_config(str(path))
+    assert str(path) in str(err.value)
+
+
+# What validate decides about the keys of a block, against what the schema says: blocks that
+# name another mode's keys, no mode, unknown keys, wrong types, unknown modes. (Not 16.0 for
+# 16: JSON Schema counts a number with no fraction as an integer; validate refuses it.)
+SCHEMA_CORPUS = [
+    {}, {"block": 32}, {"num_random_blocks": 2}, {"mode": "fixed", "seed": 3},
+    {"mode": "bigbird", "num_local_blocks": 4, "num_random_blocks": 1},
+    {"mode": "variable", "num_sliding_window_blocks": 3}, {"mode": "dense", "attention": "x"},
+    {"mode": "bslongformer", "num_global_blocks": 2}, {"mode": "local_sliding_window"},
+    {"mode": "fixed", "block": 24}, {"mode": "fixed", "block": "16"}, {"mode": "sparse"},
+    {"mode": "fixed", "num_local_block": 4}, {"extra": 1}, {"mode": 3},
+    {"mode": "bigbird", "num_random_blocks": -1}, {"attention": "both"},
+    {"mode": "variable", "local_window_blocks": []}, DOCUMENTED_EXAMPLE,
+]
+
+
+@pytest.mark.parametrize("block", SCHEMA_CORPUS, ids=lambda b: json.dumps(b)[:60])
+def test_schema_agrees_with_validate(block):
+    jsonschema = pytest.importorskip("jsonschema")
+    try:
+        with pytest.warns(UserWarning) if _names_other_modes(block) else _no_warning():
+            parse_sparse_attention(block)
+        accepted = True
+    except SparseAttentionConfigError:
+        accepted = False
+    errors = list(jsonschema.Draft202012Validator(json_schema()).iter_errors(block))
+    assert accepted == (not errors), (accepted, [e.message for e in errors][:3])
+
+
+def _names_other_modes(block):
+    from sparse_attn.config import ALL_KEYS, _MODELS
+    mode = block.get("mode", "fixed")
+    if mode not in _MODELS:
+        return False
+    own = _MODELS[mode].model_fields
+    return any(k in ALL_KEYS and k not in own for k in block) and \
+        all(k in ALL_KEYS for k in block)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
