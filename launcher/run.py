@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -272,7 +273,11 @@ def prepare_from_config(config, *, sparse_attention: bool, num_heads: int,
         if not os.path.isfile(user_path):
             raise LauncherConfigError(f"DeepSpeed config {user_path} does not exist")
     try:
-        block_model, cleaned = split_deepspeed_config(config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            block_model, cleaned = split_deepspeed_config(config)
+        for w in caught:  # e.g. keys of other modes, ignored: one log line each
+            logger.warning("%s", w.message)
     except ValueError as err:
         where = f"{user_path}: " if user_path and user_path not in str(err) else ""
         raise LauncherConfigError(f"{where}{err}") from None

@@ -9,12 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .config import SparseAttentionConfigError, json_schema, resolved, split_deepspeed_config
 
 
 def _load_block(path: str):
-    model, _ = split_deepspeed_config(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = split_deepspeed_config(path)
+    for w in caught:  # one line each, without Python's source-line noise
+        print(f"warning: {w.message}", file=sys.stderr)
     if model is None:
         raise SparseAttentionConfigError(f"{path} has no \"sparse_attention\" block")
     return model

@@ -140,6 +140,24 @@ def test_block_without_flag_is_ignored_with_a_log_line(tmp_path, caplog):
     assert run.patch_model(model) is model
 
 
+def test_documented_example_with_every_modes_keys_trains_with_one_warning(tmp_path, caplog):
+    """DeepSpeed's config reference lists every mode's keys under "mode": "fixed"; DeepSpeed
+    read the chosen mode's keys only, and so does the launcher, with one warning line."""
+    block = dict(FIXED_BLOCK, num_random_blocks=0, local_window_blocks=[4],
+                 global_block_indices=[0], global_block_end_indices=None,
+                 num_sliding_window_blocks=3)
+    path = write_config(tmp_path, block=block)
+    args = parse(["--deepspeed_sparse_attention", "--deepspeed_config", path])
+    with caplog.at_level(logging.WARNING, logger="sparse_attn.launcher"):
+        run = prepare_sparse_attention(args, num_heads=4, max_seq_length=512)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "num_sliding_window_blocks" in warned[0], warned
+    want = prepare_sparse_attention(parse(["--deepspeed_sparse_attention", "--deepspeed_config",
+                                           write_config(tmp_path, name="plain.json")]),
+                                    num_heads=4, max_seq_length=512)
+    assert run.layout_checksum == want.layout_checksum
+
+
 def test_block_without_flag_is_still_validated(tmp_path):
     path = write_config(tmp_path, block={"mode": "fixed", "block": 24})
     with pytest.raises(LauncherConfigError, match="sparse_attention.block"):
