@@ -12,6 +12,7 @@ per (device, ``nb``) as contiguous tensors, which keeps the backends' own look-u
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -107,6 +108,7 @@ class SparseSelfAttention(nn.Module):
         self.attn_mask_mode = attn_mask_mode
         self._master_layout: Optional[torch.Tensor] = None
         self._layouts: Dict[Tuple[int, object], torch.Tensor] = {}
+        self._add_mask_checked = False
         self.max_seq_length = max_seq_length  # builds the master layout
 
     @property
@@ -210,6 +212,8 @@ class SparseSelfAttention(nn.Module):
                 f"num_heads={self.sparsity_config.num_heads}; build the SparsityConfig with "
                 f"num_heads={heads}")
         layout = self.get_layout(seq, query.device)
+        if key_padding_mask is not None and not self._add_mask_checked:
+            self._check_add_mask_once(key_padding_mask)
         if key_padding_mask is not None and not (
                 self.key_padding_mask_mode == "add" and key_padding_mask.dtype == torch.float32
                 and key_padding_mask.shape == (batch, seq)):  # else already what the op takes
@@ -227,6 +231,22 @@ class SparseSelfAttention(nn.Module):
             with torch.autocast(query.device.type, enabled=False):
                 return block_sparse_attention(query, key, value, layout, self.block, **kwargs)
         return block_sparse_attention(query, key, value, layout, self.block, **kwargs)
+
+    def _check_add_mask_once(self, mask: torch.Tensor) -> None:
+        """In "add" mode a float mask of only 0s and 1s is almost certainly a keep-mask
+        (transformers' convention) where an additive one (BERT's extended mask) was meant:
+        the padding would not be masked. Looked at once per module (one host sync)."""
+        if torch.compiler.is_compiling():
+            return
+        self._add_mask_checked = True
+        if self.key_padding_mask_mode != "add" or not mask.dtype.is_floating_point:
+            return
+        if bool(((mask == 0) | (mask == 1)).all()) and bool((mask == 1).any()):
+            warnings.warn(
+                "key_padding_mask holds only 0 and 1 in key_padding_mask_mode='add', so it is "
+                "added to the scores and masks nothing: pass an additive mask (0 keeps, -inf "
+                "or -10000 drops, e.g. (1.0 - mask) * -10000.0), a bool mask (True keeps), or "
+                "build the module with key_padding_mask_mode='mul'", UserWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         return (f"sparsity_config={self.sparsity_config!r}, key_padding_mask_mode="

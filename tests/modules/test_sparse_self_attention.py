@@ -199,3 +199,26 @@ def test_every_backend_takes_the_module_masks(backend, dtype):
     refs = torch.autograd.grad(ref, (q, k, v), g_out)
     for a, b in zip(grads, refs):
         assert_rel_close(a, b, dtype, factor=2)
+
+
+def test_keep_mask_in_add_mode_warns_once():
+    """A 0/1 float mask in "add" mode is almost certainly a keep-mask where BERT's additive
+    mask was meant (nothing would be masked): one warning naming the mode and the fix; an
+    additive mask, a bool mask and "mul" mode give none."""
+    import warnings
+
+    sc = FixedSparsityConfig(num_heads=2, block=16)
+    q = torch.randn(1, 2, 64, 16)
+    keep = torch.ones(1, 64)
+    keep[0, 40:] = 0
+    attn = SparseSelfAttention(sc, key_padding_mask_mode="add", max_seq_length=64)
+    with pytest.warns(UserWarning, match="key_padding_mask_mode='add'") as record:
+        attn(q, q, q, key_padding_mask=keep)
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn(q, q, q, key_padding_mask=keep)  # once per module
+        for mode, mask in (("add", (1.0 - keep) * -10000.0), ("add", keep.bool()),
+                           ("add", torch.zeros(1, 64)), ("mul", keep)):
+            SparseSelfAttention(sc, key_padding_mask_mode=mode, max_seq_length=64)(
+                q, q, q, key_padding_mask=mask)

@@ -202,3 +202,36 @@ def test_block_index_of_an_inference_mode_layout():
         layout = torch.ones(2, 3, 3, dtype=torch.long).tril()
     index = block_index(layout, torch.device("cpu"))
     assert index.row.numel() == int(layout.sum()) and index.num_blocks == 3
+
+
+def _backends_here():
+    import os
+    names = ["torch"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        names += ["fused", "triton"]
+    return names
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_one_rule_for_key_padding_masks(backend):
+    """Every backend reads a key padding mask the same way: bool keeps where True, float is
+    added, [batch, 1, 1, seq] is squeezed; an integer mask (ambiguous: 0/1 keep-mask or
+    additive?) is refused with the fix."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if backend != "fused" else torch.bfloat16
+    layout = BigBirdSparsityConfig(HEADS, 16, num_random_blocks=1).make_layout(128)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, HEADS, 128, 64, generator=g).to(dev, dtype) for _ in range(3))
+    keep = torch.ones(2, 128, dtype=torch.bool)
+    keep[0, 100:] = False
+    keep[1, :7] = False
+    additive = torch.zeros(2, 128).masked_fill(~keep, float("-inf"))
+    want = reference_attention(q.double(), k.double(), v.double(), layout, 16,
+                               key_padding_mask=additive.double().to(dev))
+    for mask in (keep.to(dev), additive.to(dev), additive.view(2, 1, 1, 128).to(dev)):
+        out = block_sparse_attention(q, k, v, layout, 16, key_padding_mask=mask,
+                                     backend=backend)
+        assert_rel_close(out, want, dtype)
+    with pytest.raises(ValueError, match="key_padding_mask has dtype torch.int64"):
+        block_sparse_attention(q, k, v, layout, 16, key_padding_mask=keep.long().to(dev),
+                               backend=backend)
