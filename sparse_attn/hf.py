@@ -325,11 +325,8 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def _default_max_seq_length(model: nn.Module, block: int) -> int:
-    emb = getattr(_base(model), "embeddings", None)
-    table = getattr(emb, "position_embeddings", None) if emb is not None else None
-    if isinstance(table, nn.Embedding):
-        length = table.num_embeddings - position_offset(emb)
-    else:
+    length = _position_table_length(model)
+    if length is None:
         length = getattr(model.config, "max_position_embeddings", _DEFAULT_MAX_SEQ_LENGTH)
     return max(block, -(-length // block) * block)
 
@@ -358,22 +355,63 @@ def _store(config, sparsity_config: SparsityConfig, max_seq_length: int,
     _settings(config)  # validates the stored description and sets the load marker
 
 
-def enable_sparse_attention(model: nn.Module, sparsity_config: SparsityConfig,
+def _position_table_length(model: nn.Module) -> Optional[int]:
+    """Positions the model can embed (None: no learned position table found)."""
+    emb = getattr(_base(model), "embeddings", None)
+    table = getattr(emb, "position_embeddings", None) if emb is not None else None
+    if isinstance(table, nn.Embedding):
+        return table.num_embeddings - position_offset(emb)
+    return None
+
+
+def _check_layers(model: nn.Module, layers: Iterable[int]) -> List[int]:
+    count = getattr(model.config, "num_hidden_layers", None)
+    layers = list(layers)
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or count is None \
+                or not 0 <= i < count:
+            raise ValueError(f"layers: {i!r} is not a layer of this model; it has {count} "
+                             f"layers (0..{(count or 1) - 1})")
+    if len(set(layers)) != len(layers):
+        dup = sorted({i for i in layers if layers.count(i) > 1})
+        raise ValueError(f"layers: {dup} given more than once (the model has {count} layers)")
+    return layers
+
+
+def enable_sparse_attention(model: nn.Module, sparsity_config,
                             max_seq_length: Optional[int] = None,
                             layers: Optional[Iterable[int]] = None) -> nn.Module:
     """Switch a transformers encoder (base model or any task head) to block-sparse attention.
 
     Args:
         model: a ``PreTrainedModel`` of one of ``SUPPORTED_MODEL_TYPES``.
-        sparsity_config: the layout; ``num_heads`` must equal ``config.num_attention_heads``.
-        max_seq_length: longest sequence; default: the length of the position table.
+        sparsity_config: the layout: a ``SparsityConfig`` whose ``num_heads`` is
+            ``config.num_attention_heads``, or a ``"sparse_attention"`` JSON block (a dict,
+            validated as the DeepSpeed config's block is, built for the model's heads).
+        max_seq_length: longest sequence, at most the position table's length (default: that
+            length).
         layers: indices of the layers made sparse (default: all); the others stay dense.
 
     The model is changed in place (weights untouched) and returned.
     """
     check_supported(model)
+    if isinstance(sparsity_config, dict):
+        from .config import parse_sparse_attention
+        sparsity_config = parse_sparse_attention(sparsity_config).build(
+            model.config.num_attention_heads)
+    elif not isinstance(sparsity_config, SparsityConfig):
+        raise TypeError(f"sparsity_config must be a SparsityConfig or a \"sparse_attention\" "
+                        f"block (dict), got {type(sparsity_config).__name__}")
+    if layers is not None:
+        layers = _check_layers(model, layers)
+    table = _position_table_length(model)
     if max_seq_length is None:
         max_seq_length = _default_max_seq_length(model, sparsity_config.block)
+    elif table is not None and max_seq_length > table:
+        raise ValueError(
+            f"max_seq_length {max_seq_length} is above the model's {table} positions; extend "
+            f"the position table first: SparseAttentionUtils.extend_position_embedding(model, "
+            f"{max_seq_length})")
     _store(model.config, sparsity_config, max_seq_length, layers)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

@@ -674,3 +674,27 @@ def test_torch_compile_reduce_overhead_training():
     for out, grad in got:
         torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(grad, want_grad, rtol=5e-2, atol=5e-3)
+
+
+def test_enable_checks_layers_block_and_length():
+    """Layer indices outside the model or given twice, and a max_seq_length above the
+    position table, are errors naming the model's numbers; a "sparse_attention" JSON block
+    (dict) is taken, validated as in a DeepSpeed config, for the model's heads."""
+    model = make("bert", layers=2, max_pos=128)
+    cfg = FixedSparsityConfig(HEADS, 16)
+    for layers, match in (([5], "5 is not a layer of this model; it has 2 layers"),
+                          ([-1], "-1 is not a layer"), ([0, 0], r"\[0\] given more than once"),
+                          (["1"], "'1' is not a layer")):
+        with pytest.raises(ValueError, match=match):
+            sahf.enable_sparse_attention(model, cfg, layers=layers)
+        assert not sahf.is_sparse(model)
+    with pytest.raises(ValueError, match="max_seq_length 256 is above the model's 128 "
+                                         "positions.*extend_position_embedding"):
+        sahf.enable_sparse_attention(model, cfg, max_seq_length=256)
+    with pytest.raises(ValueError, match="sparse_attention.num_local_block: unknown key"):
+        sahf.enable_sparse_attention(model, {"mode": "fixed", "num_local_block": 2})
+    sahf.enable_sparse_attention(model, {"mode": "bigbird", "block": 16, "num_random_blocks": 1},
+                                 layers=[1])
+    assert sahf.is_sparse(model)
+    ids = torch.randint(5, 100, (1, 128), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(input_ids=ids)[0]).all()
