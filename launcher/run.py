@@ -68,7 +68,9 @@ class SparseAttentionRun:
         ds_config_path: the temporary file holding ``ds_config`` (``args.deepspeed_config``
             points to it), or None when prepared from a dict without args.
         user_config_path: the user's config file (never written), or None for a dict.
-        layout_checksum: checksum of the layout at ``max_seq_length`` (same on every rank).
+        max_seq_length: the sequence length the run was prepared for (as given).
+        padded_seq_length: ``max_seq_length`` rounded up to the block (property).
+        layout_checksum: checksum of the layout at ``padded_seq_length`` (same on every rank).
         transformer_kernel_disabled: ``--deepspeed_transformer_kernel`` was turned off.
     """
 
@@ -85,12 +87,23 @@ class SparseAttentionRun:
     args: Any = field(default=None, repr=False)
 
     @property
-    def layout_length(self) -> Optional[int]:
-        """The sequence length the layout is built at (``max_seq_length`` rounded up to the
-        block; None when unknown): patched layers use it, and ``layout_checksum`` is its."""
-        if self.sparsity_config is None or self.max_seq_length is None:
+    def padded_seq_length(self) -> Optional[int]:
+        """``max_seq_length`` rounded up to a multiple of the block when sparse attention is
+        on (inputs are padded to it, as bing_bert's ``pad_to_block_size`` did); equal to
+        ``max_seq_length`` for dense runs; None when ``max_seq_length`` is unknown."""
+        if self.max_seq_length is None:
             return None
-        return -(-self.max_seq_length // self.block) * self.block
+        if self.sparsity_config is None:
+            return self.max_seq_length
+        return _round_up(self.max_seq_length, self.block)
+
+    @property
+    def layout_length(self) -> Optional[int]:
+        """The sequence length the layout is built at (``padded_seq_length``; None when
+        unknown or dense): patched layers use it, and ``layout_checksum`` is its."""
+        if self.sparsity_config is None:
+            return None
+        return self.padded_seq_length
 
     @property
     def block(self) -> Optional[int]:
@@ -153,7 +166,7 @@ class SparseAttentionRun:
 
         With ``model``, the checksum is that of the layouts its sparse layers actually use
         (it replaces ``layout_checksum``; a warning says when it differs from the config's
-        layout at ``max_seq_length``)."""
+        layout at ``padded_seq_length``)."""
         if not self.enabled:
             return
         if model is not None:
@@ -163,8 +176,8 @@ class SparseAttentionRun:
                 if self.layout_checksum is not None and local != self.layout_checksum:
                     logger.warning(
                         "the model's sparse layers use layout %s, not the config's layout %s "
-                        "at max_seq_length %s (were they built for another length?)", local,
-                        self.layout_checksum, self.max_seq_length)
+                        "at %s tokens (were they built for another length?)", local,
+                        self.layout_checksum, self.padded_seq_length)
                 self.layout_checksum = local
         if self.layout_checksum is None:
             return
@@ -179,6 +192,10 @@ class SparseAttentionRun:
             raise RuntimeError(f"ranks built different sparse attention layouts: {sums}")
         logger.info("rank %d: %s (same on all %d ranks)", dist.get_rank(), self.describe(),
                     len(sums))
+
+
+def _round_up(length: int, block: int) -> int:
+    return -(-length // block) * block
 
 
 def _combine(checksums) -> str:
@@ -255,9 +272,13 @@ def prepare_from_config(config, *, sparse_attention: bool, num_heads: int,
     Hugging Face ``Trainer``: pass ``run.ds_config`` as ``TrainingArguments(deepspeed=...)``).
     On DeepSpeed's CPU accelerator it also calls ``avoid_cpu_op_builds()``.
 
+    A ``max_seq_length`` that is not a multiple of the block is padded to the next multiple
+    (as bing_bert did): the layout is built for that length (``run.padded_seq_length``),
+    with one log line.
+
     Raises ``LauncherConfigError`` for: no config, a missing or malformed file, an invalid
-    block, ``sparse_attention=True`` without a block, a block that does not divide
-    ``max_seq_length``, ``max_seq_length`` above ``max_position_embeddings``.
+    block, ``sparse_attention=True`` without a block, ``max_seq_length`` (padded to the block
+    when sparse) above ``max_position_embeddings``.
     """
     from sparse_attn.config import split_deepspeed_config
 
@@ -308,25 +329,36 @@ def prepare_from_config(config, *, sparse_attention: bool, num_heads: int,
             f"block; add one, e.g. \"sparse_attention\": {{\"mode\": \"fixed\", \"block\": 16}} "
             f"(see configs/modes/), or drop the flag for dense attention")
     block = block_model.block
+    layout_length = max_seq_length
     if max_seq_length is not None and max_seq_length % block != 0:
-        raise LauncherConfigError(
-            f"sparse_attention.block {block} does not divide max_seq_length {max_seq_length}: "
-            f"use a max_seq_length that is a multiple of {block} (e.g. "
-            f"{-(-max_seq_length // block) * block}) or another block size")
+        layout_length = _round_up(max_seq_length, block)
+        if max_position_embeddings is not None and layout_length > max_position_embeddings:
+            raise LauncherConfigError(
+                f"max_seq_length {max_seq_length}, padded to a multiple of "
+                f"sparse_attention.block {block}, is {layout_length}: above the model's "
+                f"max_position_embeddings {max_position_embeddings}: extend the position "
+                f"embeddings first (SparseAttentionUtils.extend_position_embedding(model, "
+                f"{layout_length}), or raise max_position_embeddings in the model config), or "
+                f"use a max_seq_length that is a multiple of {block}")
+        logger.info(
+            "max_seq_length %d is not a multiple of sparse_attention.block %d: inputs are "
+            "padded to %d tokens (the next multiple) and the layout is built for that length",
+            max_seq_length, block, layout_length)
     try:
         sparsity_config = block_model.build(num_heads)
     except ValueError as err:
         raise LauncherConfigError(f"{source}: sparse_attention: {err}") from None
     checksum = None
-    if max_seq_length is not None:
+    if layout_length is not None:
         from sparse_attn.sparsity_config import layout_checksum
 
         try:
-            layout = sparsity_config.make_layout(max_seq_length)
+            layout = sparsity_config.make_layout(layout_length)
         except ValueError as err:
+            what = f"max_seq_length {max_seq_length}" + (
+                f" (padded to {layout_length})" if layout_length != max_seq_length else "")
             raise LauncherConfigError(
-                f"{source}: sparse_attention cannot make a layout for max_seq_length "
-                f"{max_seq_length}: {err}") from None
+                f"{source}: sparse_attention cannot make a layout for {what}: {err}") from None
         checksum = layout_checksum(layout)
     run = SparseAttentionRun(
         enabled=True, block_model=block_model, sparsity_config=sparsity_config,

@@ -12,6 +12,11 @@ monitor (CSV / TensorBoard; empty ``output_path`` means ``<output_dir>/monitor``
 ``--load_checkpoint_dir`` resumes from one and continues the same loss curve (data order and
 dropout are functions of the step, so a resumed run sees what the uninterrupted one saw).
 ``<output_dir>/metrics.jsonl`` gets one line per logged step and per evaluation.
+
+DeepSpeedExamples' bing_bert command line works too (``bing_bert_compat.py``): ``--cf`` (its
+config file) for ``--bert_config``, ``--data_path_prefix`` for ``--data_dir``, ``--print_steps``
+for ``--log_every``, ``--lr_schedule`` / ``--lr_offset`` (its learning-rate schedules), and
+every other flag of its parser with one line saying what it maps to or why it is ignored.
 """
 from __future__ import annotations
 
@@ -29,9 +34,12 @@ for path in (HERE, ROOT):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import bing_bert_compat as bb  # noqa: E402
 from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # noqa: E402
                       prepare_sparse_attention)
 from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
+
+DEFAULT_MAX_STEPS = 300
 
 
 class DataError(ValueError):
@@ -105,13 +113,19 @@ class Sampler:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="BERT pre-training with DeepSpeed and sparse "
                                 "attention (bing_bert style)")
-    p.add_argument("--bert_config", required=True, help="BERT model config JSON")
-    p.add_argument("--data_dir", required=True, help="output of prepare_data.py")
+    p.add_argument("--bert_config", default=None,
+                   help="BERT model config JSON (or bing_bert's --cf file)")
+    p.add_argument("--data_dir", default=None,
+                   help="output of prepare_data.py (or --data_path_prefix)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--max_seq_length", type=int, default=None,
-                   help="default: the data's sequence length")
-    p.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--log_every", type=int, default=10)
+                   help="default: the data's sequence length; with sparse attention, a "
+                   "length that is not a multiple of the block is padded to the next one")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help=f"optimizer steps (default: total_training_steps of --cf's "
+                   f"mixed_seq_training for this length, else {DEFAULT_MAX_STEPS})")
+    p.add_argument("--log_every", "--print_steps", dest="log_every", type=int, default=10,
+                   help="log every N optimizer steps (bing_bert: --print_steps)")
     p.add_argument("--eval_every", type=int, default=50, help="0: no periodic evaluation")
     p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--save_every", type=int, default=0,
@@ -123,12 +137,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no_progress_bar", action="store_true")
-    p.add_argument("--job_name", default="bing_bert_sa")
+    p.add_argument("--job_name", default=None,
+                   help="monitor job name (default: --cf's name, else bing_bert_sa)")
     p.add_argument("--lamb", choices=("auto", "fused", "torch"), default="auto",
                    help="for a \"Lamb\" optimizer config: DeepSpeed's fused LAMB (a CUDA "
                    "extension), the plain PyTorch LAMB of lamb.py, or auto (fused when it "
                    "builds, else torch)")
     add_sparse_attention_arguments(p)
+    bb.add_bing_bert_arguments(p)
     return p.parse_args(argv)
 
 
@@ -168,15 +184,19 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def param_groups(model):
-    """bing_bert's groups: no weight decay on biases and LayerNorm weights."""
+def param_groups(model, weight_decay=None):
+    """bing_bert's groups: no weight decay on biases and LayerNorm weights (``weight_decay``:
+    the others' decay, default the optimizer's)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    first = {"params": decay}
+    if weight_decay is not None:
+        first["weight_decay"] = weight_decay
+    return [first, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def configure_lamb(ds_config, model, choice):
+def configure_lamb(ds_config, model, choice, weight_decay=None):
     """For a ``"Lamb"`` optimizer config, return a plain PyTorch LAMB (and remove the
     optimizer from the config DeepSpeed gets) when the fused one is not used; else None."""
     opt = ds_config.get("optimizer") or {}
@@ -192,7 +212,7 @@ def configure_lamb(ds_config, model, choice):
     print("optimizer: DeepSpeed's fused LAMB is not used here; plain PyTorch LAMB "
           "(examples/bing_bert/lamb.py) with the config's parameters", file=sys.stderr,
           flush=True)
-    return Lamb(param_groups(model), **params)
+    return Lamb(param_groups(model, weight_decay), **params)
 
 
 def write_jsonl(path, record):
@@ -217,6 +237,100 @@ def single_process_env() -> None:
 def error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return 2
+
+
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def note(msg: str) -> None:
+    """One line on rank 0 (before DeepSpeed starts, every rank runs the same checks)."""
+    if is_rank0():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_inputs(args):
+    """The model config and the data of this run, from this example's flags or bing_bert's.
+    Returns ``(bert_config, cf, meta, train_data, eval_data)``; raises ValueError."""
+    if (args.cf is None) == (args.bert_config is None):
+        raise bb.BingBertError(
+            "give the model config with exactly one of --bert_config (this example's BERT "
+            "config JSON) and --cf (bing_bert's config file)" +
+            (", not both" if args.cf else ""))
+    if (args.data_dir is None) == (args.data_path_prefix is None):
+        raise bb.BingBertError(
+            "give the data with exactly one of --data_dir and --data_path_prefix "
+            "(prepare_data.py output)" + (", not both" if args.data_dir else ""))
+    if args.load_training_checkpoint is not None and args.load_checkpoint_dir is not None:
+        raise bb.BingBertError("give one of --load_checkpoint_dir and bing_bert's "
+                               "--load_training_checkpoint, not both")
+    if args.load_checkpoint_id is not None and args.load_checkpoint_tag is not None:
+        raise bb.BingBertError("give one of --load_checkpoint_tag and bing_bert's "
+                               "--load_checkpoint_id, not both")
+    cf = None
+    if args.cf is not None:
+        cf = bb.load_cf(args.cf)
+        bert_config = BertConfig(**cf.bert)
+    else:
+        bert_config = BertConfig.from_json_file(args.bert_config)
+    if args.data_path_prefix is not None:
+        args.data_dir = bb.resolve_data_path(args.data_path_prefix, args.max_seq_length)
+    meta, train_data = load_split(args.data_dir, "train")
+    eval_dir = args.data_dir
+    if args.validation_data_path_prefix is not None:
+        eval_dir = bb.resolve_data_path(args.validation_data_path_prefix,
+                                        args.max_seq_length or meta["max_seq_length"])
+    eval_meta, eval_data = load_split(eval_dir, "eval")
+    if eval_meta.get("vocab_size") != meta.get("vocab_size"):
+        raise DataError(f"the eval data at {eval_dir} has a vocab of "
+                        f"{eval_meta.get('vocab_size')} tokens, the training data at "
+                        f"{args.data_dir} {meta.get('vocab_size')}: prepare both with one vocab")
+    if cf is not None:
+        line = bb.checkpoint_note(cf)
+        if line:
+            note(line)
+    if args.data_path_prefix is not None:
+        note(f"data: {args.data_dir} (--data_path_prefix {args.data_path_prefix})")
+    if args.validation_data_path_prefix is not None:
+        note(f"bing_bert flag --validation_data_path_prefix {args.validation_data_path_prefix}: "
+             f"evaluation reads the eval split of {eval_dir}")
+    if args.load_training_checkpoint is not None:
+        args.load_checkpoint_dir = args.load_training_checkpoint
+        note(f"bing_bert flag --load_training_checkpoint {args.load_training_checkpoint}: "
+             f"resumes like --load_checkpoint_dir (this example's checkpoints, "
+             f"<output_dir>/checkpoints)")
+    if args.load_checkpoint_id is not None:
+        args.load_checkpoint_tag = args.load_checkpoint_id
+        note(f"bing_bert flag --load_checkpoint_id {args.load_checkpoint_id}: the checkpoint "
+             f"tag (--load_checkpoint_tag)")
+    for line in bb.flag_notes(args, meta):
+        note(line)
+    return bert_config, cf, meta, train_data, eval_data
+
+
+def plan_learning_rate(args, cf, ds_config):
+    """bing_bert's ``--lr_schedule`` / ``--lr_offset``: a ``BingBertLR`` (and the DeepSpeed
+    config's scheduler removed), or None when neither flag is given."""
+    if args.lr_schedule is None and args.lr_offset is None:
+        if bb.truthy(args.rewarmup):
+            note("bing_bert flag --rewarmup: no effect without --lr_schedule (the DeepSpeed "
+                 "config's scheduler continues from the resumed step)")
+        return None
+    schedule = args.lr_schedule or "LE"
+    if cf is None:
+        raise bb.BingBertError(
+            f"--lr_schedule {schedule} takes its values (learning_rate, warmup_proportion, "
+            f"decay_rate, decay_step, total_training_steps) from bing_bert's config file: "
+            f"give --cf with mixed_seq_training[\"{args.max_seq_length}\"], or drop "
+            f"--lr_schedule/--lr_offset and use the DeepSpeed config's scheduler")
+    training = cf.schedule_values(schedule, args.max_seq_length)
+    plan = bb.BingBertLR(schedule, training, args.lr_offset or 0.0)
+    replaced = ds_config.pop("scheduler", None)
+    what = (f"replaces the DeepSpeed config's scheduler ({replaced.get('type', '?')})"
+            if isinstance(replaced, dict) else "(the DeepSpeed config has no scheduler)")
+    note(f"lr: --lr_schedule {schedule} {what}: {plan.describe()} "
+         f"({cf.where(args.max_seq_length)} of {cf.path}), set on the optimizer every step")
+    return plan
 
 
 def evaluate(engine, data, micro, world, rank, n_batches, device):
@@ -244,9 +358,7 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
-        bert_config = BertConfig.from_json_file(args.bert_config)
-        meta, train_data = load_split(args.data_dir, "train")
-        _, eval_data = load_split(args.data_dir, "eval")
+        bert_config, cf, meta, train_data, eval_data = resolve_inputs(args)
     except (ValueError, OSError) as err:
         return error(str(err))
     if args.max_seq_length is None:
@@ -257,16 +369,31 @@ def main(argv=None) -> int:
                      f"{args.max_seq_length} tokens")
     if meta["vocab_size"] > bert_config.vocab_size or \
             meta["vocab_size"] < bert_config.vocab_size // 2:
-        bert_config.vocab_size = -(-meta["vocab_size"] // 8) * 8
+        size = -(-meta["vocab_size"] // 8) * 8
+        if cf is not None:
+            note(f"vocab_size: {size} (the prepared data's vocab of {meta['vocab_size']} "
+                 f"tokens, rounded up to 8), not the {bert_config.vocab_size} of --cf")
+        bert_config.vocab_size = size
     bert_config.pad_token_id = meta.get("pad_token_id", 0)
+    if args.job_name is None:
+        args.job_name = (cf.name if cf is not None and cf.name else None) or "bing_bert_sa"
+    training = cf.training_for(args.max_seq_length) if cf is not None else None
+    if args.max_steps is None:
+        args.max_steps = DEFAULT_MAX_STEPS
+        if training is not None and "total_training_steps" in training:
+            args.max_steps = training["total_training_steps"]
+            note(f"max_steps: {args.max_steps} (total_training_steps of "
+                 f"{cf.where(args.max_seq_length)} in {cf.path}; --max_steps sets another)")
     try:
         run = prepare_sparse_attention(
             args, num_heads=bert_config.num_attention_heads,
             max_seq_length=args.max_seq_length,
             max_position_embeddings=bert_config.max_position_embeddings)
-    except LauncherConfigError as err:
+        lr_plan = plan_learning_rate(args, cf, run.ds_config)
+    except (LauncherConfigError, bb.BingBertError) as err:
         return error(str(err))
     fill_monitor_paths(run.ds_config, args.output_dir, args.job_name)
+    weight_decay = training.get("weight_decay") if training is not None else None
 
     single_process_env()
     os.makedirs(args.output_dir, exist_ok=True)
@@ -277,12 +404,14 @@ def main(argv=None) -> int:
         model = BertForPreTraining(
             bert_config, sparsity_config=run.sparsity_config,
             use_transformer_kernel=args.deepspeed_transformer_kernel,
-            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed},
+            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed,
+                                     **bb.kernel_options(args)},
             sparse_max_seq_length=run.layout_length)
     except ValueError as err:
         return error(str(err))
-    client_optimizer = configure_lamb(run.ds_config, model, args.lamb)
-    engine, _, _, _ = run.initialize(model=model, model_parameters=param_groups(model),
+    client_optimizer = configure_lamb(run.ds_config, model, args.lamb, weight_decay)
+    engine, _, _, _ = run.initialize(model=model,
+                                     model_parameters=param_groups(model, weight_decay),
                                      optimizer=client_optimizer)
 
     rank, world = engine.global_rank, engine.world_size
@@ -305,7 +434,11 @@ def main(argv=None) -> int:
                 "user_config": run.user_config_path, "ds_config_seen": seen,
                 "world_size": world, "micro_batch": micro, "gradient_accumulation": ga,
                 "parameters": count_parameters(model), "bert_config": bert_config.to_dict(),
-                "max_seq_length": args.max_seq_length}
+                "max_seq_length": args.max_seq_length,
+                "padded_seq_length": run.padded_seq_length, "job_name": args.job_name,
+                "max_steps": args.max_steps, "data_dir": args.data_dir, "cf": args.cf,
+                "lr_schedule": lr_plan.schedule if lr_plan else None,
+                "lr_offset": lr_plan.lr_offset if lr_plan else None}
         with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
         print(f"model: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -326,6 +459,15 @@ def main(argv=None) -> int:
         micro_step = int((client or {}).get("micro_step", engine.global_steps * ga))
         if is_main:
             print(f"resumed from {path} at step {engine.global_steps}", flush=True)
+        if lr_plan is not None and bb.truthy(args.rewarmup):
+            lr_plan.start_step = engine.global_steps
+            if is_main:
+                print(f"bing_bert flag --rewarmup: the --lr_schedule {lr_plan.schedule} "
+                      f"schedule restarts (warmup included) at step {engine.global_steps}",
+                      file=sys.stderr, flush=True)
+    elif bb.truthy(args.rewarmup) and lr_plan is not None and is_main:
+        print("bing_bert flag --rewarmup: no effect without a resumed checkpoint "
+              "(--load_training_checkpoint)", file=sys.stderr, flush=True)
 
     sampler = Sampler(train_data["lengths"].shape[0], micro, world, rank, args.seed)
     progress = Progress(args.max_steps, is_main and not args.no_progress_bar,
@@ -340,6 +482,8 @@ def main(argv=None) -> int:
         batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
         loss, mlm_loss, nsp_loss = engine(**batch)
         engine.backward(loss)
+        if lr_plan is not None:  # bing_bert's update_learning_rate: before the optimizer step
+            bb.set_lr(engine.optimizer, lr_plan(engine.global_steps))
         engine.step()
         micro_step += 1
         step_losses.append(torch.stack([loss.detach().float(), mlm_loss.detach().float(),

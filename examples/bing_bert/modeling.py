@@ -186,8 +186,12 @@ class BertLayer(nn.Module):
         return self.output(self.intermediate(self.PostAttentionLayerNorm(x)), x)
 
 
-def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: bool, seed: int):
-    """bing_bert's fused DeepSpeed transformer layers (CUDA; dense attention only)."""
+def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: bool, seed: int,
+                                  **options):
+    """bing_bert's fused DeepSpeed transformer layers (CUDA; dense attention only).
+    ``options``: further ``DeepSpeedTransformerConfig`` switches (bing_bert's
+    ``stochastic_mode``, ``attn_dropout_checkpoint``, ``normalize_invertible``,
+    ``gelu_checkpoint``)."""
     if not torch.cuda.is_available():
         raise ValueError("--deepspeed_transformer_kernel needs a CUDA GPU (DeepSpeed's fused "
                          "transformer kernel has no CPU version); drop the flag")
@@ -200,7 +204,7 @@ def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: boo
         hidden_dropout_ratio=config.hidden_dropout_prob,
         num_hidden_layers=config.num_hidden_layers, initializer_range=config.initializer_range,
         layer_norm_eps=config.layer_norm_eps, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        seed=seed, fp16=fp16, pre_layer_norm=True)
+        seed=seed, fp16=fp16, pre_layer_norm=True, **options)
     return nn.ModuleList(DeepSpeedTransformerLayer(cfg) for _ in range(config.num_hidden_layers))
 
 

@@ -261,12 +261,17 @@ def test_error_bad_configs(tmp_path, data_dir, test_config, capsys):
     cfg["sparse_attention"]["block"] = 64
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps(cfg))
-    code, err = run_main(base_argv(data_dir, str(odd), str(tmp_path)) + ["--max_seq_length",
-                                                                        "160"], capsys)
-    assert code == 2 and "does not divide max_seq_length 160" in err
-    big = tmp_path / "bert_small_positions.json"
     with open(os.path.join(EXAMPLE, "bert_config_tiny.json")) as f:
         bert = json.load(f)
+    bert["max_position_embeddings"] = 160
+    pos160 = tmp_path / "bert_160_positions.json"
+    pos160.write_text(json.dumps(bert))
+    # 160 is not a multiple of block 64: padded to 192, above the model's 160 positions
+    code, err = run_main(base_argv(data_dir, str(odd), str(tmp_path), bert=str(pos160))
+                         + ["--max_seq_length", "160"], capsys)
+    assert code == 2 and "max_seq_length 160" in err and "192" in err
+    assert "extend_position_embedding" in err
+    big = tmp_path / "bert_small_positions.json"
     bert["max_position_embeddings"] = 64
     big.write_text(json.dumps(bert))
     code, err = run_main(base_argv(data_dir, test_config, str(tmp_path), bert=str(big)), capsys)
@@ -281,3 +286,272 @@ def test_error_bad_configs(tmp_path, data_dir, test_config, capsys):
     no_block.write_text(json.dumps(cfg))
     code, err = run_main(base_argv(data_dir, str(no_block), str(tmp_path)), capsys)
     assert code == 2 and "no \"sparse_attention\" block" in err
+
+
+# -- DeepSpeedExamples' bing_bert command line ----------------------------------------------
+BB_SCRIPT = os.path.join(EXAMPLE, "ds_sa_train_bert_bsz64k_seq128.sh")
+TINY_CF = os.path.join(EXAMPLE, "bert_tiny_lamb.json")
+# bing_bert flags this example does not support: each must give exactly one line
+IGNORED_FLAGS = [("--refresh_bucket_size", ["1"]), ("--use_nvidia_dataset", []),
+                 ("--max_predictions_per_seq", ["20"]), ("--fp16", []),
+                 ("--ckpt_to_save", ["1", "2"]), ("--progressive_layer_drop", []),
+                 ("--attention_dropout_checkpoint", [])]
+ODD_SEQ = 120  # not a multiple of the tiny config's block 16: padded to 128
+
+
+@pytest.fixture(scope="module")
+def bing_bert_data(data_dir, tmp_path_factory):
+    """bing_bert's --data_path_prefix layouts: the prepared data at the prefix itself (the
+    module's seq-128 data) and at <prefix>/seq120."""
+    import prepare_data
+
+    root = tmp_path_factory.mktemp("bing_bert_prefix")
+    assert prepare_data.main(["--output_dir", str(root / f"seq{ODD_SEQ}"), "--max_seq_length",
+                              str(ODD_SEQ), "--limit_files", "40", "--vocab_size", "1000",
+                              "--dupe_factor", "2"]) == 0
+    return {SEQ: data_dir, ODD_SEQ: str(root)}
+
+
+def tiny_cf_with(tmp_path, seq, **training):
+    """The shipped tiny --cf file plus a mixed_seq_training entry for ``seq``."""
+    with open(TINY_CF) as f:
+        cf = json.load(f)
+    cf["mixed_seq_training"][str(seq)] = dict(cf["mixed_seq_training"]["128"], **training)
+    path = tmp_path / f"bert_tiny_lamb_{seq}.json"
+    path.write_text(json.dumps(cf, indent=2))
+    return str(path)
+
+
+@pytest.mark.parametrize("seq", [SEQ, ODD_SEQ], ids=["seq128", "seq120_padded"])
+def test_bing_bert_command_runs_through_the_launcher(seq, bing_bert_data, test_config,
+                                                     tmp_path):
+    """ds_sa_train_bert_bsz64k_seq128.sh (bing_bert's command: --cf, --deepspeed,
+    --print_steps, --lr_schedule EE, --lr_offset, --data_path_prefix, ...) for a few steps of
+    the tiny model on CPU through the real launcher, with bing_bert flags this example
+    ignores; at 120 tokens (not a multiple of the block) the inputs are padded to 128."""
+    import bing_bert_compat as bb
+
+    steps = 4
+    if seq == SEQ:
+        cf = TINY_CF  # the shipped file as it is
+    else:
+        cf = tiny_cf_with(tmp_path, seq, learning_rate=1e-3, warmup_proportion=0.25,
+                          decay_rate=0.5, decay_step=2, total_training_steps=8)
+    out, log_path = tmp_path / "out", tmp_path / "run.log"
+    e = env()
+    e.update(TINY_CPU="1", CF=cf, DS_CONFIG=test_config, DATA_PATH_PREFIX=bing_bert_data[seq],
+             OUTPUT_DIR=str(out), LOG=str(log_path), MAX_SEQ_LENGTH=str(seq),
+             MAX_STEPS=str(steps), PRINT_STEPS="1", NUM_GPUS="1", MASTER_PORT=str(free_port()),
+             PATH=os.path.dirname(DEEPSPEED) + os.pathsep + e.get("PATH", ""))
+    extra = ["--eval_every", "0", "--no_progress_bar"]
+    for flag, values in IGNORED_FLAGS:
+        extra += [flag] + values
+    proc = subprocess.run(["bash", BB_SCRIPT] + extra, cwd=str(tmp_path), env=e,
+                          capture_output=True, text=True, timeout=240)
+    log = log_path.read_text() if log_path.exists() else ""
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + log[-6000:]
+    assert "unrecognized arguments" not in log and "built successfully" not in log
+
+    rows = [r for r in metrics(str(out)) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # --print_steps 1
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # bing_bert's EE schedule + offset, from --cf's mixed_seq_training["<seq>"]
+    with open(cf) as f:
+        training = json.load(f)["mixed_seq_training"][str(seq)]
+    plan = bb.BingBertLR("EE", training, 10e-4)
+    for r in rows:  # the LR of optimizer step k is the schedule at k - 1 steps done
+        assert r["lr"] == pytest.approx(plan(r["step"] - 1), rel=1e-6), r
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup starts at 0: the offset alone
+
+    for flag, _ in IGNORED_FLAGS:
+        assert log.count(f"bing_bert flag {flag}") == 1, (flag, log[-4000:])
+    assert log.count("replaces the DeepSpeed config's scheduler (WarmupDecayLR)") == 1
+    assert log.count("bert_model_file 'google/bert_uncased_L-2_H-128_A-2' not loaded") == 1
+    padding = [line for line in log.splitlines() if "is not a multiple of" in line]
+    with open(os.path.join(out, "run_info.json")) as f:
+        info = json.load(f)
+    assert info["max_seq_length"] == seq and info["padded_seq_length"] == 128
+    assert info["job_name"] == f"lamb_tiny_seq{seq}" and info["lr_schedule"] == "EE"
+    assert info["sparse_attention"] and info["layout_checksum"].startswith("2x8x8:")
+    if seq == ODD_SEQ:
+        assert len(padding) == 1, padding
+        assert "max_seq_length 120" in padding[0] and "padded to 128" in padding[0]
+        assert info["data_dir"] == os.path.join(bing_bert_data[seq], f"seq{seq}")
+    else:
+        assert padding == []
+        assert info["data_dir"] == bing_bert_data[seq]
+
+
+def test_lr_schedules_follow_bing_bert():
+    """LE, EE, EP as bing_bert's update_learning_rate computed them (warmup_linear_decay_exp,
+    warmup_exp_decay_exp, warmup_exp_decay_poly), plus lr_offset."""
+    import bing_bert_compat as bb
+
+    tr = {"learning_rate": 0.01, "warmup_proportion": 0.1, "decay_rate": 0.9,
+          "decay_step": 10, "total_training_steps": 200}  # warmup: 20 steps
+    le, ee, ep = (bb.BingBertLR(s, tr, 0.001) for s in ("LE", "EE", "EP"))
+    assert le(0) == pytest.approx(0.001) and ee(0) == pytest.approx(0.001)
+    assert le(5) == pytest.approx(0.01 * 5 / 20 + 0.001)
+    assert ee(5) == pytest.approx(0.01 * (5 / 20) ** 2 + 0.001)
+    assert ep(5) == pytest.approx(0.01 * (5 / 20) ** 1.5 + 0.001)
+    for plan in (le, ee):  # after warmup: decay_rate every decay_step steps
+        assert plan(20) == pytest.approx(0.011)
+        assert plan(40) == pytest.approx(0.01 * 0.9 ** 2 + 0.001)
+        assert plan(45) == pytest.approx(0.01 * 0.9 ** 2.5 + 0.001)
+    assert ep(20) == pytest.approx(0.01 * 0.9 ** 2 + 0.001)  # (1 - 20/200)^2
+    assert ep(100) == pytest.approx(0.01 * 0.25 + 0.001)
+    assert ep(200) == pytest.approx(0.001) and ep(400) == pytest.approx(0.001)  # held at 0
+    flat = dict(tr, warmup_proportion=0.0)
+    assert bb.BingBertLR("EE", flat)(0) == pytest.approx(0.01)
+    assert bb.BingBertLR("LE", flat)(150) == pytest.approx(0.01)  # bing_bert: no decay
+    rewarm = bb.BingBertLR("EE", tr, 0.0, start_step=100)
+    assert rewarm(100) == 0.0 and rewarm(105) == pytest.approx(ee(5) - 0.001)
+
+
+def test_every_bing_bert_flag_is_accepted_with_one_line():
+    """bing_bert's parser (utils.get_argument_parser and its older train.py) parses; each
+    flag this example does not have gives one line, DeepSpeed's --deepspeed none."""
+    import bing_bert_compat as bb
+    import deepspeed_train
+
+    argv = ["--cf", TINY_CF, "--output_dir", "o", "--data_path_prefix", "d", "--deepspeed",
+            "--deepspeed_sparse_attention", "--deepspeed_config", "ds.json",
+            "--print_steps", "7", "--lr_schedule", "EP", "--lr_offset", "1e-4",
+            "--job_name", "j", "--seed", "3", "--max_steps", "9", "--local_rank", "0",
+            "--load_training_checkpoint", "ck", "--load_checkpoint_id", "epoch1_step5",
+            "--rewarmup", "--validation_data_path_prefix", "v", "--deepscale",
+            "--deepspeed_transformer_kernel", "--do_lower_case", "--max_pred", "20",
+            "--masked_lm_prob", "0.15", "--use_pretrain", "--refresh_bucket_size", "1",
+            "--finetune", "--max_steps_per_epoch", "5", "--ckpt_to_save", "160", "161",
+            "--stochastic_mode", "--attention_dropout_checkpoint", "--normalize_invertible",
+            "--gelu_checkpoint", "--use_nvidia_dataset", "--progressive_layer_drop",
+            "--no_cuda", "False", "--fp16", "True", "--loss_scale", "0",
+            "--train_batch_size", "4096", "--gradient_accumulation_steps", "2",
+            "--files_location", "blob", "--display_progress_bar", "True"]
+    args = deepspeed_train.parse_args(argv)
+    assert (args.cf, args.log_every, args.lr_schedule, args.lr_offset) == (TINY_CF, 7, "EP",
+                                                                           1e-4)
+    assert (args.seed, args.max_steps, args.job_name) == (3, 9, "j")
+    assert (args.load_training_checkpoint, args.load_checkpoint_id) == ("ck", "epoch1_step5")
+    lines = bb.flag_notes(args)
+    named = [line.split(":")[0].split()[2] for line in lines]
+    assert len(named) == len(set(named))  # one line per flag
+    assert set(named) == {
+        "--refresh_bucket_size", "--use_nvidia_dataset", "--finetune", "--use_pretrain",
+        "--max_predictions_per_seq", "--masked_lm_prob", "--do_lower_case",
+        "--max_steps_per_epoch", "--ckpt_to_save", "--progressive_layer_drop", "--no_cuda",
+        "--fp16", "--loss_scale", "--train_batch_size", "--gradient_accumulation_steps",
+        "--files_location", "--display_progress_bar", "--stochastic_mode",
+        "--attention_dropout_checkpoint", "--normalize_invertible", "--gelu_checkpoint",
+        "--deepscale"}
+    assert all("not supported" in line or "ignored" in line or "nothing to do" in line
+               for line in lines), lines
+    # the kernel options reach DeepSpeed's transformer kernel on dense runs
+    dense = deepspeed_train.parse_args(["--output_dir", "o", "--deepspeed_transformer_kernel",
+                                        "--gelu_checkpoint", "--stochastic_mode", "False"])
+    assert bb.kernel_options(dense) == {"gelu_checkpoint": True, "stochastic_mode": False}
+    assert any("passed to DeepSpeed's transformer kernel" in line
+               for line in bb.flag_notes(dense))
+    with pytest.raises(SystemExit):  # a schedule bing_bert did not have: argparse's choices
+        deepspeed_train.parse_args(["--output_dir", "o", "--lr_schedule", "XX"])
+
+
+def bb_argv(data, config, out, cf=TINY_CF, seq=SEQ):
+    return ["--cf", cf, "--max_seq_length", str(seq), "--output_dir", out, "--deepspeed",
+            "--deepspeed_sparse_attention", "--lr_schedule", "EE", "--lr_offset", "10e-4",
+            "--deepspeed_config", config, "--data_path_prefix", data]
+
+
+@pytest.mark.parametrize("cf_text, match", [
+    ('{"name": "x"}', "has no bert_model_config"),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2}, "mixed_seq_trainig": {}}',
+     "unknown key 'mixed_seq_trainig' (did you mean 'mixed_seq_training'?)"),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2, "num_heads": 2}}', "bert_model_config: unknown key 'num_heads'"),
+    ('{"bert_model_config": {"vocab_size_or_config_json_file": "bert.json", '
+     '"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}}',
+     "vocab_size_or_config_json_file: a path to a config file"),
+    ('{"bert_model_config": {"hidden_size": "128", "num_hidden_layers": 2, '
+     '"num_attention_heads": 2}}', "bert_model_config.hidden_size must be an integer"),
+    ('{"bert_model_config": {"hidden_size": 130, "num_hidden_layers": 2, '
+     '"num_attention_heads": 4}}', "not a multiple of num_attention_heads"),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2, "hidden_act": "swish"}}', "hidden_act 'swish'"),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2}, "mixed_seq_training": {"128": {"learning_rate": 0.1, '
+     '"warmup_proportoin": 0.1}}}', 'mixed_seq_training["128"]: unknown key '
+     "'warmup_proportoin' (did you mean 'warmup_proportion'?)"),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2}, "mixed_seq_training": {"128": {"warmup_proportion": 1.5}}}',
+     'mixed_seq_training["128"].warmup_proportion must be in [0, 1)'),
+    ('{"bert_model_config": {"hidden_size": 128, "num_hidden_layers": 2, '
+     '"num_attention_heads": 2}, "mixed_seq_training": {"long": {}}}',
+     "mixed_seq_training key 'long' must be a sequence length"),
+    ('{"name": "a",\n "name": "b"}', "duplicate key 'name'"),
+    ('{"name": "a",\n "bert_model_config": {,}}', "line 2"),
+], ids=["no_bert_config", "top_key", "bert_key", "vocab_path", "type", "heads", "act",
+        "training_key", "warmup", "seq_key", "duplicate", "malformed"])
+def test_cf_errors_name_the_key(tmp_path, data_dir, test_config, capsys, cf_text, match):
+    cf = tmp_path / "bing.json"
+    cf.write_text(cf_text)
+    code, err = run_main(bb_argv(data_dir, test_config, str(tmp_path), cf=str(cf)), capsys)
+    assert code == 2 and match in err and "bing.json" in err, err
+
+
+def test_bing_bert_command_clear_errors(tmp_path, data_dir, test_config, capsys):
+    out = str(tmp_path / "out")
+    # --cf and --bert_config: exactly one; --data_path_prefix and --data_dir: exactly one
+    argv = bb_argv(data_dir, test_config, out)
+    code, err = run_main(argv + ["--bert_config", os.path.join(EXAMPLE,
+                                                               "bert_config_tiny.json")], capsys)
+    assert code == 2 and "exactly one of --bert_config" in err and "not both" in err
+    code, err = run_main(argv[2:], capsys)
+    assert code == 2 and "exactly one of --bert_config" in err
+    code, err = run_main(argv + ["--data_dir", data_dir], capsys)
+    assert code == 2 and "exactly one of --data_dir and --data_path_prefix" in err
+    # no prepared data at the prefix: bing_bert's format is not read; the prepare command
+    code, err = run_main(bb_argv(str(tmp_path / "bert"), test_config, out), capsys)
+    assert code == 2 and "bing_bert's own dataset format" in err
+    assert f"prepare_data.py --output_dir {tmp_path / 'bert' / 'seq128'} --max_seq_length " \
+           f"128" in err
+    # --lr_schedule without values for this length, or with some missing
+    code, err = run_main(bb_argv(data_dir, test_config, out, seq=136), capsys)
+    assert code == 2 and 'no mixed_seq_training["136"]' in err and '"128"' in err
+    cf = tiny_cf_with(tmp_path, 136)
+    with open(cf) as f:
+        text = json.load(f)
+    del text["mixed_seq_training"]["136"]["decay_rate"]
+    with open(cf, "w") as f:
+        json.dump(text, f)
+    code, err = run_main(bb_argv(data_dir, test_config, out, cf=cf, seq=136), capsys)
+    assert code == 2 and "needs decay_rate" in err and 'mixed_seq_training["136"]' in err
+    # --lr_schedule with this example's --bert_config: no values to take
+    argv = base_argv(data_dir, test_config, out) + ["--lr_schedule", "EE"]
+    code, err = run_main(argv, capsys)
+    assert code == 2 and "--lr_schedule EE takes its values" in err and "--cf" in err
+
+
+def test_bing_bert_resume_flags(first_run, data_dir, test_config, tmp_path):
+    """--load_training_checkpoint / --load_checkpoint_id resume this example's checkpoint;
+    --rewarmup restarts the --lr_schedule at the resumed step."""
+    import bing_bert_compat as bb
+
+    out, _ = first_run  # same architecture as bert_tiny_lamb.json's bert_model_config
+    resumed = str(tmp_path / "resumed")
+    log = launch(bb_argv(data_dir, test_config, resumed) + [
+        "--max_steps", "17", "--print_steps", "1", "--eval_every", "0", "--no_progress_bar",
+        "--load_training_checkpoint", os.path.join(out, "checkpoints"),
+        "--load_checkpoint_id", "step_15", "--rewarmup"])
+    assert "resumed from" in log and "step_15" in log
+    assert log.count("bing_bert flag --load_training_checkpoint") == 1
+    assert log.count("bing_bert flag --load_checkpoint_id step_15") == 1
+    assert log.count("schedule restarts (warmup included) at step 15") == 1
+    rows = [r for r in metrics(resumed) if "loss" in r]
+    assert [r["step"] for r in rows] == [16, 17]
+    with open(TINY_CF) as f:
+        plan = bb.BingBertLR("EE", json.load(f)["mixed_seq_training"]["128"], 10e-4,
+                             start_step=15)
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup again from 0: the offset alone
+    assert rows[1]["lr"] == pytest.approx(plan(16)) and plan(16) > 1e-3
+    assert all(math.isfinite(r["loss"]) for r in rows)

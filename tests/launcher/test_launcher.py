@@ -210,11 +210,45 @@ def test_bad_block_clear_error(tmp_path, block, match):
                                         path]), num_heads=4)
 
 
-def test_block_must_divide_max_seq_length(tmp_path):
+def test_max_seq_length_not_a_multiple_of_the_block_is_padded(tmp_path, caplog):
+    """bing_bert padded inputs to the block (pad_to_block_size); the launcher builds the
+    layout for the padded length and says so in one line."""
     path = write_config(tmp_path, block=dict(FIXED_BLOCK, block=64))
-    with pytest.raises(LauncherConfigError, match="does not divide max_seq_length 200"):
+    with caplog.at_level(logging.INFO, logger="sparse_attn.launcher"):
+        run = prepare_sparse_attention(parse(["--deepspeed_sparse_attention",
+                                              "--deepspeed_config", path]),
+                                       num_heads=4, max_seq_length=200,
+                                       max_position_embeddings=512)
+    lines = [r.getMessage() for r in caplog.records if "not a multiple" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "max_seq_length 200" in lines[0] and "block 64" in lines[0] and "256" in lines[0]
+    assert run.enabled and run.max_seq_length == 200
+    assert run.padded_seq_length == 256 and run.layout_length == 256
+    # a multiple of the block: no padding, no line; the same layout as the padded run
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sparse_attn.launcher"):
+        at_256 = prepare_sparse_attention(parse(["--deepspeed_sparse_attention",
+                                                 "--deepspeed_config", path]),
+                                          num_heads=4, max_seq_length=256)
+    assert not any("not a multiple" in r.getMessage() for r in caplog.records)
+    assert at_256.padded_seq_length == 256
+    assert run.layout_checksum == at_256.layout_checksum
+    assert run.layout_checksum.startswith("4x4x4:")
+    # dense runs are not padded
+    dense = prepare_sparse_attention(parse(["--deepspeed_config", path]), num_heads=4,
+                                     max_seq_length=200)
+    assert dense.padded_seq_length == 200 and dense.layout_length is None
+
+
+def test_padded_length_above_positions_is_a_clear_error(tmp_path):
+    path = write_config(tmp_path, block=dict(FIXED_BLOCK, block=64))
+    with pytest.raises(LauncherConfigError) as err:
         prepare_sparse_attention(parse(["--deepspeed_sparse_attention", "--deepspeed_config",
-                                        path]), num_heads=4, max_seq_length=200)
+                                        path]), num_heads=4, max_seq_length=200,
+                                 max_position_embeddings=220)
+    text = str(err.value)
+    assert "max_seq_length 200" in text and "256" in text and "220" in text
+    assert "extend_position_embedding" in text
 
 
 def test_sequence_above_positions_points_to_extend_position_embedding(tmp_path):
