@@ -8,13 +8,32 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["BIDIRECTIONAL", "UNIDIRECTIONAL", "ATTENTIONS", "check_positive", "check_attention",
+__all__ = ["BIDIRECTIONAL", "UNIDIRECTIONAL", "ATTENTIONS", "BLOCKS", "check_block", "check_flag",
+           "check_seed", "check_positive", "check_attention",
            "check_global_indices", "local_windows", "sliding_window", "random_generator",
            "layout_checksum"]
 
 BIDIRECTIONAL = "bidirectional"
 UNIDIRECTIONAL = "unidirectional"
 ATTENTIONS = (BIDIRECTIONAL, UNIDIRECTIONAL)
+
+
+BLOCKS = (16, 32, 64, 128)  # what the kernels, the JSON block and MatMul/Softmax take
+
+
+def check_block(block) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:

@@ -16,13 +16,15 @@ Differences from DeepSpeed, on purpose:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
 from .layout_parts import (  # noqa: F401 (layout_checksum and the constants: public here too)
-    ATTENTIONS, BIDIRECTIONAL, UNIDIRECTIONAL, check_attention, check_global_indices,
-    check_positive, layout_checksum, local_windows, random_generator, sliding_window)
+    ATTENTIONS, BIDIRECTIONAL, UNIDIRECTIONAL, check_attention, check_block, check_flag,
+    check_global_indices, check_positive, check_seed, layout_checksum, local_windows,
+    random_generator, sliding_window)
 
 class SparsityConfig:
     """Base class of all layouts.
@@ -38,7 +40,8 @@ class SparsityConfig:
 
     def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False):
         check_positive("num_heads", num_heads)
-        check_positive("block", block)
+        check_block(block)
+        check_flag("different_layout_per_head", different_layout_per_head)
         self.num_heads = num_heads
         self.block = block
         self.different_layout_per_head = different_layout_per_head
@@ -64,14 +67,23 @@ class SparsityConfig:
     def _finish(self, layout: torch.Tensor) -> torch.Tensor:
         if self.attention == UNIDIRECTIONAL:
             layout = torch.tril(layout)
-        return self.check_and_propagate_first_head_layout(layout)
+        layout = self.check_and_propagate_first_head_layout(layout)
+        nb = layout.shape[-1]
+        if nb >= 32 and not getattr(self, "_density_warned", False) \
+                and float(layout.float().mean()) > 0.5:
+            self._density_warned = True
+            warnings.warn(f"{self!r} keeps {float(layout.float().mean()):.0%} of the blocks "
+                          f"at {nb} blocks: check its parameters (DenseSparsityConfig is the "
+                          f"way to ask for full attention)", UserWarning, stacklevel=3)
+        return layout
 
     def make_layout(self, seq_len: int) -> torch.Tensor:
         raise NotImplementedError(
             f"{type(self).__name__} must override make_layout(seq_len)")
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "num_layout_heads")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if k not in ("num_layout_heads", "_density_warned"))
         return f"{type(self).__name__}({args})"
 
 
@@ -203,6 +215,7 @@ class VariableSparsityConfig(SparsityConfig):
         self.global_block_end_indices = global_block_end_indices
         self.attention = attention
         self.horizontal_global_attention = horizontal_global_attention
+        check_seed(seed)
         self.seed = seed
 
     def set_random_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -278,6 +291,7 @@ class BigBirdSparsityConfig(SparsityConfig):
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.num_global_blocks = num_global_blocks
         self.attention = attention
+        check_seed(seed)
         self.seed = seed
 
     def _check_fits(self, nb: int) -> None:

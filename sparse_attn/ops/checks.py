@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import common
+from .caching import layout_identity
 
 __all__ = ["ATTENTION_DTYPES", "FUSED_DTYPES", "FUSED_HEAD_DIMS", "check_attention_inputs",
            "check_fused_call", "fused_limits", "fused_supported", "additive_key_padding"]
@@ -49,6 +50,9 @@ def check_block(block, seq) -> int:
     return block
 
 
+_CHECKED_LAYOUTS: dict = {}
+
+
 def check_layout(layout, heads, seq, block) -> None:
     nb = seq // block
     if not isinstance(layout, torch.Tensor) or tuple(layout.shape) != (heads, nb, nb):
@@ -57,6 +61,18 @@ def check_layout(layout, heads, seq, block) -> None:
     if layout.dtype.is_floating_point or layout.is_complex():
         raise ValueError(f"layout has dtype {layout.dtype}; it must be an integer (0/1) or "
                          f"bool tensor")
+    # its values once per layout tensor and version (a host sync on the GPU; not while
+    # torch.compile traces, where a data-dependent branch would break the graph)
+    if torch.compiler.is_compiling():
+        return
+    key = layout_identity(layout)
+    if key not in _CHECKED_LAYOUTS and layout.dtype != torch.bool:
+        bad = (layout != 0) & (layout != 1)
+        if bool(bad.any()):
+            raise ValueError(f"layout holds {layout[bad][0].item()}; it must hold only 0 and 1")
+    if len(_CHECKED_LAYOUTS) > 256:
+        _CHECKED_LAYOUTS.clear()
+    _CHECKED_LAYOUTS[key] = layout  # the reference keeps the key's storage alive
 
 
 def check_key_padding_mask(kpm, batch, seq, device) -> None:

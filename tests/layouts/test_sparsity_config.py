@@ -330,3 +330,37 @@ def test_too_few_blocks(make):
 def test_block_sizes(block):
     for cfg in all_configs(2, block):
         assert cfg.make_layout(block * 8).shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block=8), "block must be one of"), (dict(block=24), "block must be one of"),
+    (dict(block=0), "block must be one of"), (dict(block=16.0), "block must be one of"),
+    (dict(block=True), "block must be one of"),
+    (dict(different_layout_per_head="no"), "different_layout_per_head must be True or False"),
+    (dict(different_layout_per_head=1), "different_layout_per_head must be True or False"),
+])
+def test_layout_classes_check_block_and_flags(kwargs, match):
+    """The same block rule as the JSON block and the ops (16, 32, 64, 128), and real bools."""
+    for cls in (FixedSparsityConfig, BigBirdSparsityConfig, DenseSparsityConfig):
+        with pytest.raises(ValueError, match=match):
+            cls(2, **{"block": 16, **kwargs})
+
+
+@pytest.mark.parametrize("seed", [10 ** 30, -1, "abc", 1.5, True, None])
+def test_random_layouts_check_their_seed(seed):
+    for cls in (BigBirdSparsityConfig, VariableSparsityConfig):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            cls(2, 16, seed=seed)
+
+
+def test_a_layout_denser_than_half_warns_once():
+    cfg = FixedSparsityConfig(2, 16, num_local_blocks=64)
+    with pytest.warns(UserWarning, match="keeps 100% of the blocks"):
+        cfg.make_layout(16 * 64)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg.make_layout(16 * 64)                               # once per config
+        FixedSparsityConfig(2, 16).make_layout(16 * 64)        # the tutorial's: sparse
+        DenseSparsityConfig(2, 16).make_layout(16 * 64)        # dense by request
+        FixedSparsityConfig(2, 16, num_local_blocks=8).make_layout(16 * 8)  # short: normal

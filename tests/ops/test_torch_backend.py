@@ -235,3 +235,14 @@ def test_one_rule_for_key_padding_masks(backend):
     with pytest.raises(ValueError, match="key_padding_mask has dtype torch.int64"):
         block_sparse_attention(q, k, v, layout, 16, key_padding_mask=keep.long().to(dev),
                                backend=backend)
+
+
+@pytest.mark.parametrize("value", [2, -1])
+def test_layout_values_other_than_0_and_1_are_refused(value):
+    layout = FixedSparsityConfig(HEADS, 16).make_layout(64)
+    layout[0, 1, 1] = value
+    q = torch.randn(1, HEADS, 64, 16)
+    with pytest.raises(ValueError, match=f"layout holds {value}; it must hold only 0 and 1"):
+        block_sparse_attention(q, q, q, layout, 16)
+    with pytest.raises(ValueError, match="layout has dtype torch.float32"):
+        block_sparse_attention(q, q, q, layout.float() / 2, 16)
