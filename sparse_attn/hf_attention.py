@@ -1,0 +1,254 @@
+"""What transformers calls for a model switched to block-sparse attention: the attention
+function and the mask builder registered as ``"block_sparse"`` (in ``AttentionInterface`` and
+``AttentionMaskInterface``), and the sparse settings they read from ``config.sparse_attention``.
+Registered on import. The model-level API (``enable_sparse_attention`` ...) is ``sparse_attn.hf``.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sparsity_config as _sc
+from .sparse_self_attention import SparseSelfAttention, squeeze_key_padding_mask
+from .sparsity_config import SparsityConfig
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
+except ImportError as err:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "sparse_attn.hf needs transformers>=5: pip install 'transformers>=5,<6'") from err
+
+ATTN_IMPLEMENTATION = "block_sparse"
+CONFIG_KEY = "sparse_attention"
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
+
+_DEFAULT_MAX_SEQ_LENGTH = 2048
+logger = logging.getLogger(__name__)
+_told_about_dropout = False
+
+
+# -- sparsity config <-> JSON ----------------------------------------------------------------
+def sparsity_config_to_dict(config: SparsityConfig) -> Dict[str, Any]:
+    """A JSON-ready description of ``config``: ``{"class": name, **constructor arguments}``.
+
+    Classes of :mod:`sparse_attn.sparsity_config` are stored by name; a user-defined subclass
+    as ``"module.QualName"`` (its module must be importable when the model is loaded, and its
+    constructor arguments must be stored as attributes of the same names).
+    """
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"expected a SparsityConfig, got {type(config).__name__}")
+    cls = type(config)
+    if getattr(_sc, cls.__name__, None) is cls:
+        name = cls.__name__
+    else:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+    params = {k: v for k, v in vars(config).items() if k != "num_layout_heads"}
+    params = json.loads(json.dumps(params))  # tuples -> lists; fails early if not JSON
+    return {"class": name, **params}
+
+
+def sparsity_config_from_dict(data: Dict[str, Any]) -> SparsityConfig:
+    """Inverse of :func:`sparsity_config_to_dict`."""
+    data = dict(data)
+    name = data.pop("class", None)
+    if not isinstance(name, str):
+        raise ValueError(f"a stored sparsity config needs a 'class' name, got {name!r}")
+    if "." not in name:
+        cls = getattr(_sc, name, None)
+    else:
+        module, _, qualname = name.rpartition(".")
+        cls = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and issubclass(cls, SparsityConfig)):
+        raise ValueError(f"{name!r} is not a SparsityConfig class")
+    return cls(**data)
+
+
+# -- the settings stored in the model config -------------------------------------------------
+class _Settings:
+    """Parsed ``config.sparse_attention`` with its (shared) ``SparseSelfAttention``."""
+
+    def __init__(self, data: Dict[str, Any]):
+        self.sparsity_config = sparsity_config_from_dict(data["sparsity_config"])
+        self.max_seq_length = int(data.get("max_seq_length") or _DEFAULT_MAX_SEQ_LENGTH)
+        layers = data.get("layers")
+        self.layers = None if layers is None else frozenset(int(i) for i in layers)
+        self.attention = SparseSelfAttention(self.sparsity_config, key_padding_mask_mode="add",
+                                             max_seq_length=self.max_seq_length)
+
+
+_SETTINGS_CACHE: Dict[str, _Settings] = {}
+_BY_CONFIG: Dict[int, Tuple[Any, dict, _Settings]] = {}
+
+
+def _settings(config) -> _Settings:
+    data = getattr(config, CONFIG_KEY, None)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} needs config.{CONFIG_KEY}; use "
+            f"sparse_attn.hf.enable_sparse_attention(model, sparsity_config)")
+    # fast path: the same config, its block unchanged since it was parsed. Keyed on the config
+    # object: torch.compile (2.11) cannot trace id() of a dict. Under compile the equality
+    # check is left to dynamo's guards.
+    hit = _BY_CONFIG.get(id(config))
+    if hit is not None and hit[0] is config and (torch.compiler.is_compiling() or
+                                                 hit[1] == data):
+        settings = hit[2]
+    else:
+        key = json.dumps(data, sort_keys=True)
+        settings = _SETTINGS_CACHE.get(key)
+        if settings is None:
+            if len(_SETTINGS_CACHE) > 64:
+                _SETTINGS_CACHE.clear()
+            settings = _SETTINGS_CACHE[key] = _Settings(data)
+        if len(_BY_CONFIG) > 256:
+            _BY_CONFIG.clear()
+        _BY_CONFIG[id(config)] = (config, copy.deepcopy(data), settings)
+    return settings
+
+
+# -- the functions registered with transformers ----------------------------------------------
+def _sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                 kv_offset: int = 0, mask_function=bidirectional_mask_function,
+                 attention_mask: Optional[torch.Tensor] = None, dtype=torch.float32,
+                 **kwargs) -> Optional[torch.Tensor]:
+    """Mask builder for ``AttentionMaskInterface``: the 2-D padding mask as BERT's additive
+    extended mask ``[batch, 1, 1, kv]`` (0 keeps, float32's minimum drops), or None.
+
+    float32 whatever the model's dtype: the kernels read the mask in float32, so a mask in
+    the model's dtype would be converted again in every layer."""
+    if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
+        raise ValueError(
+            "block-sparse attention supports bidirectional encoder self-attention only (no "
+            "causal/decoder masks, custom mask functions or caches)")
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"expected a [batch, seq] padding mask, got shape {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    mask = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    mask = mask.masked_fill(~keep, torch.finfo(torch.float32).min)
+    return mask[:, None, None, :]
+
+
+def _hf_key_padding(attention_mask: Optional[torch.Tensor], batch: int, seq: int):
+    """Any mask transformers hands to the attention function -> additive float [batch, seq]."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4 and m.shape[-2] not in (1,):
+        # a per-query mask is accepted only when it is a key padding mask in disguise
+        first = m[..., :1, :]
+        if not torch.equal(m, first.expand_as(m)):
+            raise ValueError(
+                "block-sparse attention takes key padding masks only; this 4-D attention mask "
+                "differs between queries")
+        m = first
+    m = squeeze_key_padding_mask(m, batch, seq)
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(
+            ~m, float("-inf"))
+    return m.float()
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling, dropout):
+    """Full attention for layers left dense (``layers`` names a subset)."""
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:  # float32 (_sparse_mask): keep it finite
+        mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                         dropout_p=dropout if module.training else 0.0,
+                                         scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                             scaling: Optional[float] = None, dropout: float = 0.0,
+                             **kwargs) -> Tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function: ``[batch, heads, seq, dim]`` in,
+    ``[batch, seq, heads, dim]`` out; any ``seq`` (padded to the block inside)."""
+    settings = _settings(module.config)
+    if settings.layers is not None:
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise ValueError(f"{type(module).__name__} has no layer_idx to match "
+                             f"config.{CONFIG_KEY}['layers']")
+        if layer_idx not in settings.layers:
+            return _dense_attention(module, query, key, value, attention_mask, scaling, dropout)
+    if getattr(module, "is_causal", False) or query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"block-sparse attention is for bidirectional self-attention; "
+            f"{type(module).__name__} is causal or cross-attention")
+    ssa = settings.attention
+    batch, _, seq, _ = query.shape
+    kpm = _hf_key_padding(attention_mask, batch, seq)
+    block = ssa.block
+    pad = (-seq) % block
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+        tail = torch.full((batch, pad), float("-inf"), device=query.device)
+        if kpm is None:
+            kpm = torch.zeros(batch, seq, device=query.device)
+        kpm = torch.cat([kpm, tail], dim=1)
+    if seq + pad > ssa.max_seq_length:
+        raise ValueError(
+            f"sequence length {seq} (padded to {seq + pad}) exceeds the sparse attention's "
+            f"max_seq_length={ssa.max_seq_length}; extend the model "
+            f"(SparseAttentionUtils.extend_position_embedding) and enable sparse attention "
+            f"with a larger max_seq_length")
+    global _told_about_dropout
+    if dropout and module.training and not _told_about_dropout:
+        _told_about_dropout = True
+        logger.info("block-sparse attention applies no dropout to the attention probabilities "
+                    "(attention_probs_dropout_prob=%s is ignored on sparse layers)", dropout)
+    out = ssa.attend(query, key, value, key_padding_mask=kpm, scale=scaling)
+    if pad:
+        out = out[:, :, :seq]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _keep_marker_when_saved() -> None:
+    """Make every saved config of a sparse model record ``attn_implementation``.
+
+    transformers moves ``attn_implementation`` out of a loaded config's attributes, so a
+    model loaded and saved again before any forward pass would write its sparse settings
+    without the marker, and the next plain ``from_pretrained`` would build it dense: a
+    silent change of results. Serialising the config puts the marker back.
+    """
+    cls = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    original = cls.to_dict
+    if getattr(original, "_sparse_attn_marker", False):
+        return
+
+    def to_dict(self):
+        out = original(self)
+        if isinstance(out.get(CONFIG_KEY), dict) and \
+                getattr(self, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            out["attn_implementation"] = ATTN_IMPLEMENTATION
+        return out
+
+    to_dict.__doc__, to_dict.__wrapped__ = original.__doc__, original
+    to_dict._sparse_attn_marker = True
+    cls.to_dict = to_dict
+
+
+def register() -> None:
+    """Register ``"block_sparse"`` with transformers (done on import; idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _sparse_mask)
+    _keep_marker_when_saved()
+
+
+register()
