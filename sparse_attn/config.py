@@ -23,6 +23,7 @@ from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from . import sparsity_config as sc
+from .layout_parts import check_global_indices
 
 KEY = "sparse_attention"
 
@@ -62,20 +63,6 @@ class _Block(BaseModel):
     def build(self, num_heads: int) -> sc.SparsityConfig:
         """The ``SparsityConfig`` this block describes, for a layer of ``num_heads`` heads."""
         return self._cls(num_heads=num_heads, **self._class_kwargs())
-
-
-def _check_global_ranges(starts: List[int], ends: Optional[List[int]]) -> None:
-    if ends is None:
-        return
-    if len(ends) != len(starts):
-        raise ValueError(
-            f"global_block_end_indices: {len(ends)} entries, but global_block_indices has "
-            f"{len(starts)}; they must have the same length")
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        if e <= s:
-            raise ValueError(
-                f"global_block_end_indices[{i}]: {e} must be greater than "
-                f"global_block_indices[{i}] = {s}")
 
 
 class DenseBlock(_Block):
@@ -135,7 +122,7 @@ class VariableBlock(_Block):
 
     @model_validator(mode="after")
     def _rules(self):
-        _check_global_ranges(self.global_block_indices, self.global_block_end_indices)
+        check_global_indices(self.global_block_indices, self.global_block_end_indices)
         if self.horizontal_global_attention and self.attention != "bidirectional":
             raise ValueError(
                 "horizontal_global_attention: true needs attention: \"bidirectional\"")
@@ -166,7 +153,7 @@ class BSLongformerBlock(_Block):
 
     @model_validator(mode="after")
     def _rules(self):
-        _check_global_ranges(self.global_block_indices, self.global_block_end_indices)
+        check_global_indices(self.global_block_indices, self.global_block_end_indices)
         return self
 
 

@@ -47,19 +47,21 @@ def check_attention(attention: str) -> None:
 
 
 def check_global_indices(starts: Sequence[int], ends: Optional[Sequence[int]]) -> None:
+    """Global block starts, and ends (exclusive) when given: one rule for the layout classes
+    and the JSON block (messages start with the key, as the JSON errors do)."""
     for i, s in enumerate(starts):
         check_positive(f"global_block_indices[{i}]", s, minimum=0)
     if ends is None:
         return
     if len(ends) != len(starts):
         raise ValueError(
-            f"global_block_end_indices has {len(ends)} entries but global_block_indices has "
+            f"global_block_end_indices: {len(ends)} entries, but global_block_indices has "
             f"{len(starts)}; they must have the same length")
     for i, (s, e) in enumerate(zip(starts, ends)):
         check_positive(f"global_block_end_indices[{i}]", e, minimum=0)
         if e <= s:
             raise ValueError(
-                f"global_block_end_indices[{i}] = {e} must be greater than "
+                f"global_block_end_indices[{i}]: {e} must be greater than "
                 f"global_block_indices[{i}] = {s}")
 
 
