@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -80,6 +81,11 @@ def write_layout_png(layout, path: str, title: str) -> None:
 
 
 def cmd_show(args) -> int:
+    if args.png:
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(folder):
+            raise SparseAttentionConfigError(
+                f"--png {args.png}: the folder {folder} does not exist; create it first")
     model = _load_block(args.config)
     cfg = model.build(args.num_heads)
     layout = cfg.make_layout(args.seq_len)

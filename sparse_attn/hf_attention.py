@@ -9,6 +9,7 @@ import copy
 import importlib
 import json
 import logging
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -34,6 +35,7 @@ SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert
 _DEFAULT_MAX_SEQ_LENGTH = 2048
 logger = logging.getLogger(__name__)
 _told_about_dropout = False
+_told_about_attentions = False
 
 
 # -- sparsity config <-> JSON ----------------------------------------------------------------
@@ -208,7 +210,12 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             f"max_seq_length={ssa.max_seq_length}; extend the model "
             f"(SparseAttentionUtils.extend_position_embedding) and enable sparse attention "
             f"with a larger max_seq_length")
-    global _told_about_dropout
+    global _told_about_dropout, _told_about_attentions
+    if kwargs.get("output_attentions") and not _told_about_attentions:
+        _told_about_attentions = True
+        warnings.warn("output_attentions=True: block-sparse layers never form the attention "
+                      "probabilities, so they return none (their entries of `attentions` are "
+                      "missing)", UserWarning, stacklevel=2)
     if dropout and module.training and not _told_about_dropout:
         _told_about_dropout = True
         logger.info("block-sparse attention applies no dropout to the attention probabilities "

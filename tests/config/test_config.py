@@ -363,3 +363,12 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+def test_show_png_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"sparse_attention": {"mode": "fixed"}}))
+    png = tmp_path / "no" / "such" / "layout.png"
+    assert cli(["show", str(path), "--num-heads", "2", "--seq-len", "256", "--png", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and str(png.parent) in err[0]

@@ -698,3 +698,17 @@ def test_enable_checks_layers_block_and_length():
     assert sahf.is_sparse(model)
     ids = torch.randint(5, 100, (1, 128), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model(input_ids=ids)[0]).all()
+
+
+def test_output_attentions_on_a_sparse_model_says_so():
+    """Sparse layers never form the probabilities: output_attentions=True gets one warning
+    saying their attentions are missing, instead of a silent empty tuple."""
+    from sparse_attn import hf_attention
+
+    hf_attention._told_about_attentions = False
+    model = make("bert", layers=1, max_pos=64).eval()
+    sahf.enable_sparse_attention(model, FixedSparsityConfig(HEADS, 16))
+    ids = torch.randint(5, 100, (1, 64), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="output_attentions=True: block-sparse layers never"):
+        out = model(input_ids=ids, output_attentions=True)
+    assert len(out.attentions) == 0
