@@ -15,11 +15,26 @@ In a training script::
     engine, optimizer, _, scheduler = run.initialize(model=model,
                                                      model_parameters=model.parameters())
 
+Checkpoints: ``save_checkpoint(engine, save_dir, tag, run=run)`` records the layout and marks
+the checkpoint complete once every rank's files are written (``latest`` only then);
+``resolve_checkpoint(load_dir, tag)`` picks the checkpoint to resume (the newest complete one
+without a tag) with clear errors, and ``check_resume_layout(ckpt.layout, run)`` refuses a
+resume with another layout unless allowed (``--allow_layout_change``).
+
 ``prepare_sparse_attention`` validates the block, removes it from the config DeepSpeed sees
 (DeepSpeed 0.19 rejects it) and never writes the user's file. DeepSpeed is imported only when
 needed; ``sparse_attn`` itself never imports it.
 """
 from .arguments import add_sparse_attention_arguments
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    LayoutChangeError,
+    check_resume_layout,
+    layout_record,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .patching import add_encoder_padding, patch_bert_model
 from .run import (
     LauncherConfigError,
@@ -33,5 +48,6 @@ from .run import (
 __all__ = [
     "add_sparse_attention_arguments", "prepare_sparse_attention", "prepare_from_config",
     "SparseAttentionRun", "LauncherConfigError", "patch_bert_model", "add_encoder_padding",
-    "avoid_cpu_op_builds", "model_layout_checksums",
+    "avoid_cpu_op_builds", "model_layout_checksums", "save_checkpoint", "resolve_checkpoint",
+    "check_resume_layout", "layout_record", "Checkpoint", "CheckpointError", "LayoutChangeError",
 ]

@@ -11,7 +11,8 @@ def _dests(parser: argparse.ArgumentParser) -> set:
 def add_sparse_attention_arguments(parser: argparse.ArgumentParser,
                                    with_deepspeed: bool = True) -> argparse.ArgumentParser:
     """Add ``--deepspeed_sparse_attention`` (and keep ``--deepspeed_transformer_kernel``) to
-    a training script's parser, beside DeepSpeed's own config arguments.
+    a training script's parser, beside DeepSpeed's own config arguments, and
+    ``--allow_layout_change`` (resume a checkpoint trained with another layout).
 
     With ``with_deepspeed`` (default) the call also runs ``deepspeed.add_config_arguments``
     when the parser does not have ``--deepspeed_config`` yet, and adds ``--local_rank`` (the
@@ -38,6 +39,12 @@ def add_sparse_attention_arguments(parser: argparse.ArgumentParser,
             "--deepspeed_transformer_kernel", default=False, action="store_true",
             help="Use DeepSpeed's fused transformer kernel for dense layers (turned off, with "
             "a warning, when --deepspeed_sparse_attention is on).")
+    if "allow_layout_change" not in dests:
+        group.add_argument(
+            "--allow_layout_change", default=False, action="store_true",
+            help="Resume a checkpoint trained with another attention layout (another "
+            "\"sparse_attention\" block, or sparse where it was dense or the reverse); without "
+            "it such a resume is refused (launcher.check_resume_layout).")
     if with_deepspeed and "local_rank" not in dests:
         group.add_argument("--local_rank", type=int, default=-1,
                            help="Local rank, passed by the deepspeed launcher.")

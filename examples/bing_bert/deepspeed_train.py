@@ -11,6 +11,11 @@ monitor (CSV / TensorBoard; empty ``output_path`` means ``<output_dir>/monitor``
 ``--save_every`` optimizer steps a checkpoint goes to ``<output_dir>/checkpoints/step_N``;
 ``--load_checkpoint_dir`` resumes from one and continues the same loss curve (data order and
 dropout are functions of the step, so a resumed run sees what the uninterrupted one saw).
+Each checkpoint records its layout and is marked complete only once all its files are written
+(``launcher.save_checkpoint``); a resume takes the newest complete one (or the tag given) and
+refuses another layout than the checkpoint's unless ``--allow_layout_change``. In bf16/fp32 a
+non-finite loss stops the run (exit status 3) before its optimizer update, naming the step and
+the last good checkpoint; in fp16, DeepSpeed's loss scaling skips such steps.
 ``<output_dir>/metrics.jsonl`` gets one line per logged step and per evaluation.
 
 DeepSpeedExamples' bing_bert command line works too (``bing_bert_compat.py``): ``--cf`` (its
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import time
 
@@ -36,10 +43,21 @@ for path in (HERE, ROOT):
 
 import bing_bert_compat as bb  # noqa: E402
 from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # noqa: E402
-                      prepare_sparse_attention)
+                      check_resume_layout, layout_record, prepare_sparse_attention,
+                      resolve_checkpoint, save_checkpoint)
 from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
 
 DEFAULT_MAX_STEPS = 300
+#: Exit status of a run stopped on a non-finite loss (2: a bad flag, config or input).
+EXIT_NONFINITE_LOSS = 3
+
+# Test-only fault injection (used by tests/example/test_bing_bert.py; never set them in a real
+# run). The value is an optimizer step.
+#: SIGKILL this run's process group (the ``deepspeed`` launcher and every rank) while it saves
+#: the checkpoint of that step: after its files are written, before it is marked complete.
+FAULT_KILL_IN_SAVE = "SPARSE_ATTN_TEST_FAULT_KILL_IN_SAVE_AT_STEP"
+#: Make the loss NaN (times NaN, so the gradients are NaN too) in that step's micro steps.
+FAULT_NAN_LOSS = "SPARSE_ATTN_TEST_FAULT_NAN_LOSS_AT_STEP"
 
 
 class DataError(ValueError):
@@ -133,7 +151,8 @@ def parse_args(argv=None):
     p.add_argument("--load_checkpoint_dir", default=None,
                    help="resume from this checkpoint directory (<output_dir>/checkpoints)")
     p.add_argument("--load_checkpoint_tag", default=None,
-                   help="checkpoint tag (e.g. step_100); default: the latest")
+                   help="checkpoint tag (e.g. step_100); default: the newest complete one "
+                   "(checkpoints whose save did not finish are skipped)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no_progress_bar", action="store_true")
@@ -247,6 +266,43 @@ def note(msg: str) -> None:
     """One line on rank 0 (before DeepSpeed starts, every rank runs the same checks)."""
     if is_rank0():
         print(msg, file=sys.stderr, flush=True)
+
+
+def fault_step(name: str):
+    """The step of a test-only fault injection variable (None when unset)."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: a step number (test-only fault injection)")
+
+
+def kill_in_save_hook(step: int):
+    """The ``before_commit`` hook of ``FAULT_KILL_IN_SAVE``: SIGKILL to this process group,
+    as ``kill -9 -PGID`` would, once the checkpoint's files are written and before it is
+    marked complete (rank 0 sends it; the launcher and every rank go)."""
+    def hook(path):
+        if not is_rank0():
+            return
+        group = os.getpgrp()
+        print(f"\n{FAULT_KILL_IN_SAVE}={step}: test fault injection: SIGKILL to process group "
+              f"{group} while saving {path} (files written, not marked complete)",
+              file=sys.stderr, flush=True)
+        os.killpg(group, signal.SIGKILL)
+    return hook
+
+
+def loss_scale(engine):
+    """fp16: the current loss scale of DeepSpeed's optimizer (None if it has none)."""
+    opt = engine.optimizer
+    for owner in (getattr(opt, "loss_scale_config", None), opt,
+                  getattr(opt, "loss_scaler", None)):
+        value = getattr(owner, "cur_scale", None) if owner is not None else None
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def resolve_inputs(args):
@@ -390,7 +446,20 @@ def main(argv=None) -> int:
             max_seq_length=args.max_seq_length,
             max_position_embeddings=bert_config.max_position_embeddings)
         lr_plan = plan_learning_rate(args, cf, run.ds_config)
-    except (LauncherConfigError, bb.BingBertError) as err:
+        kill_step, nan_step = fault_step(FAULT_KILL_IN_SAVE), fault_step(FAULT_NAN_LOSS)
+        # Which checkpoint to resume, and whether it was trained with this layout: checked
+        # before the model and the engine are built (every rank reads the same folder).
+        resume = None
+        if args.load_checkpoint_dir:
+            resume = resolve_checkpoint(
+                args.load_checkpoint_dir, args.load_checkpoint_tag,
+                tag_flag="--load_checkpoint_id" if args.load_checkpoint_id is not None
+                else "--load_checkpoint_tag",
+                dir_flag="--load_training_checkpoint"
+                if args.load_training_checkpoint is not None else "--load_checkpoint_dir")
+            check_resume_layout(resume.layout, run, allow_change=args.allow_layout_change,
+                                checkpoint=f"checkpoint {resume.path}")
+    except (LauncherConfigError, bb.BingBertError, ValueError) as err:
         return error(str(err))
     fill_monitor_paths(run.ds_config, args.output_dir, args.job_name)
     weight_decay = training.get("weight_decay") if training is not None else None
@@ -399,6 +468,8 @@ def main(argv=None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     micro = run.ds_config.get("train_micro_batch_size_per_gpu")
     fp16 = bool(run.ds_config.get("fp16", {}).get("enabled"))
+    bf16 = any((run.ds_config.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16"))
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     torch.manual_seed(args.seed)
     try:
         model = BertForPreTraining(
@@ -438,7 +509,8 @@ def main(argv=None) -> int:
                 "padded_seq_length": run.padded_seq_length, "job_name": args.job_name,
                 "max_steps": args.max_steps, "data_dir": args.data_dir, "cf": args.cf,
                 "lr_schedule": lr_plan.schedule if lr_plan else None,
-                "lr_offset": lr_plan.lr_offset if lr_plan else None}
+                "lr_offset": lr_plan.lr_offset if lr_plan else None,
+                "layout_record": layout_record(run), "precision": precision}
         with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
         print(f"model: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -448,14 +520,13 @@ def main(argv=None) -> int:
               f"accumulation x {world} ranks", flush=True)
 
     micro_step = 0
-    if args.load_checkpoint_dir:
-        if not os.path.isdir(args.load_checkpoint_dir):
-            return error(f"checkpoint directory {args.load_checkpoint_dir} does not exist")
-        path, client = engine.load_checkpoint(args.load_checkpoint_dir,
-                                              tag=args.load_checkpoint_tag)
+    last_good = None  # the last complete checkpoint of this run (saved, or resumed from)
+    if resume is not None:
+        path, client = engine.load_checkpoint(args.load_checkpoint_dir, tag=resume.tag)
         if path is None:
             return error(f"no checkpoint found in {args.load_checkpoint_dir} (tag "
-                         f"{args.load_checkpoint_tag or 'latest'})")
+                         f"{resume.tag})")
+        last_good = resume.path
         micro_step = int((client or {}).get("micro_step", engine.global_steps * ga))
         if is_main:
             print(f"resumed from {path} at step {engine.global_steps}", flush=True)
@@ -476,30 +547,61 @@ def main(argv=None) -> int:
     window_loss, window_tokens, window_t0 = [], 0, time.time()
     step_losses = []
 
+    # fp16: a step whose scaled gradients overflow is DeepSpeed's dynamic loss scaling's to
+    # ride out (it skips the step and lowers the scale). In bf16/fp32 nothing is scaled: a
+    # non-finite loss is a fault, which DeepSpeed skips quietly (its bf16 and ZeRO optimizers)
+    # or applies to the weights (plain fp32), and a loss that stays NaN skips every step from
+    # then on. So it stops the run, before the optimizer update.
+    stop_on_nonfinite = not fp16
     while engine.global_steps < args.max_steps:
         # dropout and data are functions of (seed, step, rank): resuming repeats them exactly
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)
         batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
         loss, mlm_loss, nsp_loss = engine(**batch)
+        if nan_step is not None and engine.global_steps + 1 == nan_step:
+            loss = loss * float("nan")  # test fault injection (FAULT_NAN_LOSS)
         engine.backward(loss)
+        # The losses come to the host once per micro step (the one sync the loop has), before
+        # the optimizer step, so that a non-finite loss is seen before it reaches the weights.
+        step_losses.append(torch.stack([loss.detach().float(), mlm_loss.detach().float(),
+                                        nsp_loss.detach().float()]).cpu())
+        window_tokens += tokens
+        boundary = len(step_losses) >= ga
+        if boundary:
+            losses = torch.stack(step_losses).mean(0).double()
+            step_losses = []
+            if world > 1:
+                losses = losses.to(device)  # NCCL reduces device tensors only
+                torch.distributed.all_reduce(losses)
+                losses = (losses / world).cpu()
+            # the mean over the accumulation window and every rank: all ranks decide alike
+            if stop_on_nonfinite and not all(math.isfinite(float(x)) for x in losses):
+                progress.close()
+                if is_main:
+                    where = (f"the last good checkpoint is {last_good} (resume with "
+                             f"--load_checkpoint_dir {os.path.dirname(last_good)} "
+                             f"--load_checkpoint_tag {os.path.basename(last_good)})"
+                             if last_good else "no checkpoint was saved or resumed by this run "
+                             "(--save_every)")
+                    print(f"\nerror: non-finite loss at step {engine.global_steps + 1} (loss "
+                          f"{float(losses[0])}, mlm {float(losses[1])}, nsp {float(losses[2])}"
+                          f", {precision}): stopped before its optimizer update instead of "
+                          f"training on it; {where}", file=sys.stderr, flush=True)
+                return EXIT_NONFINITE_LOSS
         if lr_plan is not None:  # bing_bert's update_learning_rate: before the optimizer step
             bb.set_lr(engine.optimizer, lr_plan(engine.global_steps))
         engine.step()
         micro_step += 1
-        step_losses.append(torch.stack([loss.detach().float(), mlm_loss.detach().float(),
-                                        nsp_loss.detach().float()]).cpu())
-        window_tokens += tokens
-        if len(step_losses) < ga:  # not at an optimizer step yet
+        if not boundary:  # not at an optimizer step yet
             continue
         step = engine.global_steps
-        losses = torch.stack(step_losses).mean(0).double()
-        step_losses = []
-        if world > 1:
-            losses = losses.to(device)  # NCCL reduces device tensors only
-            torch.distributed.all_reduce(losses)
-            losses = (losses / world).cpu()
         loss_v, mlm_v, nsp_v = (float(x) for x in losses)
         lr = engine.get_lr()[0]
+        skipped = fp16 and not engine.was_step_applied()
+        if skipped and is_main:
+            print(f"\nstep {step}: skipped by DeepSpeed's fp16 dynamic loss scaling (the "
+                  f"gradients overflowed; weights not updated); loss scale now "
+                  f"{loss_scale(engine)}", file=sys.stderr, flush=True)
         window_loss.append(loss_v)
         if engine.monitor.enabled and is_main:
             engine.monitor.write_events([
@@ -511,9 +613,11 @@ def main(argv=None) -> int:
             tps = window_tokens * world / max(elapsed, 1e-9)
             avg = sum(window_loss) / len(window_loss)
             if is_main:
-                write_jsonl(metrics_path, {"step": step, "loss": loss_v, "avg_loss": avg,
-                                           "mlm_loss": mlm_v, "nsp_loss": nsp_v, "lr": lr,
-                                           "tokens_per_s": tps, "time": time.time()})
+                row = {"step": step, "loss": loss_v, "avg_loss": avg, "mlm_loss": mlm_v,
+                       "nsp_loss": nsp_v, "lr": lr, "tokens_per_s": tps, "time": time.time()}
+                if fp16:
+                    row.update(loss_scale=loss_scale(engine), step_skipped=skipped)
+                write_jsonl(metrics_path, row)
             progress.update(step, avg, tps, lr, force=True)
             window_loss, window_tokens, window_t0 = [], 0, time.time()
         else:
@@ -527,10 +631,13 @@ def main(argv=None) -> int:
                     engine.monitor.write_events([("Eval/Samples/eval_loss", ev,
                                                   engine.global_samples)])
         if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
-            engine.save_checkpoint(ckpt_dir, tag=f"step_{step}",
-                                   client_state={"micro_step": micro_step, "step": step})
+            hook = kill_in_save_hook(step) if step == kill_step else None
+            last_good = save_checkpoint(
+                engine, ckpt_dir, f"step_{step}", run=run, step=step, before_commit=hook,
+                client_state={"micro_step": micro_step, "step": step},
+                extra={"max_seq_length": args.max_seq_length, "precision": precision})
             if is_main:
-                print(f"\nsaved checkpoint {ckpt_dir}/step_{step}", file=sys.stderr, flush=True)
+                print(f"\nsaved checkpoint {last_good}", file=sys.stderr, flush=True)
     progress.close()
     if is_main:
         print(f"done: {engine.global_steps} steps", flush=True)

@@ -1,11 +1,14 @@
 """The bing_bert example end to end on CPU: data preparation, the real ``deepspeed`` launcher
-(gloo) with sparse attention, checkpoint resume, two ranks with ZeRO-2, and clear errors."""
+(gloo) with sparse attention, checkpoint resume, two ranks with ZeRO-2, clear errors, and
+resume rules and faults (another layout, a missing tag, a kill during a save, fp16 overflow,
+a NaN loss)."""
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,14 +49,24 @@ def env():
     return e
 
 
-def launch(args, num_ranks=1, timeout=300):
+def run_launcher(args, num_ranks=1, timeout=300, extra_env=None):
+    """The real ``deepspeed`` launcher on CPU; returns (exit status, output). It runs in a
+    process group of its own, so that a SIGKILL to the group (launcher and ranks) leaves
+    pytest alone."""
     cmd = [DEEPSPEED, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
            os.path.join(EXAMPLE, "deepspeed_train.py")] + args
-    proc = subprocess.run(cmd, cwd=EXAMPLE, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    e = env()
+    e.update(extra_env or {})
+    proc = subprocess.run(cmd, cwd=EXAMPLE, env=e, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
     assert "built successfully" not in out  # no DeepSpeed C++ op JIT-built on CPU
+    return proc.returncode, out
+
+
+def launch(args, num_ranks=1, timeout=300, extra_env=None):
+    code, out = run_launcher(args, num_ranks, timeout, extra_env)
+    assert code == 0, out[-6000:]
     return out
 
 
@@ -207,7 +220,8 @@ def test_two_ranks_zero_same_layout(data_dir, test_config, tmp_path, stage, prec
     path.write_text(json.dumps(cfg))
     out = str(tmp_path / f"zero{stage}")
     log = launch(common(data_dir, str(path), out) + ["--max_steps", "3", "--eval_every", "0",
-                                                      "--num_threads", "1"], num_ranks=2)
+                                                      "--num_threads", "1", "--save_every",
+                                                      "3"], num_ranks=2)
     # Ranks share one stdout pipe, so match anywhere rather than at line starts.
     found = re.findall(r"rank (\d)/2: sparse attention: .*?layout (\S+?);", log)
     assert {r for r, _ in found} == {"0", "1"}, log[-3000:]
@@ -219,6 +233,15 @@ def test_two_ranks_zero_same_layout(data_dir, test_config, tmp_path, stage, prec
     with open(os.path.join(out, "run_info.json")) as f:
         seen = json.load(f)["ds_config_seen"]
     assert seen["zero_optimization"]["stage"] == stage and "sparse_attention" not in seen
+    # the checkpoint is marked complete after both ranks wrote their files: the marker lists
+    # every file of the folder, the ZeRO shards of both ranks among them
+    tag = os.path.join(out, "checkpoints", "step_3")
+    with open(os.path.join(tag, "checkpoint_complete.json")) as f:
+        files = json.load(f)["files"]
+    present = {os.path.relpath(os.path.join(r, n), tag) for r, _, ns in os.walk(tag) for n in ns}
+    assert set(files) == present - {"checkpoint_complete.json"}
+    if stage > 0:
+        assert len([n for n in files if n.endswith("optim_states.pt")]) == 2, files
 
 
 # -- clear errors of the training script (in process; they stop before DeepSpeed starts) ----
@@ -555,3 +578,216 @@ def test_bing_bert_resume_flags(first_run, data_dir, test_config, tmp_path):
     assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup again from 0: the offset alone
     assert rows[1]["lr"] == pytest.approx(plan(16)) and plan(16) > 1e-3
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+# -- resuming: layouts, tags, and faults during training (issue 19) --------------------------
+RECORD, COMPLETE = "sparse_attention_layout.json", "checkpoint_complete.json"
+KILL_IN_SAVE = "SPARSE_ATTN_TEST_FAULT_KILL_IN_SAVE_AT_STEP"
+NAN_LOSS = "SPARSE_ATTN_TEST_FAULT_NAN_LOSS_AT_STEP"
+
+
+def config_with(test_config, tmp_path, name, **changes):
+    """The test config with top-level keys replaced (e.g. sparse_attention=..., bf16=...)."""
+    with open(test_config) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    cfg["csv_monitor"]["enabled"] = False
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg, indent=2))
+    return str(path)
+
+
+def losses_by_step(rows):
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_every_checkpoint_records_its_layout_and_is_marked_complete(first_run):
+    """Each checkpoint folder holds its layout record and, written last, the completion
+    marker (with every file's size); ``latest`` names the last complete one."""
+    out, _ = first_run
+    ckpts = os.path.join(out, "checkpoints")
+    with open(os.path.join(out, "run_info.json")) as f:
+        info = json.load(f)
+    for step in (15, 30):
+        tag = os.path.join(ckpts, f"step_{step}")
+        with open(os.path.join(tag, RECORD)) as f:
+            record = json.load(f)
+        with open(os.path.join(tag, COMPLETE)) as f:
+            marker = json.load(f)
+        assert record["step"] == marker["step"] == step and record["tag"] == f"step_{step}"
+        layout = marker["layout"]
+        assert layout == record["layout"] == info["layout_record"]
+        assert layout["sparse_attention"] and layout["mode"] == "fixed" and layout["block"] == 16
+        assert layout["layout_checksum"] == info["layout_checksum"]
+        assert layout["layout_length"] == SEQ
+        assert layout["sparse_attention_block"]["num_local_blocks"] == 4
+        assert marker["files"]["mp_rank_00_model_states.pt"] == os.path.getsize(
+            os.path.join(tag, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(ckpts, "latest")) as f:
+        assert f.read() == "step_30"
+
+
+def test_resume_with_another_layout_is_refused(first_run, data_dir, test_config, tmp_path,
+                                               capsys):
+    """A Fixed-16 checkpoint resumed with BigBird-32, or with sparse attention off: refused
+    before DeepSpeed starts, naming both layouts (today it resumes silently)."""
+    out, _ = first_run
+    ckpts = os.path.join(out, "checkpoints")
+    with open(os.path.join(out, "run_info.json")) as f:
+        checksum = json.load(f)["layout_checksum"]
+    bigbird = config_with(test_config, tmp_path, "bigbird32.json", sparse_attention={
+        "mode": "bigbird", "block": 32, "num_random_blocks": 1})
+    resume = ["--load_checkpoint_dir", ckpts, "--load_checkpoint_tag", "step_15"]
+    code, err = run_main(base_argv(data_dir, bigbird, str(tmp_path / "a")) + resume, capsys)
+    assert code == 2, err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1, err
+    assert "was trained with sparse attention: mode fixed, block 16" in line[0]
+    assert checksum in line[0]
+    assert "this run has sparse attention: mode bigbird, block 32" in line[0]
+    assert "different: mode, block" in line[0] and "--allow_layout_change" in line[0]
+    # sparse attention off (the same config without --deepspeed_sparse_attention)
+    dense = [a for a in base_argv(data_dir, test_config, str(tmp_path / "b"))
+             if a != "--deepspeed_sparse_attention"]
+    code, err = run_main(dense + resume, capsys)
+    assert code == 2 and "this run has dense attention" in err
+    assert "different: sparse or dense" in err
+    assert not os.path.exists(os.path.join(str(tmp_path), "a"))  # refused before the run
+
+
+def test_allow_layout_change_resumes_with_one_line(first_run, data_dir, test_config, tmp_path):
+    """--allow_layout_change: the Fixed-16 checkpoint goes on training with BigBird-32; one
+    line says so; the new checkpoint records the new layout."""
+    out, _ = first_run
+    bigbird = config_with(test_config, tmp_path, "bigbird32.json", sparse_attention={
+        "mode": "bigbird", "block": 32, "num_random_blocks": 1})
+    resumed = str(tmp_path / "resumed")
+    log = launch(common(data_dir, bigbird, resumed) + [
+        "--max_steps", "16", "--eval_every", "0", "--save_every", "16",
+        "--load_checkpoint_dir", os.path.join(out, "checkpoints"), "--load_checkpoint_tag",
+        "step_15", "--allow_layout_change"])
+    lines = [ln for ln in log.splitlines() if "--allow_layout_change: resuming" in ln]
+    assert len(lines) == 1, log[-4000:]
+    assert "mode fixed, block 16" in lines[0] and "mode bigbird, block 32" in lines[0]
+    assert "resumed from" in log
+    assert [r["step"] for r in metrics(resumed) if "loss" in r] == [16]
+    with open(os.path.join(resumed, "checkpoints", "step_16", COMPLETE)) as f:
+        layout = json.load(f)["layout"]
+    assert layout["mode"] == "bigbird" and layout["block"] == 32
+
+
+def test_missing_checkpoint_tag_or_folder_is_a_clear_error(first_run, data_dir, test_config,
+                                                           tmp_path, capsys):
+    """A tag that is not there (today an AssertionError from inside DeepSpeed) names the tag
+    and the tags present; a missing folder likewise, and the output folder given in place of
+    its checkpoints folder points to it."""
+    out, _ = first_run
+    ckpts = os.path.join(out, "checkpoints")
+    argv = base_argv(data_dir, test_config, str(tmp_path / "o"))
+    code, err = run_main(argv + ["--load_checkpoint_dir", ckpts, "--load_checkpoint_tag",
+                                 "step_16"], capsys)
+    assert code == 2, err
+    assert f"--load_checkpoint_tag step_16: {ckpts} has no checkpoint step_16" in err
+    assert "tags present: step_15 (complete, step 15), step_30 (complete, step 30)" in err
+    code, err = run_main(argv + ["--load_checkpoint_dir", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and f"--load_checkpoint_dir {tmp_path / 'nothing'} does not exist" in err
+    code, err = run_main(argv + ["--load_checkpoint_dir", out], capsys)  # not .../checkpoints
+    assert code == 2 and "holds no checkpoint" in err and f"did you mean {ckpts}?" in err
+
+
+def test_kill_during_checkpoint_save_resumes_from_last_complete(first_run, data_dir,
+                                                                test_config, tmp_path):
+    """SIGKILL to the launcher's process group while step 8's checkpoint is written (its
+    files are there, it is not marked complete): step_8 is never taken as the latest; the
+    resume without a tag says it skipped it, goes on from step_4, and repeats the
+    uninterrupted run's losses exactly."""
+    reference = losses_by_step(metrics(first_run[0]))  # uninterrupted, same config and seed
+    out = str(tmp_path / "run")
+    ckpts = os.path.join(out, "checkpoints")
+    args = common(data_dir, test_config, out) + ["--max_steps", "8", "--save_every", "4",
+                                                 "--eval_every", "0"]
+    code, log = run_launcher(args, extra_env={KILL_IN_SAVE: "8"})
+    assert code == -signal.SIGKILL, (code, log[-4000:])
+    assert "test fault injection: SIGKILL to process group" in log
+    killed = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in killed] == list(range(1, 9))
+    step8 = os.path.join(ckpts, "step_8")
+    assert os.path.isfile(os.path.join(step8, "mp_rank_00_model_states.pt"))  # files written
+    assert os.path.isfile(os.path.join(step8, RECORD))
+    assert not os.path.exists(os.path.join(step8, COMPLETE))  # ... not marked complete
+    with open(os.path.join(ckpts, "latest")) as f:
+        assert f.read() == "step_4"
+
+    log = launch(args + ["--load_checkpoint_dir", ckpts])  # no tag: the newest complete one
+    skipped = [ln for ln in log.splitlines() if "skipped step_8" in ln]
+    assert len(skipped) == 1 and "incomplete" in skipped[0], log[-4000:]
+    assert "resuming from the newest complete checkpoint, step_4" in skipped[0]
+    assert f"resumed from {os.path.join(ckpts, 'step_4')}" in log
+    rows = [r for r in metrics(out) if "loss" in r][len(killed):]
+    assert [r["step"] for r in rows] == [5, 6, 7, 8]
+    for r in rows:
+        assert r["loss"] == reference[r["step"]], (r, reference[r["step"]])
+        assert r["loss"] == killed[r["step"] - 1]["loss"]
+    assert os.path.isfile(os.path.join(step8, COMPLETE))  # saved again, completely this time
+    with open(os.path.join(ckpts, "latest")) as f:
+        assert f.read() == "step_8"
+
+
+def cpu_fp16_supported():
+    try:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        return bool(CPU_Accelerator().is_fp16_supported())
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not cpu_fp16_supported(), reason=(
+    "cannot run on this CPU: DeepSpeed's CPU accelerator allows fp16 only where torch.ops."
+    "mkldnn._is_mkldnn_fp16_supported() is True (CPUs with AVX512-FP16 or AMX-FP16); here "
+    "deepspeed.initialize refuses an fp16 config (\"Type fp16 is not supported on your "
+    "device\"), so DeepSpeed's fp16 dynamic loss scaling cannot be exercised"))
+def test_fp16_overflow_skips_the_step_and_goes_on(data_dir, test_config, tmp_path):
+    """DeepSpeed's behaviour, not this example's: with fp16 and dynamic loss scaling, a step
+    whose scaled gradients overflow is skipped (weights not updated) and the loss scale is
+    halved (hysteresis 1), until the gradients fit; then training goes on. An initial scale of
+    2**32 overflows at once (a gradient times 2**32 is far above fp16's 65504). The example
+    does not stop on it (it stops on non-finite losses only in bf16/fp32); it says which steps
+    were skipped and logs the scale."""
+    cfg = config_with(test_config, tmp_path, "fp16.json", bf16={"enabled": False},
+                      fp16={"enabled": True, "loss_scale": 0, "initial_scale_power": 32,
+                            "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1})
+    out = str(tmp_path / "fp16")
+    steps = 40
+    log = launch(common(data_dir, cfg, out) + ["--max_steps", str(steps), "--eval_every", "0"])
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    skipped = [r["step"] for r in rows if r["step_skipped"]]  # engine.was_step_applied()
+    k = len(skipped)
+    assert 1 <= k < steps and skipped == list(range(1, k + 1)), skipped  # then it trains
+    assert rows[k - 1]["loss_scale"] == 2.0 ** (32 - k)  # halved once per skipped step
+    assert rows[-1]["loss_scale"] == 2.0 ** (32 - k)  # no growth within 1000 good steps
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert log.count("skipped by DeepSpeed's fp16 dynamic loss scaling") == k
+
+
+def test_nan_loss_in_bf16_stops_the_run(data_dir, test_config, tmp_path):
+    """bf16 has no loss scaling to skip a bad step: a NaN loss at step 5 (test fault
+    injection) stops the run before that step's optimizer update, exit status non-zero, one
+    line naming the step and the last good checkpoint (step_4); nothing is trained or saved
+    after it."""
+    cfg = config_with(test_config, tmp_path, "bf16.json", bf16={"enabled": True},
+                      fp16={"enabled": False})
+    out = str(tmp_path / "bf16")
+    ckpts = os.path.join(out, "checkpoints")
+    code, log = run_launcher(common(data_dir, cfg, out) + [
+        "--max_steps", "8", "--save_every", "2", "--eval_every", "0"],
+        extra_env={NAN_LOSS: "5"})
+    assert code == 3, (code, log[-4000:])  # the rank's status, passed on by the launcher
+    lines = [ln for ln in log.splitlines() if "non-finite loss" in ln]
+    assert len(lines) == 1, log[-4000:]
+    assert "error: non-finite loss at step 5 (loss nan" in lines[0] and "bf16" in lines[0]
+    assert f"the last good checkpoint is {os.path.join(ckpts, 'step_4')}" in lines[0]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_2", "step_4"]
+    assert os.path.isfile(os.path.join(ckpts, "step_4", COMPLETE))
