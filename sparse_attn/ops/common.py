@@ -122,7 +122,7 @@ def canonical_layout(layout, block, who):
 
 class LayoutOp:
     """What MatMul and Softmax share: a checked layout and block, and their operators per
-    (backend, device), built once by ``_make_ops(backend, device)``."""
+    (backend, device), built once by the subclass's ``_make_ops(backend, device)``."""
 
     def __init__(self, layout, block, backend, who):
         if backend is not None and backend not in BACKENDS:
@@ -133,9 +133,6 @@ class LayoutOp:
         self.spdims = tuple(self.layout.shape)
         self.nnz = int(self.layout.sum())
         self._ops = {}
-
-    def _make_ops(self, backend, device):
-        raise NotImplementedError
 
     def _get_ops(self, backend, device):
         key = (backend, str(device))
