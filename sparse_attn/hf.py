@@ -47,8 +47,8 @@ from .hf_attention import (  # noqa: F401 (public here too)
     sparsity_config_to_dict)
 from .sparsity_config import SparsityConfig
 
-import transformers  # noqa: E402 (hf_attention checked the version)
-from transformers import PreTrainedModel  # noqa: E402
+import transformers  # after hf_attention, whose import names the version needed
+from transformers import PreTrainedModel
 
 
 # -- model-level helpers ---------------------------------------------------------------------
