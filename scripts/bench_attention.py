@@ -31,25 +31,42 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sparse_attn.ops.fused import config as fused_config  # noqa: E402
 from sparse_attn.ops.fused import op as fused_op  # noqa: E402
+from sparse_attn.ops.fused.grouping import get_groups  # noqa: E402
 from sparse_attn.ops.fused.lut import get_lut  # noqa: E402
 from sparse_attn.ops.fused import fused_block_sparse_attention, set_fused_config  # noqa: E402
 
 H, D = 16, 64
 ROWS = [(4096, 4), (16384, 1)]
-LAYOUTS = ["bigbird", "fixed"]
-BLOCKS = [16, 32, 64, 128]
+# layout -> blocks: BigBird and Fixed at every block; the tutorial's Fixed block (per-head
+# layouts, 4 global patterns) at the blocks users run and 64 for the same density; Variable
+# and BSLongformer at the tutorial's block 16
+LAYOUT_BLOCKS = {"bigbird": (16, 32, 64, 128), "fixed": (16, 32, 64, 128),
+                 "tutorial": (16, 32, 64), "variable": (16,), "bslongformer": (16,)}
 
 
 # ------------------------------------------------------------------------------- layouts
 def make_layout(name, blk, N):
     try:
-        from sparse_attn.sparsity_config import BigBirdSparsityConfig, FixedSparsityConfig
+        from sparse_attn.sparsity_config import (BigBirdSparsityConfig,
+                                                 BSLongformerSparsityConfig,
+                                                 FixedSparsityConfig, VariableSparsityConfig)
         if name == "bigbird":
             cfg = BigBirdSparsityConfig(num_heads=H, block=blk, num_random_blocks=1,
                                         num_sliding_window_blocks=3, num_global_blocks=1)
-        else:
+        elif name == "fixed":
             cfg = FixedSparsityConfig(num_heads=H, block=blk, num_local_blocks=4,
                                       num_global_blocks=1)
+        elif name == "tutorial":
+            cfg = FixedSparsityConfig(num_heads=H, block=blk, num_local_blocks=4,
+                                      num_global_blocks=1, different_layout_per_head=True,
+                                      num_different_global_patterns=4)
+        elif name == "variable":
+            cfg = VariableSparsityConfig(num_heads=H, block=blk, num_random_blocks=1,
+                                         local_window_blocks=[4], global_block_indices=[0, 8])
+        else:
+            cfg = BSLongformerSparsityConfig(num_heads=H, block=blk,
+                                             num_sliding_window_blocks=3,
+                                             global_block_indices=[0, 32])
         return cfg.make_layout(N), "sparsity_config"
     except ImportError:  # stand-ins (the logic of the DESIGN baselines)
         nb = N // blk
@@ -130,13 +147,15 @@ def check_row(q, k, v, do, Ld, blk, heads=2):
 
 
 def tile_areas(Ld, blk, N):
-    """Computed tile areas (elements) of the fwd, dq and dk/dv kernels and fwd tile density."""
+    """Computed tile areas (elements) of the fwd, dq and dk/dv kernels and fwd tile density
+    (packed tiles where the library packs them)."""
     cfg = fused_config.kernel_tiles(D, blk)
+    groups = get_groups(Ld, blk, N, Ld.device, cfg)
     res = {}
     for name, kind in (("fwd", "row"), ("dq", "row"), ("dkdv", "col")):
         tiles = getattr(cfg, name)
         TM, TN = tiles.block_m, tiles.block_n
-        lut = get_lut(Ld, blk, TM, TN, N, False, Ld.device, kind)
+        lut = get_lut(Ld, blk, TM, TN, N, False, Ld.device, kind, groups=groups)
         ntiles = int(lut.ntot.sum())
         res[name] = ntiles * TM * TN
         if name == "fwd":
@@ -203,10 +222,18 @@ def run_row(N, B, name, blk, args, flex):
     # Eager times swing with the lent machine's host (the same call measured 0.36 and 0.47 ms
     # in two runs): every variant is timed in `rounds` interleaved rounds, the table takes
     # each one's best round and the JSON keeps them all.
+    packed = fused_config.grouping() and get_groups(
+        Ld, blk, N, Ld.device, fused_config.kernel_tiles(D, blk)).any
+    r["packed"] = packed
+    if packed and args.compare_packing:  # the same kernels on contiguous tiles
+        eager["contig_fwd"] = (fused_f, None)
+        eager["contig_fb"] = (fused_fb, [q, k, v])
     rounds = {name: [] for name in eager}
     for _ in range(args.rounds):
         for name, (fn, grads) in eager.items():
+            set_fused_config(group=not name.startswith("contig"))
             rounds[name].append(bench(fn, grads))
+        set_fused_config(group=True)
     t = {name: min(v) for name, v in rounds.items()}
     r["ms_rounds"] = rounds
     if args.graph:
@@ -226,6 +253,10 @@ def run_row(N, B, name, blk, args, flex):
     r["fused_tflops_fb"] = fb / t["fused_fb"] / 1e9
     r["rate_vs_dense_fwd"] = r["fused_tflops_fwd"] / r["dense_tflops_fwd"]
     r["rate_vs_dense_fb"] = r["fused_tflops_fb"] / r["dense_tflops_fb"]
+    # counting the layout's own FLOPs (its density at its block): dense time x density over
+    # fused time
+    r["layout_rate_fwd"] = dens * t["dense_fwd"] / t["fused_fwd"]
+    r["layout_rate_fb"] = dens * t["dense_fb"] / t["fused_fb"]
     tg = {}
     if "flex_fwd" in t:
         tg["1_faster_than_flex"] = t["fused_fwd"] < t["flex_fwd"] and t["fused_fb"] < t["flex_fb"]
@@ -337,10 +368,13 @@ def fmt_row(r):
     fx = lambda key: f"{t[key]:.3f}" if key in t else "-"
     tg = r["targets"]
     flag = lambda key: ("yes" if tg[key] else "NO") if key in tg else "n/a"
+    lr = lambda kind: f"{r['layout_rate_' + kind]:.0%}" if "layout_rate_fwd" in r else "-"
     return (f"| {r['seq']} x{r['batch']} | {r['layout']} {r['block']} | {r['density']:.1%} | "
             f"{r['tile_density']:.1%} | {t['dense_fwd']:.3f} | {fx('flex_fwd')} | "
             f"{t['fused_fwd']:.3f} | {t['dense_fb']:.3f} | {fx('flex_fb')} | "
-            f"{t['fused_fb']:.3f} | {r['fused_tflops_fwd']:.0f}/{r['dense_tflops_fwd']:.0f} "
+            f"{t['fused_fb']:.3f} | {fx('contig_fwd')} / {fx('contig_fb')} | "
+            f"{lr('fwd')} / {lr('fb')} | "
+            f"{r['fused_tflops_fwd']:.0f}/{r['dense_tflops_fwd']:.0f} "
             f"({r['rate_vs_dense_fwd']:.0%}) | {r['fused_tflops_fb']:.0f}/"
             f"{r['dense_tflops_fb']:.0f} ({r['rate_vs_dense_fb']:.0%}) | "
             f"{max(r['errors'].values()):.1e} | {flag('1_faster_than_flex')} | "
@@ -348,10 +382,12 @@ def fmt_row(r):
 
 
 HEADER = ("| seq x batch | layout, block | density | tile density | dense fwd | Flex fwd | "
-          "fused fwd | dense fwd+bwd | Flex fwd+bwd | fused fwd+bwd | TFLOP/s fwd fused/dense "
-          "| TFLOP/s fwd+bwd fused/dense | max rel err | T1 < Flex | T2 < dense | T3 rate |\n"
+          "fused fwd | dense fwd+bwd | Flex fwd+bwd | fused fwd+bwd | fused on contiguous "
+          "tiles fwd / fwd+bwd | layout-FLOP rate vs dense fwd / fwd+bwd | TFLOP/s fwd "
+          "fused/dense | TFLOP/s fwd+bwd fused/dense | max rel err | T1 < Flex | T2 < dense | "
+          "T3 rate |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-          "| --- | --- |")
+          "| --- | --- | --- | --- |")
 
 
 def main():
@@ -374,6 +410,9 @@ def main():
                          "library's")
     ap.add_argument("--rounds", type=int, default=3,
                     help="eager timings: interleaved rounds per variant; the best is kept")
+    ap.add_argument("--compare-packing", action="store_true",
+                    help="also time packed-tile rows on contiguous tiles "
+                         "(set_fused_config(group=False)), as contig_*")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "..", "benchmarks"))
@@ -390,7 +429,8 @@ def main():
         timing=f"triton.testing.do_bench median (warmup 25 ms, rep 100 ms); eager: the best "
                f"of {args.rounds} interleaved rounds")
     print(json.dumps(meta), flush=True)
-    all_rows = [(N, B, name, blk) for N, B in ROWS for name in LAYOUTS for blk in BLOCKS]
+    all_rows = [(N, B, name, blk) for N, B in ROWS for name, blocks in LAYOUT_BLOCKS.items()
+                for blk in blocks]
     if args.rows:
         all_rows = [r for r in all_rows if any(s in f"{r[0]}-{r[2]}-{r[3]}" for s in args.rows)]
     result = dict(meta=meta)

@@ -17,7 +17,7 @@ except Exception:  # pragma: no cover - a Triton without host tensor descriptors
     TensorDescriptor = None
 
 __all__ = ["TileConfig", "FusedTiles", "DEFAULT_TILES", "KERNELS", "kernel_tiles",
-           "set_fused_config", "split_min", "tma_kernels", "tma_forced", "TMA_MIN_WORK",
+           "set_fused_config", "split_min", "grouping", "tma_kernels", "tma_forced", "TMA_MIN_WORK",
            "tma_strides_ok", "tma_layout_ok", "descriptor"]
 
 KERNELS = ("fwd", "dq", "dkdv")
@@ -84,6 +84,7 @@ _overrides: dict = {}     # (head_dim, block or None) -> {kernel: TileConfig}
 _tiles_cache: dict = {}
 _tma: Optional[frozenset] = None  # None: the default rule; else the kernels forced to TMA
 _split_min = SPLIT_MIN_DEFAULT
+_group = True
 _listeners: list = []
 
 
@@ -116,22 +117,31 @@ def split_min() -> int:
     return _split_min
 
 
-def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **kernels):
+def grouping() -> bool:
+    """Whether fine layouts run on packed tiles (``sparse_attn.ops.fused.grouping``)."""
+    return _group
+
+
+def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, group=None,
+                     **kernels):
     """Override tile configs, e.g. ``set_fused_config(64, 16, fwd=TileConfig(128, 32, 4, 3))``
     (``block`` None: every block of that head_dim), the shortest run of tiles a LUT row is
     cut into (``split_min``; rows up to that length are never split), or which kernels load
     tiles by TMA (``tma``: True, False, or some of "fwd", "dq", "dkdv"; at every launch, on a
-    GPU of compute capability 9+ or in the interpreter).
+    GPU of compute capability 9+ or in the interpreter), or whether fine layouts run on
+    packed tiles (``group``, default True).
 
     ``set_fused_config()`` with no argument clears every override. Used by the benchmarks.
     """
-    global _tma, _split_min
-    if head_dim is None and split_min is None and tma is None and not kernels:
-        luts = _split_min != SPLIT_MIN_DEFAULT
+    global _tma, _split_min, _group
+    if head_dim is None and split_min is None and tma is None and group is None and not kernels:
+        luts = _split_min != SPLIT_MIN_DEFAULT or not _group
         _overrides.clear()
-        _tma, _split_min = None, SPLIT_MIN_DEFAULT
+        _tma, _split_min, _group = None, SPLIT_MIN_DEFAULT, True
         _changed(luts)
         return
+    if group is not None and not isinstance(group, bool):
+        raise ValueError(f"group must be True or False, got {group!r}")
     if tma is not None:
         names = KERNELS if tma is True else () if tma is False else tuple(tma)
         if isinstance(tma, str) or any(n not in KERNELS for n in names):
@@ -151,9 +161,12 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, **k
         _overrides.setdefault((head_dim, block), {}).update(kernels)
     if tma is not None:
         _tma = frozenset(names)
-    luts = split_min is not None and split_min != _split_min
+    luts = (split_min is not None and split_min != _split_min) or \
+        (group is not None and group != _group)
     if split_min is not None:
         _split_min = split_min
+    if group is not None:
+        _group = group
     _changed(luts)
 
 

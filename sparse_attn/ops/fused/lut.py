@@ -47,10 +47,12 @@ class Lut:
     bits32: bool                 # a tile has at most 32 units
 
 
-def tile_tables(layout, block, TM, TN, N, causal, device):
+def tile_tables(layout, block, TM, TN, N, causal, device, qorder=None, korder=None):
     """Per tile (i, j) of a [TM, TN] tiling: nonzero, full (no mask needed) and the unit bit
     mask (int64, or None when the block is not finer than the tile), and (unit_m, unit_n,
-    fine, bits32)."""
+    fine, bits32). ``qorder``/``korder`` [H, nb] (packed tiles, ``grouping``): tile i is
+    blocks qorder[i * TM / block ...] of the layout (and so for keys); the units are then
+    whole blocks."""
     H = layout.shape[0]
     L = layout.to(device=device, non_blocking=True).bool()
     ur, uc = min(TM, block), min(TN, block)
@@ -60,13 +62,33 @@ def tile_tables(layout, block, TM, TN, N, causal, device):
         L = L.repeat_interleave(block // uc, 2)
     n_qt, n_kt = -(-N // TM), -(-N // TN)
     a, c = TM // ur, TN // uc
+    packed = qorder is not None or korder is not None
+    diag = None
+    if packed:
+        nb = L.shape[1]
+        ident = torch.arange(nb, device=device).expand(H, nb)
+        qo = ident if qorder is None else qorder
+        ko = ident if korder is None else korder
+        if causal:
+            # unit (i, j) is block (qo[i], ko[j]): above the diagonal it is dropped, on it
+            # it needs the causal mask (its tile is partial)
+            L = L.tril()
+            diag = qo[:, :, None] == ko[:, None, :]
+        L = torch.gather(L, 1, qo[:, :, None].expand(-1, -1, nb))
+        L = torch.gather(L, 2, ko[:, None, :].expand(-1, nb, -1))
     pr, pc = n_qt * a - L.shape[1], n_kt * c - L.shape[2]
-    if pr or pc:
-        L = torch.nn.functional.pad(L, (0, pc, 0, pr))
-    units = L.view(H, n_qt, a, n_kt, c).permute(0, 1, 3, 2, 4).reshape(H, n_qt, n_kt, a * c)
+
+    def tiled(U):
+        if pr or pc:
+            U = torch.nn.functional.pad(U, (0, pc, 0, pr))
+        return U.reshape(H, n_qt, a, n_kt, c).permute(0, 1, 3, 2, 4).reshape(H, n_qt, n_kt, a * c)
+
+    units = tiled(L)
     nz = units.any(-1)
     full = units.all(-1)
-    if causal:
+    if diag is not None:
+        full = full & ~(tiled(diag & L)).any(-1)
+    elif causal:
         i = torch.arange(n_qt, device=device)[:, None]
         j = torch.arange(n_kt, device=device)[None, :]
         above = j * TN > (i + 1) * TM - 1
@@ -162,20 +184,26 @@ _LUTS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _LUTS_SIZE = 64
 
 
-def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1) -> Lut:
+def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1,
+            groups=None) -> Lut:
     """The ``kind`` ("row": forward and dq; "col": dk/dv) table for calls of ``batch``
     batches; built with device ops, cached. ``layout_key``: ``layout_identity(layout)`` when
-    the caller has it already."""
+    the caller has it already. ``groups``: the packed-tile orders (``grouping.get_groups``)."""
     if layout_key is None:
         layout_key = layout_identity(layout)
-    key = (layout_key, block, TM, TN, N, causal, device, kind, batch)
+    qorder = korder = None
+    if groups is not None:
+        qorder, korder = groups.qorder, groups.korder
+    key = (layout_key, block, TM, TN, N, causal, device, kind, batch,
+           qorder is not None, korder is not None)
     hit = _LUTS.get(key)
     if hit is not None:
         _LUTS.move_to_end(key)
         return hit[1]
 
     def build():
-        nz, full, bits, meta = tile_tables(layout, block, TM, TN, N, causal, device)
+        nz, full, bits, meta = tile_tables(layout, block, TM, TN, N, causal, device, qorder,
+                                           korder)
         if kind == "col":
             nz, full = nz.transpose(1, 2), full.transpose(1, 2)
             bits = bits.transpose(1, 2) if bits is not None else None

@@ -18,6 +18,7 @@ from ..caching import layout_identity
 from ..checks import additive_key_padding, check_fused_call
 from ..launch import Launcher, direct_context
 from . import config
+from .grouping import clear_groups, get_groups
 from .lut import clear_luts, get_lut
 
 try:
@@ -94,6 +95,8 @@ class Plan:
         self.device = q.device
         self.elem = q.element_size()
         self.tiles = config.kernel_tiles(D, self.block)
+        self.groups = get_groups(layout, self.block, N, self.device, self.tiles, self.lkey)
+        self.maps = (self.groups.qmap, self.groups.kmap)
         self.upcast = common.interpreting() and common.needs_upcast(q)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
         self.out_strides, self.dk_strides, self.dv_strides = (
@@ -106,9 +109,11 @@ class Plan:
         # change per call, are checked per call; a misaligned one takes the pointer kernel)
         tma = config.tma_kernels(self.device)
         ok = config.tma_layout_ok
-        self.tma_fwd = "fwd" in tma and all(map(ok, (q, k, v)))  # out: as q
-        self.tma_dq = "dq" in tma and ok(k) and ok(v)
-        self.tma_dkdv = "dkdv" in tma and ok(q)  # and dO's, per backward key
+        # (a gathered tile moves through pointers: no TMA where every tile is gathered)
+        gq, gk = (m is not None for m in self.maps)
+        self.tma_fwd = "fwd" in tma and all(map(ok, (q, k, v))) and not (gq and gk)  # out: as q
+        self.tma_dq = "dq" in tma and ok(k) and ok(v) and not gk
+        self.tma_dkdv = "dkdv" in tma and ok(q) and not gq  # and dO's, per backward key
         self.fwd = None
         self.bwd = {}
 
@@ -120,7 +125,7 @@ class Plan:
 
     def _lut(self, kind, tiles):
         return get_lut(self.layout, self.block, tiles.block_m, tiles.block_n, self.shape[2],
-                       self.causal, self.device, kind, self.lkey, self.shape[0])
+                       self.causal, self.device, kind, self.lkey, self.shape[0], self.groups)
 
     def _meta(self, lut, tiles, tma):
         N, D = self.shape[2], self.shape[3]
@@ -129,7 +134,8 @@ class Plan:
                     FINE=lut.fine, CAUSAL=self.causal, HAS_KPM=self.has_kpm,
                     EVEN=N % TM == 0 and N % TN == 0, BITS32=lut.bits32, UPCAST=self.upcast,
                     ONE_LOOP=tiles.one_loop, ALL_FULL=lut.all_full and not tiles.one_loop,
-                    HAS_SPLIT=lut.n_slots > 0, TMA=tma, num_warps=tiles.num_warps,
+                    HAS_SPLIT=lut.n_slots > 0, TMA=tma, GATHER_Q=self.maps[0] is not None,
+                    GATHER_K=self.maps[1] is not None, num_warps=tiles.num_warps,
                     num_stages=tiles.num_stages)
         if tiles.maxnreg is not None and not common.interpreting():
             meta["maxnreg"] = tiles.maxnreg
@@ -151,7 +157,7 @@ class Plan:
                              POS_SCALE=self.scale > 0)
         so = self.out_strides
         ints = (*self.qkv_strides, *so[:3], self.s_kpm, B, H, N, lut.n_own, lut.n_other,
-                lut.n_work, lut.n_split, self.scale * LOG2E)
+                lut.n_work, lut.n_split, self.groups.n_map, self.scale * LOG2E)
         return lut, main, ints
 
     def forward(self, q, k, v, kpm):
@@ -177,16 +183,19 @@ class Plan:
             split = (lut.split, lut.slot_split, count)
         ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
         main.launch(ctx, (q, k, v, out, lse, kpm), ((q, TM), (k, TN), (v, TN), (out, TM)),
-                    (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *split, *ints))
+                    (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *split,
+                     *self.maps, *ints))
         return out, lse
 
-    def _reduce(self, lut, block, two, ints):
-        """The launch that sums a backward kernel's split items (None: nothing split)."""
+    def _reduce(self, lut, block, two, ints, tmap):
+        """The launch that sums a backward kernel's split items (None: nothing split), and
+        its token map (None: contiguous tiles)."""
         if not lut.n_split:
-            return None, ints
+            return None, ints, tmap
         N, D = self.shape[2], self.shape[3]
         return _reduce_kernel.prepare((lut.n_split * self.shape[0],), BLOCK=block, HEAD_DIM=D,
-                                      EVEN=N % block == 0, TWO=two, num_warps=4), ints
+                                      EVEN=N % block == 0, TWO=two, GATHER=tmap is not None,
+                                      num_warps=4), ints, tmap
 
     def _backward_launches(self, so, sdo):
         B, H, N, D = self.shape
@@ -196,21 +205,22 @@ class Plan:
         tiles = self.tiles.dq
         dq_lut = self._lut("row", tiles)
         dq = self._prepare(_dq_kernel, (dq_lut.n_work * B,), dq_lut, tiles, self.tma_dq)
+        n_map = self.groups.n_map
         dq_ints = (*self.qkv_strides, *so[:3], *sdo[:3], *sdq[:3], *common_ints, dq_lut.n_own,
-                   dq_lut.n_other, dq_lut.n_work, self.scale * LOG2E, self.scale)
+                   dq_lut.n_other, dq_lut.n_work, n_map, self.scale * LOG2E, self.scale)
         dq_reduce = self._reduce(dq_lut, tiles.block_m, False,
                                  (*sdq[:3], *sdq[:3], B, H, N, dq_lut.n_own, dq_lut.n_split,
-                                  self.scale, self.scale))
+                                  n_map, self.scale, self.scale), self.maps[0])
         tiles = self.tiles.dkdv
         kv_lut = self._lut("col", tiles)
         tma_dkdv = self.tma_dkdv and config.tma_strides_ok(sdo[:3], self.elem)
         dkdv = self._prepare(_dkdv_kernel, (kv_lut.n_work * B,), kv_lut, tiles, tma_dkdv)
         dkdv_ints = (*self.qkv_strides, *sdo[:3], *sdk[:3], *sdv[:3], *common_ints,
-                     kv_lut.n_own, kv_lut.n_other, kv_lut.n_work, self.scale * LOG2E,
+                     kv_lut.n_own, kv_lut.n_other, kv_lut.n_work, n_map, self.scale * LOG2E,
                      self.scale)
         kv_reduce = self._reduce(kv_lut, tiles.block_n, True,
                                  (*sdk[:3], *sdv[:3], B, H, N, kv_lut.n_own, kv_lut.n_split,
-                                  self.scale, 1.0))
+                                  n_map, self.scale, 1.0), self.maps[1])
         return dq_lut, dq, dq_ints, dq_reduce, kv_lut, dkdv, dkdv_ints, kv_reduce
 
     def backward(self, do, q, k, v, out, lse, kpm):
@@ -222,8 +232,8 @@ class Plan:
         launches = self.bwd.get(key)
         if launches is None:
             launches = self.bwd[key] = self._backward_launches(out.stride(), do.stride())
-        dq_lut, dq_k, dq_ints, (dq_red, dq_red_ints), kv_lut, dkdv_k, dkdv_ints, \
-            (kv_red, kv_red_ints) = launches
+        dq_lut, dq_k, dq_ints, (dq_red, dq_red_ints, dq_map), kv_lut, dkdv_k, dkdv_ints, \
+            (kv_red, kv_red_ints, kv_map) = launches
         B, H, N, D = self.shape
         dq_tiles, kv_tiles = self.tiles.dq, self.tiles.dkdv
         dev = q.device
@@ -241,15 +251,16 @@ class Plan:
                               ws_dv))
         dq_k.launch(ctx, (q, k, v, out, do, dq, lse, delta, kpm),
                     ((k, dq_tiles.block_n), (v, dq_tiles.block_n)),
-                    (dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg, dq_lut.work, ws_dq, *dq_ints))
+                    (dq_lut.idx, dq_lut.bits, dq_lut.nfull_arg, dq_lut.work, ws_dq, *self.maps,
+                     *dq_ints))
         if dq_red is not None:
-            dq_red.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, *dq_red_ints)
+            dq_red.launch(ctx, ws_dq, dq, ws_dq, dq, dq_lut.split, dq_map, *dq_red_ints)
         dkdv_k.launch(ctx, (q, k, v, do, dk, dv, lse, delta, kpm),
                       ((q, kv_tiles.block_m), (do, kv_tiles.block_m)),
                       (kv_lut.idx, kv_lut.bits, kv_lut.nfull_arg, kv_lut.work, ws_dk, ws_dv,
-                       *dkdv_ints))
+                       *self.maps, *dkdv_ints))
         if kv_red is not None:
-            kv_red.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, *kv_red_ints)
+            kv_red.launch(ctx, ws_dk, dk, ws_dv, dv, kv_lut.split, kv_map, *kv_red_ints)
         return dq, dk, dv
 
 
@@ -281,6 +292,7 @@ def plan_cache_size() -> int:
 def clear_caches() -> None:
     """Drop every look-up table and every plan (which hold tables and tile configs)."""
     clear_luts()
+    clear_groups()
     _PLANS.clear()
 
 
@@ -288,6 +300,7 @@ def _settings_changed(luts: bool) -> None:
     _PLANS.clear()
     if luts:
         clear_luts()
+        clear_groups()
 
 
 config.on_change(_settings_changed)

@@ -36,6 +36,12 @@ tile). A partial tile applies the fine-layout bits (FINE), the causal mask (CAUS
 the sequence is not a multiple of the tile (EVEN false), bounded loads (the units past the
 end have no bit set, so such tiles are always partial).
 
+Packed tiles (GATHER_Q, GATHER_K; ``sparse_attn.ops.fused.grouping``): query (key) tile t of
+head h is rows QMAP[h, t * BLOCK_M ...] (KMAP[h, ...]) of the sequence, not a contiguous range:
+QMAP, KMAP [H, n_map] int32 token maps (N past the end, so such rows read 0 and are never
+stored). Gathered tiles move through pointers (never TMA); the bits, the causal rule (on
+token positions) and the LUTs are as above, on the tiles of the maps.
+
 Scores are kept in base 2: s2 = q.k * scale * log2(e) (+ kpm * log2(e)); LSE is stored in the
 same units (+inf for a row that sees no key, so that its probabilities and gradients are 0).
 """
@@ -73,6 +79,16 @@ def work_item(WORK, w, n_work):
 def first_tile(WORK, w, n_work):
     """IDX[row, lo] of work item w (loaded beside its record)."""
     return tl.load(WORK + 4 * n_work + w)
+
+
+@triton.jit
+def tile_rows(MAP, h64, n_map, first, offs, GATHER: tl.constexpr):
+    """The sequence rows of the tile starting at position first: first + offs, or through
+    the token map MAP of head h when GATHER."""
+    if GATHER:
+        return tl.load(MAP + h64 * n_map + first + offs)
+    else:
+        return first + offs
 
 
 @triton.jit

@@ -5,24 +5,25 @@ import triton
 import triton.language as tl
 
 from .fused_common import (bit_index, first_tile, keep, load_kv, load_tile, load_vec, lut_row, mm,
-                           mma, work_item)
+                           mma, tile_rows, work_item)
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, IDX, BITS, lo, hi,
-               lo0, first0, b, h, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx, N,
-               qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, KMAP, IDX, BITS, lo,
+               hi, lo0, first0, b, h, stride_kn, stride_vn, n_map, offs_m, offs_n, offs_d,
+               bitidx, N, qk_scale,
                BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, FINE: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
                BITS32: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, GATHER_K: tl.constexpr):
+    h64 = h.to(tl.int64)
     for it in range(lo, hi):
         # entry lo0 of the LUT row (the work item's first) came with the record: its K/V
         # loads need not wait for a LUT read (measured: 1-2% off the forward)
         first = tl.load(IDX + it, mask=it != lo0, other=first0) * BLOCK_N
-        cols = first + offs_n
+        cols = tile_rows(KMAP, h64, n_map, first, offs_n, GATHER_K)
         k, v = load_kv(K_desc, V_desc, K_base, V_base, b, h, first, cols, stride_kn,
-                        stride_vn, offs_d, N, PARTIAL and not EVEN, TMA)
+                        stride_vn, offs_d, N, PARTIAL and not EVEN, TMA and not GATHER_K)
         qk = mm(q, tl.trans(k), UPCAST)
         if POS_SCALE and not PARTIAL and not HAS_KPM:
             # a full tile without key padding: every score is finite, and with a positive
@@ -52,8 +53,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_desc, V_desc, K_base, V_base, KPM_base, IDX, 
 @triton.jit
 def _fwd_store(O, O_desc, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob, stride_oh,
                stride_om, H, N, EVEN: tl.constexpr, TMA: tl.constexpr):
-    """Normalise and store the output of query rows offs_m = m0, m0 + 1, ... of (b, h),
-    through O_desc when TMA (its bounds drop the rows past N), and their LSE."""
+    """Normalise and store the output of query rows offs_m (m0, m0 + 1, ... when TMA) of
+    (b, h), through O_desc when TMA (its bounds drop the rows past N), and their LSE."""
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     empty = l_i == 0.0
@@ -104,26 +105,28 @@ def _merge_items(WS_ACC, WS_ML, start, n, B, b64, rr, offs_d, BLOCK_M: tl.conste
 @triton.jit
 def fused_attn_fwd_kernel(
         Q, K, V, O, LSE, KPM, Q_DESC, K_DESC, V_DESC, O_DESC,
-        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML, SPLIT, SLOT_SPLIT, COUNT,
+        IDX, BITS, NFULL, WORK, WS_ACC, WS_ML, SPLIT, SLOT_SPLIT, COUNT, QMAP, KMAP,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_kpmb,
-        B, H, N, n_qt, n_kt, n_work, n_split, qk_scale,
+        B, H, N, n_qt, n_kt, n_work, n_split, n_map, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         UNIT_M: tl.constexpr, UNIT_N: tl.constexpr, FINE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN: tl.constexpr,
         BITS32: tl.constexpr, UPCAST: tl.constexpr,
         ONE_LOOP: tl.constexpr, ALL_FULL: tl.constexpr, HAS_SPLIT: tl.constexpr,
-        POS_SCALE: tl.constexpr, TMA: tl.constexpr):
+        POS_SCALE: tl.constexpr, TMA: tl.constexpr, GATHER_Q: tl.constexpr,
+        GATHER_K: tl.constexpr):
     """One program per (work item, batch). A work item is a range [lo, hi) of one row of the
     LUT; a long row (a global row) is cut into several items whose partial results go to the
     workspace (slot >= 0): the last of them to finish merges them all and stores the row
     (SPLIT: [3, n_split] row, first slot, items; SLOT_SPLIT: split row of each slot; COUNT:
     int32 [n_split * B] arrivals, zero at launch). TMA: the Q, K and V tiles come through the
     descriptors Q_DESC, K_DESC, V_DESC and O goes out through O_DESC (else those are
-    None)."""
+    None; a gathered tile moves through pointers). QMAP, KMAP: token maps of packed tiles
+    (None unless GATHER_Q, GATHER_K)."""
     pid = tl.program_id(0)
     b = pid % B
     w = pid // B
@@ -133,11 +136,11 @@ def fused_attn_fwd_kernel(
     h = r // n_qt
     h64 = h.to(tl.int64)
     m0 = (r % n_qt) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = tile_rows(QMAP, h64, n_map, m0, tl.arange(0, BLOCK_M), GATHER_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_tile(Q_DESC, Q + b64 * stride_qb + h64 * stride_qh, b, h, m0, offs_m, stride_qm,
-                   offs_d, N, not EVEN, TMA)
+                   offs_d, N, not EVEN, TMA and not GATHER_Q)
     K_base = K + b64 * stride_kb + h64 * stride_kh
     V_base = V + b64 * stride_vb + h64 * stride_vh
     if HAS_KPM:
@@ -155,20 +158,20 @@ def fused_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not ONE_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_DESC, V_DESC, K_base, V_base, KPM_base,
-                                   IDX + row, BITS_row, lo, tl.minimum(hi, nfull), lo, first0,
-                                   b, h, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx,
-                                   N, qk_scale, BLOCK_N, False, FINE, CAUSAL, HAS_KPM, EVEN,
-                                   BITS32, UPCAST, POS_SCALE, TMA)
+                                   KMAP, IDX + row, BITS_row, lo, tl.minimum(hi, nfull), lo,
+                                   first0, b, h, stride_kn, stride_vn, n_map, offs_m, offs_n,
+                                   offs_d, bitidx, N, qk_scale, BLOCK_N, False, FINE, CAUSAL,
+                                   HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE, TMA, GATHER_K)
     if not ALL_FULL:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_DESC, V_DESC, K_base, V_base, KPM_base,
-                                   IDX + row, BITS_row, tl.maximum(lo, nfull), hi, lo, first0,
-                                   b, h, stride_kn, stride_vn, offs_m, offs_n, offs_d, bitidx,
-                                   N, qk_scale, BLOCK_N, True, FINE, CAUSAL, HAS_KPM, EVEN,
-                                   BITS32, UPCAST, POS_SCALE, TMA)
+                                   KMAP, IDX + row, BITS_row, tl.maximum(lo, nfull), hi, lo,
+                                   first0, b, h, stride_kn, stride_vn, n_map, offs_m, offs_n,
+                                   offs_d, bitidx, N, qk_scale, BLOCK_N, True, FINE, CAUSAL,
+                                   HAS_KPM, EVEN, BITS32, UPCAST, POS_SCALE, TMA, GATHER_K)
     if HAS_SPLIT:  # else the workspace pointers are None and every slot is -1
         if slot < 0:
             _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
-                       stride_oh, stride_om, H, N, EVEN, TMA)
+                       stride_oh, stride_om, H, N, EVEN, TMA and not GATHER_Q)
         else:
             ws = slot.to(tl.int64) * B + b64
             rr = tl.arange(0, BLOCK_M)
@@ -188,7 +191,7 @@ def fused_attn_fwd_kernel(
                 acc, l_i, m_i = _merge_items(WS_ACC, WS_ML, start, n, B, b64, rr, offs_d,
                                                BLOCK_M, HEAD_DIM)
                 _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
-                           stride_oh, stride_om, H, N, EVEN, TMA)
+                           stride_oh, stride_om, H, N, EVEN, TMA and not GATHER_Q)
     else:
         _fwd_store(O, O_DESC, LSE, acc, l_i, m_i, b, h, m0, offs_m, offs_d, stride_ob,
-                   stride_oh, stride_om, H, N, EVEN, TMA)
+                   stride_oh, stride_om, H, N, EVEN, TMA and not GATHER_Q)
