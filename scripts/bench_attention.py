@@ -413,10 +413,13 @@ def main():
     ap.add_argument("--compare-packing", action="store_true",
                     help="also time packed-tile rows on contiguous tiles "
                          "(set_fused_config(group=False)), as contig_*")
+    ap.add_argument("--head-dim", type=int, default=D, help="head_dim (default 64)")
     ap.add_argument("--tag", default="h100")
     ap.add_argument("--outdir", default=os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "..", "benchmarks"))
     args = ap.parse_args()
+    global D
+    D = args.head_dim
     if args.merge:
         return merge(args.merge, args)
     import triton

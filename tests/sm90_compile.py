@@ -95,7 +95,9 @@ class _H100(nvidia.CudaDriver):
 # how: "op" calls the custom ops' implementations; "public" the public function and autograd,
 # with [B, N, H, D] inputs and gradient and a float16 [B, 1, 1, N] mask (converted per call);
 # "misaligned" the public function with an aligned q, then with a q of the same shape 8 bytes
-# off 16-byte alignment (its launches must not reuse the binary for aligned pointers)
+# off 16-byte alignment (its launches must not reuse the binary for aligned pointers);
+# "fixed" as "op" on a bidirectional Fixed layout (packed key tiles, contiguous query tiles).
+# The causal cases (unidirectional Fixed) run on packed query and key tiles.
 CASES = [
     (16, 64, 1024, True, False, True, None, "op"),
     (32, 64, 1024, False, True, False, None, "op"),
@@ -108,6 +110,7 @@ CASES = [
     (64, 128, 1024, False, False, False, None, "negative scale"),  # no FMA-folded max
     (64, 64, 1024, True, False, True, None, "public"),
     (32, 64, 1024, False, False, False, None, "misaligned"),
+    (16, 64, 1024, True, False, True, None, "fixed"),  # packed key tiles only (Q, O by TMA)
 ]
 
 
@@ -167,6 +170,7 @@ def main() -> int:
     from sparse_attn.ops import common, fused
     from sparse_attn.ops.fused import lut as fused_lut
     from sparse_attn.ops.fused import op as fused_op
+    from sparse_attn.ops.fused.grouping import get_groups
 
     common._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     common.needs_upcast = lambda t: False  # the GPU variant of every kernel
@@ -181,11 +185,13 @@ def main() -> int:
         fused.clear_caches()
         if causal:
             sc = FixedSparsityConfig(2, block, attention="unidirectional", num_local_blocks=4)
+        elif how == "fixed":
+            sc = FixedSparsityConfig(2, block, num_local_blocks=4)
         else:
             sc = BigBirdSparsityConfig(2, block, different_layout_per_head=True,
                                        num_random_blocks=1)
         layout = sc.make_layout(seq)
-        if how in ("op", "negative scale"):
+        if how in ("op", "negative scale", "fixed"):
             q, k, v, do = (torch.randn(2, 2, seq, d).to(torch.bfloat16) for _ in range(4))
             mask = torch.zeros(2, seq) if kpm else None
         else:
@@ -200,7 +206,7 @@ def main() -> int:
         scale = -(d ** -0.5) if how == "negative scale" else d ** -0.5
 
         def run_case():
-            if how in ("op", "negative scale"):
+            if how in ("op", "negative scale", "fixed"):
                 out, lse = fused_op._fwd_op(q, k, v, layout, mask, block, scale, causal)
                 fused_op._bwd_op(do, q, k, v, out, lse, layout, mask, block, scale, causal)
                 return
@@ -224,8 +230,11 @@ def main() -> int:
             return 1
         descriptors = sum(isinstance(a, tuple) and a[:1] == ("descriptor",)
                           for r in RECORDS for a in r[-1])
-        if tma != (descriptors > 0):
-            print(f"FAIL: tma {tma} but {descriptors} descriptors were passed")
+        groups = get_groups(layout, block, seq, q.device, fused.kernel_tiles(d, block))
+        packed_both = groups.qmap is not None and groups.kmap is not None
+        if (tma and not packed_both) != (descriptors > 0):  # gathered tiles take pointers
+            print(f"FAIL: tma {tma} (packed tiles {groups.qmap is not None}, "
+                  f"{groups.kmap is not None}) but {descriptors} descriptors were passed")
             return 1
         print(f"ok block {block:3d} head_dim {d:3d} seq {seq} kpm {kpm!s:5} causal "
               f"{causal!s:5} split {split!s:5} {how:10} tma {tma!s:5}: {', '.join(LAUNCHES)}; "

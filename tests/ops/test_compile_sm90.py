@@ -23,6 +23,6 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, out[-4000:]
     assert "compiled for sm_90" in out
     ok = [line for line in out.splitlines() if line.startswith("ok ")]
-    assert len(ok) == 2 * 11 + 5, out[-4000:]  # fused cases (pointers, TMA), then MatMul/Softmax
+    assert len(ok) == 2 * 12 + 5, out[-4000:]  # fused cases (pointers, TMA), then MatMul/Softmax
     # each case also launched through launch.Launcher's direct path, identically
     assert all(line.endswith("direct launches match") for line in ok), out[-4000:]
