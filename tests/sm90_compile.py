@@ -170,7 +170,7 @@ def main() -> int:
     from sparse_attn.ops import common, fused
     from sparse_attn.ops.fused import lut as fused_lut
     from sparse_attn.ops.fused import op as fused_op
-    from sparse_attn.ops.fused.grouping import get_groups
+    from sparse_attn.ops.fused.grouping import tiles_and_groups
 
     common._INTERPRET = True  # the checks let CPU tensors through; nothing runs on them
     common.needs_upcast = lambda t: False  # the GPU variant of every kernel
@@ -230,7 +230,7 @@ def main() -> int:
             return 1
         descriptors = sum(isinstance(a, tuple) and a[:1] == ("descriptor",)
                           for r in RECORDS for a in r[-1])
-        groups = get_groups(layout, block, seq, q.device, fused.kernel_tiles(d, block))
+        _, groups = tiles_and_groups(layout, block, seq, q.device, d)
         packed_both = groups.qmap is not None and groups.kmap is not None
         if (tma and not packed_both) != (descriptors > 0):  # gathered tiles take pointers
             print(f"FAIL: tma {tma} (packed tiles {groups.qmap is not None}, "

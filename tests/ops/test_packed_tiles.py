@@ -138,7 +138,7 @@ def _covered(lut, groups, H, nb, block, TM, TN, kind):
 
 @pytest.mark.parametrize("kind", ["row", "col"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("block,TM,TN", [(16, 64, 32), (16, 32, 64), (32, 64, 64)])
+@pytest.mark.parametrize("block,TM,TN", [(16, 64, 32), (16, 32, 64), (16, 64, 64), (32, 64, 64)])
 def test_tables_cover_every_kept_block_once(kind, causal, block, TM, TN):
     nb = 20
     L = mixed_layout(3, nb, torch.Generator().manual_seed(block + TM), causal=causal)

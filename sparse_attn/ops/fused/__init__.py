@@ -13,6 +13,7 @@ One job per module:
 
 * ``config``: tile configurations (``TileConfig``, ``FusedTiles``), ``set_fused_config``
   and the rule for when a kernel moves tiles by TMA;
+* ``grouping``: packed tiles for fine layouts (which blocks share a tile), cached per layout;
 * ``lut``: look-up tables and work items, cached per layout;
 * ``plan``: what a call signature fixes, worked out once, and the kernel launches;
 * ``op``: the autograd function, the registered custom op and the public function.

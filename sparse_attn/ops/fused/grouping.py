@@ -21,7 +21,8 @@ import torch
 from ..caching import build_outside_graph_pools, layout_identity
 from . import config
 
-__all__ = ["Groups", "block_orders", "token_map", "get_groups", "clear_groups", "MAP_ALIGN"]
+__all__ = ["Groups", "block_orders", "token_map", "get_groups", "tiles_and_groups",
+           "clear_groups", "MAP_ALIGN"]
 
 MAP_ALIGN = 128  # a token map is padded to a multiple of the largest tile
 
@@ -116,6 +117,16 @@ def get_groups(layout, block, seq, device, tiles, layout_key=None) -> Groups:
     while len(_GROUPS) > _GROUPS_SIZE:
         _GROUPS.popitem(last=False)
     return groups
+
+
+def tiles_and_groups(layout, block, seq, device, head_dim, layout_key=None):
+    """(tile configs, groups) of a call: the packed-tile configs where this layout runs on
+    packed tiles, else the contiguous ones and IDENTITY."""
+    tiles = config.kernel_tiles(head_dim, block, packed=True)
+    groups = get_groups(layout, block, seq, device, tiles, layout_key)
+    if groups.any:
+        return tiles, groups
+    return config.kernel_tiles(head_dim, block), IDENTITY
 
 
 def clear_groups() -> None:

@@ -18,7 +18,7 @@ from ..caching import layout_identity
 from ..checks import additive_key_padding, check_fused_call
 from ..launch import Launcher, direct_context
 from . import config
-from .grouping import clear_groups, get_groups
+from .grouping import clear_groups, tiles_and_groups
 from .lut import clear_luts, get_lut
 
 try:
@@ -94,8 +94,8 @@ class Plan:
         self.scale = float(D ** -0.5) if scale is None else float(scale)
         self.device = q.device
         self.elem = q.element_size()
-        self.tiles = config.kernel_tiles(D, self.block)
-        self.groups = get_groups(layout, self.block, N, self.device, self.tiles, self.lkey)
+        self.tiles, self.groups = tiles_and_groups(layout, self.block, N, self.device, D,
+                                                   self.lkey)
         self.maps = (self.groups.qmap, self.groups.kmap)
         self.upcast = common.interpreting() and common.needs_upcast(q)
         self.qkv_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
