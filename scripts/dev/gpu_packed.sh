@@ -8,13 +8,13 @@ OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-ROWS=${ROWS:-"16384-fixed-16 16384-tutorial-16 16384-fixed-32 16384-tutorial-32 16384-fixed-64 4096-tutorial-16 16384-bigbird-16"}
+ROWS=${ROWS-"16384-fixed-16 16384-tutorial-16 16384-fixed-32 16384-tutorial-32 16384-fixed-64 4096-tutorial-16 16384-bigbird-16"}
 if [ -n "$ROWS" ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_attention.py --rows $ROWS --no-flex \
     --rounds 1 --compare-packing --graph ${BENCH_ARGS:-} --tag quick --outdir "$OUT" \
     > "$OUT/bench.log" 2>&1 &
 fi
-TESTS=${TESTS:-"tests/ops/test_packed_tiles.py tests/ops/test_fused_attention.py"}
+TESTS=${TESTS-"tests/ops/test_packed_tiles.py tests/ops/test_fused_attention.py"}
 if [ -n "$TESTS" ]; then
   python3 -m pytest --collect-only -q -p no:cacheprovider $TESTS | grep :: > "$OUT/ids.txt"
   split -n r/"${GROUPS_N:-4}" "$OUT/ids.txt" "$OUT/ids_"
