@@ -24,7 +24,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-NAMES = {"bigbird": "BigBird", "fixed": "Fixed"}
+NAMES = {"bigbird": "BigBird", "fixed": "Fixed", "tutorial": "tutorial Fixed",
+         "variable": "Variable", "bslongformer": "BSLongformer"}
 VARIANTS = {"dense_sdpa": "dense SDPA", "sparse_bigbird": "sparse BigBird {block}",
             "sparse_fixed": "sparse Fixed {block}", "hf_bigbird": "HF BigBirdForMaskedLM"}
 
@@ -130,7 +131,7 @@ def bert_table(device):
 
 
 def render(args):
-    return {"attention": attention_table(args.device, args.blocks),
+    return {"attention": attention_table(args.attention_device or args.device, args.blocks),
             "bert": bert_table(args.device)}
 
 
@@ -149,6 +150,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="h200",
                    help="which records: benchmarks/*_<device>.json (default: h200)")
+    p.add_argument("--attention-device", default="h100",
+                   help="the attention table's record, when it differs from --device "
+                        "(default: h100)")
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
                    help="attention table: the block sizes shown (default: 16 64)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
