@@ -2,6 +2,7 @@
 
 Never shipped as a backend: it materialises the full [batch, heads, seq, seq] score matrix.
 """
+import pytest
 import torch
 
 
@@ -58,3 +59,24 @@ def assert_rel_close(out, ref, dtype, factor=1.0):
     err = rel_error(out, ref)
     tol = REL_TOL[dtype] * factor
     assert err <= tol, f"relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def kernel_cases(blocks, full):
+    """pytest params (dtype, block, head_dim, causal, padded) of a kernel test matrix: the
+    full cross when ``full`` (on a GPU), else one head_dim per (dtype, block, causal, padded)
+    case, rotating so that every head_dim meets every dtype, block, causal and padding
+    setting (the interpreter is slow)."""
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for block in blocks:
+            for causal in (False, True):
+                for padded in (False, True):
+                    for d in (32, 64, 128):
+                        rot = block // 16 + causal + 2 * padded + (dtype == torch.bfloat16)
+                        if full or d == (32, 64, 128)[rot % 3]:
+                            cases.append(pytest.param(
+                                dtype, block, d, causal, padded,
+                                id=f"{str(dtype)[6:]}-b{block}-d{d}-"
+                                   f"{'causal' if causal else 'bidir'}-"
+                                   f"{'kpm' if padded else 'nokpm'}"))
+    return cases

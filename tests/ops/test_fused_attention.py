@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from reference import assert_rel_close, reference_attention, rel_error
+from reference import assert_rel_close, kernel_cases, reference_attention, rel_error
 
 from sparse_attn.ops.fused import (FusedBlockSparseAttention, TileConfig, cached_plan,
                                    clear_caches, fused_block_sparse_attention, fused_supported,
@@ -99,26 +99,7 @@ def _fresh_config():
 
 
 # ----------------------------------------------------------------------------- tests
-def _matrix_cases():
-    """dtype x block x head_dim x causal x key padding. On CUDA the full cross; under the
-    interpreter one head_dim per (dtype, block, causal, kpm) case, rotating so that every
-    head_dim meets every dtype, block, causal and kpm setting."""
-    cases = []
-    for dtype in DTYPES:
-        for block in (16, 32, 64, 128):
-            for causal in (False, True):
-                for padded in (False, True):
-                    for d in (32, 64, 128):
-                        rot = (block // 16 + causal + 2 * padded + (dtype == torch.bfloat16))
-                        if CUDA or d == (32, 64, 128)[rot % 3]:
-                            cases.append(pytest.param(
-                                dtype, block, d, causal, padded,
-                                id=f"{str(dtype)[6:]}-b{block}-d{d}-"
-                                   f"{'causal' if causal else 'bidir'}-{'kpm' if padded else 'nokpm'}"))
-    return cases
-
-
-@pytest.mark.parametrize("dtype,block,d,causal,padded", _matrix_cases())
+@pytest.mark.parametrize("dtype,block,d,causal,padded", kernel_cases((16, 32, 64, 128), CUDA))
 def test_matrix(dtype, block, d, causal, padded):
     seed = zlib.crc32(f"{dtype}{block}{d}{causal}{padded}".encode()) % 10000
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from reference import assert_rel_close, reference_attention, rel_error
+from reference import assert_rel_close, kernel_cases, reference_attention, rel_error
 
 from sparse_attn.ops.fused import (clear_caches, fused_block_sparse_attention, get_plan,
                                    kernel_tiles, set_fused_config)
@@ -153,24 +153,7 @@ def test_tables_cover_every_kept_block_once(kind, causal, block, TM, TN):
 
 
 # ------------------------------------------------------------------------------ kernels
-def _cases():
-    cases = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for block in (16, 32):
-            for causal in (False, True):
-                for padded in (False, True):
-                    for d in (32, 64, 128):
-                        rot = block // 16 + causal + 2 * padded + (dtype == torch.bfloat16)
-                        if CUDA or d == (32, 64, 128)[rot % 3]:
-                            cases.append(pytest.param(
-                                dtype, block, d, causal, padded,
-                                id=f"{str(dtype)[6:]}-b{block}-d{d}-"
-                                   f"{'causal' if causal else 'bidir'}-"
-                                   f"{'kpm' if padded else 'nokpm'}"))
-    return cases
-
-
-@pytest.mark.parametrize("dtype,block,d,causal,padded", _cases())
+@pytest.mark.parametrize("dtype,block,d,causal,padded", kernel_cases((16, 32), CUDA))
 def test_packed_matches_reference(dtype, block, d, causal, padded):
     seed = zlib.crc32(f"{dtype}{block}{d}{causal}{padded}".encode()) % 10000
     gen = torch.Generator().manual_seed(seed)
