@@ -150,9 +150,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="h200",
                    help="which records: benchmarks/*_<device>.json (default: h200)")
-    p.add_argument("--attention-device", default="h100",
+    p.add_argument("--attention-device", default=None,
                    help="the attention table's record, when it differs from --device "
-                        "(default: h100)")
+                        "(default: the same)")
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
                    help="attention table: the block sizes shown (default: 16 64)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
