@@ -3,8 +3,8 @@ MASTER_ADDR and MASTER_PORT set (as the deepspeed launcher sets them).
 
 Joins a gloo world through ``deepspeed.comm``, then for each split of the world into sequence
 groups and each case of ``ulysses_cases.CASES`` runs ``SequenceParallelSparseAttention``
-forward and backward on its shard of the case's data, and records its output and gradient
-shards, its head slice and layout; then provokes the errors that need a process group. Writes
+forward and backward on its shard of the case's data (the full key padding mask gathered from
+the ranks' mask shards), and records its output and gradient shards, its head slice and layout; then provokes the errors that need a process group. Writes
 everything to ``OUT_DIR/rank{RANK}.pt``; the pytest side compares.
 """
 import os
@@ -24,11 +24,15 @@ def group_splits(world: int):
     return splits
 
 
-def run_case(module, case, seed, rank_in_group, p):
+def run_case(module, case, seed, rank_in_group, p, group):
+    from sparse_attn.sequence_parallel import gather_sequence_shards
+
     q, k, v, grad, mask = uc.make_data(case, seed)
     s = uc.SEQ // p
     part = slice(rank_in_group * s, (rank_in_group + 1) * s)
     q, k, v = (t[:, :, part].clone().requires_grad_() for t in (q, k, v))
+    # What a loader that hands out mask shards does once per step: gather the full mask.
+    mask = gather_sequence_shards(mask[..., part].contiguous(), group)
     out = module(q, k, v, key_padding_mask=mask)
     out.backward(grad[:, :, part])
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
@@ -64,7 +68,7 @@ def main(out_dir):
             module = SPSA(uc.CONFIGS[config_name](), group, p, key_padding_mask_mode=mode,
                           max_seq_length=uc.MAX_SEQ)
             res = run_case(module, case, seed=100 + index, rank_in_group=groups[index].index(rank),
-                           p=p)
+                           p=p, group=group)
             res.update(group_index=index, rank_in_group=groups[index].index(rank), p=p)
             results["cases"][(split, case)] = res
 
