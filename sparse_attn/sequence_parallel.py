@@ -96,7 +96,7 @@ class HeadSliceLayout(SparsityConfig):
         return self._layout[:, :nb, :nb].clone()
 
 
-class _SequenceFirstLocalAttention(nn.Module):
+class _BatchFirstLocalAttention(nn.Module):
     """What ``DistributedAttention`` calls: ``SparseSelfAttention`` on ``[batch, seq,
     local_heads, head_dim]`` tensors (DeepSpeed's batch-first layout after the exchange).
     Returns ``[batch, seq, local_heads, head_dim]``."""
@@ -169,7 +169,7 @@ class SequenceParallelSparseAttention(nn.Module):
         self.local_attention = SparseSelfAttention(local, **modes)
         # Batch-first: DeepSpeed scatters the heads (dim 2) and gathers the sequence (dim 1).
         self.distributed_attention = DistributedAttention(
-            _SequenceFirstLocalAttention(self.local_attention), sequence_process_group,
+            _BatchFirstLocalAttention(self.local_attention), sequence_process_group,
             scatter_idx=2, gather_idx=1)
 
     @property
