@@ -796,8 +796,9 @@ def test_nan_loss_in_bf16_stops_the_run(data_dir, test_config, tmp_path):
 # -- sequence parallelism (DeepSpeed Ulysses) ------------------------------------------------
 def test_sequence_parallel_two_ranks_equal_one_rank(data_dir, test_config, tmp_path):
     """--sequence_parallel_size 2 on two ranks (each holds half of every sequence) trains
-    exactly as one rank holding whole sequences: same losses at every step, to round-off.
-    Dropout is off so that both runs compute the same function."""
+    exactly as one rank holding whole sequences: same losses at every step, to round-off,
+    also after resuming its step-3 checkpoint. Dropout is off so that both runs compute the
+    same function."""
     with open(os.path.join(EXAMPLE, "bert_config_tiny.json")) as f:
         bert = json.load(f)
     bert["hidden_dropout_prob"] = bert["attention_probs_dropout_prob"] = 0.0
@@ -810,25 +811,30 @@ def test_sequence_parallel_two_ranks_equal_one_rank(data_dir, test_config, tmp_p
     config.write_text(json.dumps(cfg))
     flags = ["--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--max_steps",
              "6", "--num_threads", "1", "--no_progress_bar"]
-    runs = {}
-    for ranks, extra in ((1, []), (2, ["--sequence_parallel_size", "2"])):
-        out = str(tmp_path / f"ranks{ranks}")
-        log = launch(base_argv(data_dir, str(config), out, bert=str(bert_path)) + flags + extra,
-                     num_ranks=ranks)
-        runs[ranks] = metrics(out)
-    assert "x 1 data-parallel ranks x 2 per sequence" in log
-    assert "same on all 2 ranks" in log
-    with open(os.path.join(out, "run_info.json")) as f:
+    sp = ["--sequence_parallel_size", "2"]
+    runs, logs = {}, {}
+    for name, ranks, extra in (("one", 1, []), ("two", 2, sp + ["--save_every", "3"]),
+                               ("resumed", 2, sp + ["--load_checkpoint_dir",
+                                                    str(tmp_path / "two" / "checkpoints"),
+                                                    "--load_checkpoint_tag", "step_3"])):
+        out = str(tmp_path / name)
+        logs[name] = launch(base_argv(data_dir, str(config), out, bert=str(bert_path)) + flags
+                            + extra, num_ranks=ranks)
+        runs[name] = metrics(out)
+    assert "x 1 data-parallel ranks x 2 per sequence" in logs["two"]
+    assert "same on all 2 ranks" in logs["two"]
+    with open(os.path.join(tmp_path, "two", "run_info.json")) as f:
         info = json.load(f)
     assert info["sequence_parallel_size"] == 2
     assert info["engine_sequence_parallel_size"] == 2  # DeepSpeed's engine reduces over it
-    one, two = runs[1], runs[2]
-    assert [sorted(r) for r in one] == [sorted(r) for r in two]
+    one = runs["one"]
     assert [r["step"] for r in one if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(one, two):
-        for key in ("loss", "mlm_loss", "nsp_loss", "eval_loss"):
-            if key in a:
-                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+    for got, want in ((runs["two"], one), (runs["resumed"], [r for r in one if r["step"] > 3])):
+        assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in want]
+        for a, b in zip(want, got):
+            for key in ("loss", "mlm_loss", "nsp_loss", "eval_loss"):
+                if key in a:
+                    assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
 
 
 @pytest.mark.parametrize("world, size, flags, message", [
