@@ -84,7 +84,7 @@ def _single_process(case, seed):
                                              max_seq_length=uc.MAX_SEQ)
     q, k, v, grad, mask = uc.make_data(case, seed)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = module(q, k, v, key_padding_mask=mask)
+    out = module(q, k, v, key_padding_mask=mask, attn_mask=uc.make_attn_mask(case, seed))
     out.backward(grad)
     return module, (q, k, v, grad, mask), {"out": out.detach(), "dq": q.grad, "dk": k.grad,
                                            "dv": v.grad}
@@ -102,9 +102,13 @@ def test_sharded_run_matches_single_process_and_oracle(ranks, world, split, case
             assert err <= ROUND_OFF, f"group {members} {name}: relative error {err:.2e}"
         # Independently of the module: the float64 dense oracle on the full layout.
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        attn_mask = uc.make_attn_mask(case, seed=100 + index)
+        if attn_mask is not None:
+            attn_mask = uc.additive(attn_mask, "mul")
         ref = reference_attention(q64, k64, v64, module.get_layout(uc.SEQ), uc.BLOCK,
                                   causal=module.local_attention.causal,
-                                  key_padding_mask=uc.additive(mask, uc.CASES[case][1]))
+                                  key_padding_mask=uc.additive(mask, uc.CASES[case][1]),
+                                  attn_mask=attn_mask)
         ref.backward(grad.double())
         assert_rel_close(got["out"], ref, torch.float32)
         for name, t in (("dq", q64), ("dk", k64), ("dv", v64)):
@@ -176,7 +180,8 @@ def test_p1_is_sparse_self_attention(case):
     _, (q, k, v, _, mask), single = _single_process(case, seed=7)
     config_name, mode = uc.CASES[case]
     want = SparseSelfAttention(uc.CONFIGS[config_name](), key_padding_mask_mode=mode,
-                               max_seq_length=uc.MAX_SEQ)(q, k, v, key_padding_mask=mask)
+                               max_seq_length=uc.MAX_SEQ)(
+        q, k, v, key_padding_mask=mask, attn_mask=uc.make_attn_mask(case, seed=7))
     assert torch.equal(single["out"], want)
     module = SequenceParallelSparseAttention(uc.CONFIGS[config_name](), None, 1)
     assert module.distributed_attention is None

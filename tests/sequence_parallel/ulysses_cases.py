@@ -32,13 +32,25 @@ CASES = {
     "fixed_causal_perhead": ("fixed_causal_perhead", "add"),
     "local_causal_mul": ("local_causal", "mul"),
 }
+# Cases that also pass an attn_mask ([SEQ, SEQ], 0/1 keep mask in the default "mul" mode).
+WITH_ATTN_MASK = {"bigbird_perhead"}
+
+
+def make_attn_mask(case: str, seed: int):
+    """``[SEQ, SEQ]`` float 0/1 keep mask (about 1 in 5 pairs dropped, the diagonal kept) for
+    the cases of ``WITH_ATTN_MASK``, else None."""
+    if case not in WITH_ATTN_MASK:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = (torch.rand(SEQ, SEQ, generator=g) > 0.2) | torch.eye(SEQ, dtype=torch.bool)
+    return keep.float()
 
 
 def make_data(case: str, seed: int):
     """Full-sequence fp32 ``q, k, v, grad_out`` ``[BATCH, HEADS, SEQ, HEAD_DIM]`` and the
     key padding mask ``[BATCH, SEQ]`` of ``case`` (sequence b drops its last 13 * b + 5
     tokens): additive float for mode "add", BERT's extended ``[BATCH, 1, 1, SEQ]`` 0/1 keep
-    mask for mode "mul"."""
+    mask for mode "mul". The attention mask is ``make_attn_mask``'s."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, grad = (torch.randn(BATCH, HEADS, SEQ, HEAD_DIM, generator=g) for _ in range(4))
     keep = torch.ones(BATCH, SEQ)
@@ -53,7 +65,8 @@ def make_data(case: str, seed: int):
 
 
 def additive(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The ``[BATCH, SEQ]`` additive form (what the float64 reference takes) of ``mask``."""
+    """The additive form (what the float64 reference takes) of a key padding mask (``[BATCH,
+    SEQ]`` from either form) or of an attention mask ``[SEQ, SEQ]``, given in ``mode``."""
     mask = mask.reshape(mask.shape[0], mask.shape[-1])
     if mode == "add":
         return mask

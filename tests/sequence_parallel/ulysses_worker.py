@@ -33,7 +33,7 @@ def run_case(module, case, seed, rank_in_group, p, group):
     q, k, v = (t[:, :, part].clone().requires_grad_() for t in (q, k, v))
     # What a loader that hands out mask shards does once per step: gather the full mask.
     mask = gather_sequence_shards(mask[..., part].contiguous(), group)
-    out = module(q, k, v, key_padding_mask=mask)
+    out = module(q, k, v, key_padding_mask=mask, attn_mask=uc.make_attn_mask(case, seed))
     out.backward(grad[:, :, part])
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
             "layout": module.get_layout(uc.SEQ).clone(), "heads": (module.head_start,
