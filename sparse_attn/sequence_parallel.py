@@ -193,10 +193,13 @@ class SequenceParallelSparseAttention(nn.Module):
 
         Args:
             query, key, value: this rank's shard, ``[batch, heads, seq / P, head_dim]``, all
-                ``H`` heads; rank ``r`` holds tokens ``[r * seq / P, (r + 1) * seq / P)``.
+                ``H`` heads, one dtype (fp16, bf16, fp32 or fp64); rank ``r`` of the group
+                holds tokens ``[r * seq / P, (r + 1) * seq / P)``.
             key_padding_mask: of the FULL sequence, ``[batch, seq]`` (singleton middle
-                dimensions allowed), the same on every rank; in ``key_padding_mask_mode``.
-            attn_mask: of the full sequence, ``[seq, seq]``, in ``attn_mask_mode``.
+                dimensions allowed), the same on every rank; float in
+                ``key_padding_mask_mode``, or bool (True keeps).
+            attn_mask: of the full sequence, ``[seq, seq]``, float in ``attn_mask_mode`` or
+                bool.
 
         ``seq / P`` must be a multiple of the block (the full sequence a multiple of
         ``P * block``).
