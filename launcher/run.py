@@ -181,17 +181,13 @@ class SparseAttentionRun:
                 self.layout_checksum = local
         if self.layout_checksum is None:
             return
-        import torch.distributed as dist
+        from sparse_attn.layout_agreement import check_same_layout
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        sums = check_same_layout(self.layout_checksum)
+        if sums is None:
             logger.info("rank %d: %s", _rank(), self.describe())
             return
-        sums = [None] * dist.get_world_size()
-        dist.all_gather_object(sums, self.layout_checksum)
-        if len(set(sums)) != 1:
-            raise RuntimeError(f"ranks built different sparse attention layouts: {sums}")
-        logger.info("rank %d: %s (same on all %d ranks)", dist.get_rank(), self.describe(),
-                    len(sums))
+        logger.info("rank %d: %s (same on all %d ranks)", _rank(), self.describe(), len(sums))
 
 
 def _round_up(length: int, block: int) -> int:
@@ -208,11 +204,17 @@ def model_layout_checksums(model) -> list:
     """Checksums (sorted, distinct) of the layouts the sparse layers of ``model`` use: its
     ``SparseSelfAttention`` modules and, for a transformers model switched to
     ``"block_sparse"``, the layout stored in its config."""
+    from sparse_attn.sequence_parallel import SequenceParallelSparseAttention
     from sparse_attn.sparse_self_attention import SparseSelfAttention
     from sparse_attn.sparsity_config import layout_checksum
 
-    sums = {layout_checksum(m.master_layout) for m in model.modules()
-            if isinstance(m, SparseSelfAttention)}
+    # A sequence-parallel layer counts with its whole layout (the same on every rank), not
+    # with the head slice its inner SparseSelfAttention runs on this rank.
+    parallel = [m for m in model.modules() if isinstance(m, SequenceParallelSparseAttention)]
+    inner = {id(m.local_attention) for m in parallel}
+    sums = {m.layout_checksum for m in parallel}
+    sums |= {layout_checksum(m.master_layout) for m in model.modules()
+             if isinstance(m, SparseSelfAttention) and id(m) not in inner}
     settings = getattr(getattr(model, "config", None), "sparse_attention", None)
     if isinstance(settings, dict) and "transformers" in sys.modules:
         from sparse_attn import hf

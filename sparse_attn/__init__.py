@@ -14,6 +14,7 @@ from .ops import MatMul, Softmax, block_sparse_attention
 from .sparse_self_attention import SparseSelfAttention
 from .bert_sparse_self_attention import BertSparseSelfAttention
 from .sparse_attention_utils import SparseAttentionUtils
+from .sequence_parallel import SequenceParallelSparseAttention
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,5 @@ __all__ = [
     "SparsityConfig", "DenseSparsityConfig", "FixedSparsityConfig", "VariableSparsityConfig",
     "BigBirdSparsityConfig", "BSLongformerSparsityConfig", "LocalSlidingWindowSparsityConfig",
     "MatMul", "Softmax", "block_sparse_attention", "SparseSelfAttention", "BertSparseSelfAttention",
-    "SparseAttentionUtils",
+    "SparseAttentionUtils", "SequenceParallelSparseAttention",
 ]

@@ -17,6 +17,8 @@ refuses another layout than the checkpoint's unless ``--allow_layout_change``. I
 non-finite loss stops the run (exit status 3) before its optimizer update, naming the step and
 the last good checkpoint; in fp16, DeepSpeed's loss scaling skips such steps.
 ``<output_dir>/metrics.jsonl`` gets one line per logged step and per evaluation.
+``--sequence_parallel_size P`` splits every sequence over ``P`` ranks (DeepSpeed Ulysses;
+``bert_sequence_parallel.py``).
 
 DeepSpeedExamples' bing_bert command line works too (``bing_bert_compat.py``): ``--cf`` (its
 config file) for ``--bert_config``, ``--data_path_prefix`` for ``--data_dir``, ``--print_steps``
@@ -162,6 +164,11 @@ def parse_args(argv=None):
                    help="for a \"Lamb\" optimizer config: DeepSpeed's fused LAMB (a CUDA "
                    "extension), the plain PyTorch LAMB of lamb.py, or auto (fused when it "
                    "builds, else torch)")
+    p.add_argument("--sequence_parallel_size", type=int, default=1,
+                   help="ranks that share one sequence (DeepSpeed Ulysses): each holds "
+                   "1/P of the tokens and, inside attention, 1/P of the heads; needs "
+                   "--deepspeed_sparse_attention and a --max_seq_length that is a multiple "
+                   "of P * block")
     add_sparse_attention_arguments(p)
     bb.add_bing_bert_arguments(p)
     return p.parse_args(argv)
@@ -389,7 +396,10 @@ def plan_learning_rate(args, cf, ds_config):
     return plan
 
 
-def evaluate(engine, data, micro, world, rank, n_batches, device):
+def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None):
+    """The mean loss of ``n_batches`` batches per data-parallel rank (``world``, ``rank``:
+    data-parallel). With a sequence ``shard``, each rank's loss is its part of the sequence's
+    loss (the parts add up over the group), so only the group's rank 0 counts the batch."""
     engine.eval()
     total, count = 0.0, 0
     n = data["lengths"].shape[0]
@@ -398,14 +408,26 @@ def evaluate(engine, data, micro, world, rank, n_batches, device):
             start = (b * world + rank) * micro
             idx = [(start + i) % n for i in range(micro)]
             batch, _ = make_batch(data, idx, device)
+            if shard is not None:
+                batch = sp_shard_batch(engine, batch, shard)
             loss, _, _ = engine(**batch)
             total += float(loss)
-            count += 1
+            count += 1 if shard is None or shard.rank == 0 else 0
     engine.train()
     value = torch.tensor([total, count], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(value)  # on the device: NCCL takes no CPU tensors
     return float(value[0] / value[1])
+
+
+def sp_shard_batch(engine, batch, shard):
+    """This rank's shard of a full batch (``bert_sequence_parallel.shard_batch``)."""
+    from bert_sequence_parallel import shard_batch
+    from modeling import IGNORE_INDEX
+
+    bert = engine.module.bert
+    return shard_batch(batch, shard, bert.sparse_attention_config.block, bert.pad_token_id,
+                       IGNORE_INDEX)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -459,6 +481,11 @@ def main(argv=None) -> int:
                 if args.load_training_checkpoint is not None else "--load_checkpoint_dir")
             check_resume_layout(resume.layout, run, allow_change=args.allow_layout_change,
                                 checkpoint=f"checkpoint {resume.path}")
+        sp_size = args.sequence_parallel_size
+        from bert_sequence_parallel import check_sizes
+
+        check_sizes(sp_size, int(os.environ.get("WORLD_SIZE", "1")),
+                    bert_config.num_attention_heads, run.layout_length, run.block)
     except (LauncherConfigError, bb.BingBertError, ValueError) as err:
         return error(str(err))
     fill_monitor_paths(run.ds_config, args.output_dir, args.job_name)
@@ -480,12 +507,24 @@ def main(argv=None) -> int:
             sparse_max_seq_length=run.layout_length)
     except ValueError as err:
         return error(str(err))
+    shard, parallel = None, {}
+    if sp_size > 1:
+        import deepspeed
+        from bert_sequence_parallel import make_groups, sequence_parallel_mpu, use_in_model
+
+        deepspeed.init_distributed()
+        shard = make_groups(sp_size)
+        use_in_model(model, shard, run.sparsity_config, run.layout_length)
+        parallel = {"mpu": sequence_parallel_mpu()}  # DeepSpeed reduces over its groups
     client_optimizer = configure_lamb(run.ds_config, model, args.lamb, weight_decay)
     engine, _, _, _ = run.initialize(model=model,
                                      model_parameters=param_groups(model, weight_decay),
-                                     optimizer=client_optimizer)
+                                     optimizer=client_optimizer, **parallel)
 
-    rank, world = engine.global_rank, engine.world_size
+    rank = engine.global_rank
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # Data-parallel replicas: the ranks of a sequence group share one batch.
+    dp_world, dp_rank = world // sp_size, rank // sp_size
     micro = engine.train_micro_batch_size_per_gpu()
     ga = engine.gradient_accumulation_steps()
     device = engine.device
@@ -503,7 +542,9 @@ def main(argv=None) -> int:
                 "transformer_kernel": bool(args.deepspeed_transformer_kernel),
                 "transformer_kernel_disabled": run.transformer_kernel_disabled,
                 "user_config": run.user_config_path, "ds_config_seen": seen,
-                "world_size": world, "micro_batch": micro, "gradient_accumulation": ga,
+                "world_size": world, "sequence_parallel_size": sp_size,
+                "engine_sequence_parallel_size": getattr(engine, "sequence_parallel_size", 1),
+                "micro_batch": micro, "gradient_accumulation": ga,
                 "parameters": count_parameters(model), "bert_config": bert_config.to_dict(),
                 "max_seq_length": args.max_seq_length,
                 "padded_seq_length": run.padded_seq_length, "job_name": args.job_name,
@@ -517,7 +558,8 @@ def main(argv=None) -> int:
               f"{bert_config.num_hidden_layers} layers, hidden {bert_config.hidden_size}, "
               f"{bert_config.num_attention_heads} heads; data: {meta['train_instances']} "
               f"sequences of up to {meta['max_seq_length']} tokens; batch {micro} x {ga} "
-              f"accumulation x {world} ranks", flush=True)
+              f"accumulation x {dp_world} data-parallel ranks"
+              + (f" x {sp_size} per sequence" if sp_size > 1 else ""), flush=True)
 
     micro_step = 0
     last_good = None  # the last complete checkpoint of this run (saved, or resumed from)
@@ -540,7 +582,7 @@ def main(argv=None) -> int:
         print("bing_bert flag --rewarmup: no effect without a resumed checkpoint "
               "(--load_training_checkpoint)", file=sys.stderr, flush=True)
 
-    sampler = Sampler(train_data["lengths"].shape[0], micro, world, rank, args.seed)
+    sampler = Sampler(train_data["lengths"].shape[0], micro, dp_world, dp_rank, args.seed)
     progress = Progress(args.max_steps, is_main and not args.no_progress_bar,
                         start=engine.global_steps)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
@@ -557,6 +599,8 @@ def main(argv=None) -> int:
         # dropout and data are functions of (seed, step, rank): resuming repeats them exactly
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)
         batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
+        if shard is not None:
+            batch = sp_shard_batch(engine, batch, shard)
         loss, mlm_loss, nsp_loss = engine(**batch)
         if nan_step is not None and engine.global_steps + 1 == nan_step:
             loss = loss * float("nan")  # test fault injection (FAULT_NAN_LOSS)
@@ -573,7 +617,8 @@ def main(argv=None) -> int:
             if world > 1:
                 losses = losses.to(device)  # NCCL reduces device tensors only
                 torch.distributed.all_reduce(losses)
-                losses = (losses / world).cpu()
+                # a sequence group's parts add up to its loss: the mean over replicas
+                losses = (losses / dp_world).cpu()
             # the mean over the accumulation window and every rank: all ranks decide alike
             if stop_on_nonfinite and not all(math.isfinite(float(x)) for x in losses):
                 progress.close()
@@ -610,7 +655,7 @@ def main(argv=None) -> int:
                 ("Train/Samples/nsp_loss", nsp_v, engine.global_samples)])
         if step % args.log_every == 0 or step == args.max_steps:
             elapsed = time.time() - window_t0
-            tps = window_tokens * world / max(elapsed, 1e-9)
+            tps = window_tokens * dp_world / max(elapsed, 1e-9)
             avg = sum(window_loss) / len(window_loss)
             if is_main:
                 row = {"step": step, "loss": loss_v, "avg_loss": avg, "mlm_loss": mlm_v,
@@ -623,7 +668,8 @@ def main(argv=None) -> int:
         else:
             progress.update(step, loss_v, 0.0, lr)
         if args.eval_every and step % args.eval_every == 0:
-            ev = evaluate(engine, eval_data, micro, world, rank, args.eval_batches, device)
+            ev = evaluate(engine, eval_data, micro, dp_world, dp_rank, args.eval_batches,
+                          device, shard)
             if is_main:
                 write_jsonl(metrics_path, {"step": step, "eval_loss": ev, "time": time.time()})
                 print(f"\nstep {step}: eval loss {ev:.4f}", file=sys.stderr, flush=True)

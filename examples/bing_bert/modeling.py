@@ -266,9 +266,14 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config, sparsity_config, use_transformer_kernel,
                                    transformer_kernel_args, sparse_max_seq_length)
         self.pooler = BertPooler(config)
+        # Set by bert_sequence_parallel.use_in_model: this rank holds a shard of the tokens.
+        self.sequence_shard = None
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 output_all_encoded_layers=False):
+        if self.sequence_shard is not None:
+            return self._forward_shard(input_ids, token_type_ids, attention_mask,
+                                       output_all_encoded_layers)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pad_len = 0
@@ -298,6 +303,27 @@ class BertModel(nn.Module):
             layers = layers[-1]
         return layers, pooled
 
+    def _forward_shard(self, input_ids, token_type_ids, attention_mask,
+                       output_all_encoded_layers):
+        """Sequence parallel: ``input_ids``/``token_type_ids`` are this rank's shard
+        ``[batch, S / P]`` and ``attention_mask`` is the whole sequence's ``[batch, S]``
+        (``bert_sequence_parallel.shard_batch`` pads and cuts them); the outputs are the
+        shard's states and the pooled state of the shard's first token (the sequence's [CLS]
+        on the group's rank 0 only)."""
+        shard = self.sequence_shard
+        part = input_ids.shape[1]
+        if attention_mask is None or attention_mask.shape[1] != part * shard.size:
+            raise ValueError("sequence parallel: pass the whole sequence's attention_mask "
+                             "[batch, S] with the shard's input_ids [batch, S / P]")
+        positions = torch.arange(shard.rank * part, (shard.rank + 1) * part,
+                                 device=input_ids.device).unsqueeze(0)
+        embedding_output = self.embeddings(input_ids, token_type_ids, positions)
+        extended = attention_mask[:, None, None, :].to(torch.float32)
+        extended = (1.0 - extended) * torch.finfo(torch.float32).min
+        layers = self.encoder(embedding_output, extended, output_all_encoded_layers)
+        pooled = self.pooler(layers[-1])
+        return (layers if output_all_encoded_layers else layers[-1]), pooled
+
 
 class BertPreTrainingHeads(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
@@ -320,7 +346,9 @@ class BertForPreTraining(nn.Module):
     ``forward(input_ids, token_type_ids, attention_mask, masked_lm_labels=None,
     next_sentence_label=None)``: with labels returns ``(loss, mlm_loss, nsp_loss)`` (the MLM
     decoder runs only at positions whose label is not ``IGNORE_INDEX``), without them
-    ``(prediction_scores, seq_relationship_score)``.
+    ``(prediction_scores, seq_relationship_score)``. Sequence parallel
+    (``bert_sequence_parallel.use_in_model``): the inputs are this rank's shard and the three
+    losses are this rank's parts, which add up over the sequence group.
     """
 
     def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
@@ -353,10 +381,21 @@ class BertForPreTraining(nn.Module):
         picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, picked)
         scores = self.cls.prediction_scores(hidden)
-        mlm_loss = F.cross_entropy(scores.float(), labels.index_select(0, picked))
+        shard = self.bert.sequence_shard
+        if shard is None:
+            mlm_loss = F.cross_entropy(scores.float(), labels.index_select(0, picked))
+        else:  # this rank's part; the parts of a sequence group add up to the loss
+            from bert_sequence_parallel import masked_lm_loss_part
+
+            mlm_loss = masked_lm_loss_part(scores.float(), labels.index_select(0, picked),
+                                           shard)
         if next_sentence_label is None:
             return mlm_loss, mlm_loss, torch.zeros_like(mlm_loss)
         nsp_loss = F.cross_entropy(seq_rel.float(), next_sentence_label.reshape(-1))
+        if shard is not None:
+            from bert_sequence_parallel import next_sentence_loss_part
+
+            nsp_loss = next_sentence_loss_part(nsp_loss, shard)
         return mlm_loss + nsp_loss, mlm_loss, nsp_loss
 
 

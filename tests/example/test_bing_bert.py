@@ -791,3 +791,67 @@ def test_nan_loss_in_bf16_stops_the_run(data_dir, test_config, tmp_path):
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
     assert sorted(os.listdir(ckpts)) == ["latest", "step_2", "step_4"]
     assert os.path.isfile(os.path.join(ckpts, "step_4", COMPLETE))
+
+
+# -- sequence parallelism (DeepSpeed Ulysses) ------------------------------------------------
+def test_sequence_parallel_two_ranks_equal_one_rank(data_dir, test_config, tmp_path):
+    """--sequence_parallel_size 2 on two ranks (each holds half of every sequence) trains
+    exactly as one rank holding whole sequences: same losses at every step, to round-off,
+    also after resuming its step-3 checkpoint. Dropout is off so that both runs compute the
+    same function."""
+    with open(os.path.join(EXAMPLE, "bert_config_tiny.json")) as f:
+        bert = json.load(f)
+    bert["hidden_dropout_prob"] = bert["attention_probs_dropout_prob"] = 0.0
+    bert_path = tmp_path / "bert_tiny_no_dropout.json"
+    bert_path.write_text(json.dumps(bert))
+    with open(test_config) as f:
+        cfg = json.load(f)
+    cfg["csv_monitor"]["enabled"] = False
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(cfg))
+    flags = ["--log_every", "1", "--eval_every", "3", "--eval_batches", "2", "--max_steps",
+             "6", "--num_threads", "1", "--no_progress_bar"]
+    sp = ["--sequence_parallel_size", "2"]
+    runs, logs = {}, {}
+    for name, ranks, extra in (("one", 1, []), ("two", 2, sp + ["--save_every", "3"]),
+                               ("resumed", 2, sp + ["--load_checkpoint_dir",
+                                                    str(tmp_path / "two" / "checkpoints"),
+                                                    "--load_checkpoint_tag", "step_3"])):
+        out = str(tmp_path / name)
+        logs[name] = launch(base_argv(data_dir, str(config), out, bert=str(bert_path)) + flags
+                            + extra, num_ranks=ranks)
+        runs[name] = metrics(out)
+    assert "x 1 data-parallel ranks x 2 per sequence" in logs["two"]
+    assert "same on all 2 ranks" in logs["two"]
+    with open(os.path.join(tmp_path, "two", "run_info.json")) as f:
+        info = json.load(f)
+    assert info["sequence_parallel_size"] == 2
+    assert info["engine_sequence_parallel_size"] == 2  # DeepSpeed's engine reduces over it
+    one = runs["one"]
+    assert [r["step"] for r in one if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for got, want in ((runs["two"], one), (runs["resumed"], [r for r in one if r["step"] > 3])):
+        assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in want]
+        for a, b in zip(want, got):
+            for key in ("loss", "mlm_loss", "nsp_loss", "eval_loss"):
+                if key in a:
+                    assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+
+
+@pytest.mark.parametrize("world, size, flags, message", [
+    ("1", "2", [], "--sequence_parallel_size 2 does not divide the 1 ranks"),
+    ("3", "3", [], "--sequence_parallel_size 3 does not divide the model's 2 attention heads"),
+    ("2", "2", ["--max_seq_length", "144"],
+     "(padded: 144) is not a multiple of sequence_parallel_size * block = 2 * 16 = 32: use "
+     "--max_seq_length 160"),
+    ("2", "2", ["--dense"], "--sequence_parallel_size > 1 needs --deepspeed_sparse_attention"),
+])
+def test_sequence_parallel_errors(tmp_path, data_dir, test_config, capsys, monkeypatch,
+                                  world, size, flags, message):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    argv = base_argv(data_dir, test_config, str(tmp_path)) + ["--sequence_parallel_size", size]
+    if flags == ["--dense"]:
+        argv.remove("--deepspeed_sparse_attention")
+    else:
+        argv += flags
+    code, err = run_main(argv, capsys)
+    assert code == 2 and message in err, err
