@@ -6,6 +6,9 @@
 #   STAGES="bench tests" bash scripts/dev/gpu_check.sh
 #   STAGES="launch split" bash scripts/dev/gpu_check.sh   # launch cost; host vs GPU per step
 #   STAGES="ptests cprofile" bash scripts/dev/gpu_check.sh # tests in 6 parallel groups; host profile
+#   STAGES="ptests table" bash scripts/dev/gpu_check.sh   # tests, then the attention table
+#     (TABLE_ARGS, default "--graph --no-flex --compare-packing --rounds 1"; FlexAttention's
+#     fine block masks take minutes per row to build)
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
@@ -37,10 +40,10 @@ for stage in $STAGES; do
       timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
         ${TESTS:-tests/ops tests/modules} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     ptests)  # the same tests in six parallel groups (kernel compiles are CPU-bound): the
-      # fused tests split four ways by test id (one group of them took over 4 minutes), then
-      # MatMul + Softmax, then the rest
+      # fused and packed-tile tests split four ways by test id (one group of them took over 4
+      # minutes), then MatMul + Softmax, then the rest
       python3 -m pytest --collect-only -q -p no:cacheprovider tests/ops/test_fused_attention.py \
-        | grep :: > "$OUT/fused_ids.txt"
+        tests/ops/test_packed_tiles.py | grep :: > "$OUT/fused_ids.txt"
       split -n r/4 "$OUT/fused_ids.txt" "$OUT/fused_ids_"
       i=0
       for ids in "$OUT"/fused_ids_a?; do
@@ -56,6 +59,11 @@ for stage in $STAGES; do
       done
       wait
       for f in "$OUT"/gpu_tests_*.log; do echo "== $f"; grep -E "^(FAILED|ERROR)" "$f" | head -20; tail -2 "$f"; done ;;
+    table)
+      TORCHDYNAMO_CACHE_SIZE_LIMIT=64 timeout "${TABLE_TIMEOUT:-300}" python3 \
+        scripts/bench_attention.py ${TABLE_ARGS:---graph --no-flex --compare-packing --rounds 1} \
+        --tag "${TABLE_TAG:-h100}" --outdir "$OUT" > "$OUT/bench_attention.log" 2>&1
+      grep -E "^N=" "$OUT/bench_attention.log" | cut -c1-220; tail -n 2 "$OUT/bench_attention.log" ;;
     cprofile)
       for v in dense_sdpa sparse_bigbird; do
         timeout 120 python3 scripts/dev/profile_bert_step.py --seq 4096 --variant $v --cprofile
