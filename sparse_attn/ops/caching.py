@@ -6,14 +6,16 @@ backend so that they are cached and built the same way.
     key = layout_digest(cpu_layout)           # what it holds (MatMul/Softmax: equal layouts
                                               # of different modules share their tables)
     table = cached_table(kind, key, block, device, build)
+    cache = LayoutCache(64); table = cache.get(key, layout, device, build)  # bounded, LRU
 """
 import hashlib
 import threading
+from collections import OrderedDict
 
 import torch
 
 __all__ = ["layout_identity", "layout_digest", "cached_table", "table_cache_size",
-           "build_outside_graph_pools"]
+           "LayoutCache", "build_outside_graph_pools"]
 
 
 def layout_identity(layout: torch.Tensor) -> tuple:
@@ -52,6 +54,34 @@ def cached_table(kind: str, key, block: int, device, build):
 def table_cache_size() -> int:
     """How many MatMul/Softmax tables are cached."""
     return len(_TABLES)
+
+
+class LayoutCache:
+    """Tables keyed on a ``layout_identity`` key, least recently used dropped past ``size``.
+    Each entry keeps its layout tensor alive: the key names that tensor's storage, which must
+    not be freed and reused by another layout while the entry stands."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, key, layout: torch.Tensor, device: torch.device, build):
+        """The table of ``key``; ``build()`` makes it (outside CUDA-graph pools) on a miss."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[1]
+        table = build_outside_graph_pools(build, device)
+        self._entries[key] = (layout, table)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return table
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _tensors(obj, depth=0):

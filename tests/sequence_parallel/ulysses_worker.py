@@ -4,8 +4,9 @@ MASTER_ADDR and MASTER_PORT set (as the deepspeed launcher sets them).
 Joins a gloo world through ``deepspeed.comm``, then for each split of the world into sequence
 groups and each case of ``ulysses_cases.CASES`` runs ``SequenceParallelSparseAttention``
 forward and backward on its shard of the case's data (the full key padding mask gathered from
-the ranks' mask shards), and records its output and gradient shards, its head slice and layout; then provokes the errors that need a process group. Writes
-everything to ``OUT_DIR/rank{RANK}.pt``; the pytest side compares.
+the ranks' mask shards), and records its output and gradient shards, its head slice and
+layout; then provokes the errors that need a process group. Writes everything to
+``OUT_DIR/rank{RANK}.pt``; the pytest side compares.
 """
 import os
 import sys

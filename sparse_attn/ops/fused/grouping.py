@@ -12,13 +12,12 @@ each side, so the backward needs no extra reduction.
     groups = get_groups(layout, block, seq, device, tiles)
     groups.qmap, groups.kmap   # int32 [H, n_map] token of each position, or None (identity)
 """
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..caching import build_outside_graph_pools, layout_identity
+from ..caching import LayoutCache, layout_identity
 from . import config
 
 __all__ = ["Groups", "block_orders", "token_map", "get_groups", "tiles_and_groups",
@@ -72,7 +71,7 @@ def token_map(order: torch.Tensor, block: int, seq: int, n_map: int) -> torch.Te
     tokens = (order[:, :, None] * block + torch.arange(block, device=order.device)).reshape(H, -1)
     out = torch.full((H, n_map), seq, dtype=torch.int32, device=order.device)
     out[:, :tokens.shape[1]] = tokens
-    return out.contiguous()
+    return out
 
 
 def groups_apply(block: int, tiles: "config.FusedTiles") -> bool:
@@ -82,8 +81,7 @@ def groups_apply(block: int, tiles: "config.FusedTiles") -> bool:
     return config.grouping() and block < max(sizes) and block <= min(sizes)
 
 
-_GROUPS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_GROUPS_SIZE = 64
+_GROUPS = LayoutCache(64)
 
 
 def get_groups(layout, block, seq, device, tiles, layout_key=None) -> Groups:
@@ -93,11 +91,6 @@ def get_groups(layout, block, seq, device, tiles, layout_key=None) -> Groups:
         return IDENTITY
     if layout_key is None:
         layout_key = layout_identity(layout)
-    key = (layout_key, block, seq, device)
-    hit = _GROUPS.get(key)
-    if hit is not None:
-        _GROUPS.move_to_end(key)
-        return hit[1]
 
     def build():
         L = layout.to(device=device, non_blocking=True)
@@ -112,11 +105,7 @@ def get_groups(layout, block, seq, device, tiles, layout_key=None) -> Groups:
         return Groups(qo, ko, None if qo is None else token_map(qo, block, seq, n_map),
                       None if ko is None else token_map(ko, block, seq, n_map), n_map)
 
-    groups = build_outside_graph_pools(build, device)
-    _GROUPS[key] = (layout, groups)
-    while len(_GROUPS) > _GROUPS_SIZE:
-        _GROUPS.popitem(last=False)
-    return groups
+    return _GROUPS.get((layout_key, block, seq, device), layout, device, build)
 
 
 def tiles_and_groups(layout, block, seq, device, head_dim, layout_key=None):

@@ -8,13 +8,12 @@ A "row" table (forward, dq) lists per query tile the key tiles it sees; a "col" 
 whose block is smaller than a tile visits a tile when any of its blocks is nonzero, and the
 kernels mask the empty blocks inside it from a per-tile bit mask.
 """
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..caching import build_outside_graph_pools, layout_identity
+from ..caching import LayoutCache, layout_identity
 from . import config
 
 __all__ = ["Lut", "get_lut", "tile_tables", "make_lut", "split_chunk", "items_per_row",
@@ -180,8 +179,7 @@ def make_lut(nz, full, bits, meta, batch) -> Lut:
                fine=fine, bits32=bits32)
 
 
-_LUTS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_LUTS_SIZE = 64
+_LUTS = LayoutCache(64)
 
 
 def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1,
@@ -196,10 +194,6 @@ def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, bat
         qorder, korder = groups.qorder, groups.korder
     key = (layout_key, block, TM, TN, N, causal, device, kind, batch,
            qorder is not None, korder is not None)
-    hit = _LUTS.get(key)
-    if hit is not None:
-        _LUTS.move_to_end(key)
-        return hit[1]
 
     def build():
         nz, full, bits, meta = tile_tables(layout, block, TM, TN, N, causal, device, qorder,
@@ -209,11 +203,7 @@ def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, bat
             bits = bits.transpose(1, 2) if bits is not None else None
         return make_lut(nz, full, bits, meta, batch)
 
-    lut = build_outside_graph_pools(build, device)
-    _LUTS[key] = (layout, lut)  # the reference keeps the storage (and its key) alive
-    while len(_LUTS) > _LUTS_SIZE:
-        _LUTS.popitem(last=False)
-    return lut
+    return _LUTS.get(key, layout, device, build)
 
 
 def clear_luts() -> None:
