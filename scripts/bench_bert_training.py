@@ -39,6 +39,24 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 VARIANTS = ("dense_sdpa", "sparse_bigbird", "sparse_fixed", "hf_bigbird")
+_VARIANT = re.compile(r"^(%s)(\d+)?$" % "|".join(VARIANTS))
+
+
+def variant(text):
+    """A ``--variants`` entry: a name of ``VARIANTS``, optionally with its own block size
+    (``sparse_fixed16``, ``sparse_fixed64``: both in one run, side by side)."""
+    m = _VARIANT.match(text)
+    if m is None or (m.group(2) and m.group(1) == "dense_sdpa"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: one of {', '.join(VARIANTS)}, the sparse ones optionally followed by a "
+            "block size (sparse_fixed16)")
+    return text
+
+
+def split_variant(kind, default_block):
+    """``(base name, block)`` of a variant string."""
+    m = _VARIANT.match(kind)
+    return m.group(1), int(m.group(2)) if m.group(2) else default_block
 TARGETS = {4096: 1.0, 16384: 3.0, 65536: 8.0}
 
 
@@ -67,8 +85,10 @@ def build(kind, args, seq):
     """(model, encoder, mlm_head, description)."""
     import transformers
 
+    kind, block = split_variant(kind, args.block)
+
     if kind == "hf_bigbird":
-        cfg = transformers.BigBirdConfig(attention_type="block_sparse", block_size=args.block,
+        cfg = transformers.BigBirdConfig(attention_type="block_sparse", block_size=block,
                                          num_random_blocks=3, **bert_kwargs(args, seq))
         model = transformers.BigBirdForMaskedLM(cfg)
         return model, model.bert, model.cls, "HF BigBirdForMaskedLM block_sparse"
@@ -79,10 +99,10 @@ def build(kind, args, seq):
         return model, model.bert, model.cls, "dense SDPA"
     from sparse_attn import hf
 
-    sc = sparsity_config(kind, args.heads, args.block)
+    sc = sparsity_config(kind, args.heads, block)
     hf.enable_sparse_attention(model, sc, max_seq_length=seq)
     density = float(sc.make_layout(seq).float().mean())
-    return model, model.bert, model.cls, f"{kind} block {args.block} (density {density:.1%})"
+    return model, model.bert, model.cls, f"{kind} block {block} (density {density:.1%})"
 
 
 def make_runner(kind, args, seq, device, dtype):
@@ -95,7 +115,8 @@ def make_runner(kind, args, seq, device, dtype):
     model, encoder, head, desc = build(kind, args, seq)
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if args.compile != "none" and kind != "hf_bigbird" and kind in args.compile_variants:
+    compiled = split_variant(kind, args.block)[0] in args.compile_variants
+    if args.compile != "none" and not kind.startswith("hf_bigbird") and compiled:
         # the encoder only: the MLM head sees a data-dependent gather of masked positions
         name = "reduce-overhead" if args.compile == "graphs" else args.compile
         encoder = torch.compile(encoder, mode=None if name == "default" else name)
@@ -109,7 +130,7 @@ def make_runner(kind, args, seq, device, dtype):
     positions = torch.randperm(seq, generator=g)[:n_masked].to(device)
     labels = torch.randint(5, 30522, (n_masked,), generator=g).to(device)
 
-    graphs = args.compile in ("reduce-overhead", "graphs") and kind != "hf_bigbird"
+    graphs = args.compile in ("reduce-overhead", "graphs") and not kind.startswith("hf_bigbird")
 
     def step():
         if graphs:  # a new iteration for CUDA-graph trees (variants are interleaved)
@@ -161,7 +182,8 @@ def run_seq(args, seq, device, dtype):
         # CUDA-graph trees do not take several models' graphs interleaved: one at a time
         out = []
         for kind in args.variants:
-            mode = "graphs" if kind in args.compile_variants else "none"
+            mode = "graphs" if split_variant(kind, args.block)[0] in args.compile_variants \
+                else "none"
             sub = argparse.Namespace(**{**vars(args), "variants": [kind], "compile": mode})
             out += run_seq(sub, seq, device, dtype)
         return out
@@ -210,7 +232,9 @@ def free(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384, 65536])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=variant,
+                   help="of %(default)s; a sparse one may name its block (sparse_fixed16 "
+                        "sparse_fixed64: both blocks side by side); default block: --block")
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
@@ -287,7 +311,7 @@ def main(argv=None):
     for seq in args.seqs:
         dense = next((x for x in results if x["seq"] == seq and x["variant"] == "dense_sdpa"),
                      None)
-        for kind in ("sparse_bigbird", "sparse_fixed"):
+        for kind in (v for v in args.variants if v.startswith("sparse_")):
             sp = next((x for x in results if x["seq"] == seq and x["variant"] == kind), None)
             if dense is None or sp is None or seq not in TARGETS:
                 continue
