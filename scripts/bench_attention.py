@@ -319,6 +319,14 @@ SWEEP_FWD = [c + (o,) for c in _BASE_FWD for o in (False, True)]
 _CAPPED = [(64, 64, 4, 3, False, 168), (64, 64, 4, 2, False, 168), (128, 64, 8, 2, False, None)]
 SWEEP_DKDV = [c + (o,) for c in _BASE_BWD for o in (False, True)] + _CAPPED
 SWEEP_DQ = [c + (o,) for c in _BASE_BWD for o in (False, True)] + _CAPPED
+# head_dim 128 wants more warps per tile and fewer stages (shared memory); head_dim 32 larger
+# tiles (each product is short)
+_BY_HEAD_DIM = {128: [(128, 128, 8, 2, False, None), (64, 128, 8, 2, False, None),
+                      (64, 64, 8, 2, False, None), (64, 64, 4, 2, False, None),
+                      (32, 64, 4, 2, False, None), (128, 64, 8, 2, False, 128)],
+                32: [(128, 128, 4, 3, False, None), (128, 128, 8, 3, False, None),
+                     (128, 64, 4, 4, False, None), (64, 128, 4, 3, False, None),
+                     (256, 64, 8, 3, False, None), (128, 64, 4, 3, True, 128)]}
 
 
 def sweep(rows):
@@ -331,7 +339,8 @@ def sweep(rows):
                    for _ in range(3)]
         do = torch.randn_like(q)
         line = dict(seq=N, batch=B, layout=name, block=blk, fwd={}, dkdv={}, dq={})
-        for cfg in SWEEP_FWD:
+        extra = _BY_HEAD_DIM.get(D, [])
+        for cfg in SWEEP_FWD + extra:
             set_fused_config()
             set_fused_config(D, None, fwd=cfg)
             try:
@@ -340,7 +349,7 @@ def sweep(rows):
             except Exception as e:
                 line["fwd"][str(cfg)] = f"{type(e).__name__}"
         for kern, lst in (("dkdv", SWEEP_DKDV), ("dq", SWEEP_DQ)):
-            for cfg in lst:
+            for cfg in lst + extra:
                 set_fused_config()
                 set_fused_config(D, None, **{kern: cfg})
                 try:
