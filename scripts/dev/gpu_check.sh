@@ -9,6 +9,9 @@
 #   STAGES="ptests table" bash scripts/dev/gpu_check.sh   # tests, then the attention table
 #     (TABLE_ARGS, default "--graph --no-flex --compare-packing --rounds 1"; FlexAttention's
 #     fine block masks take minutes per row to build)
+#   STAGES="fixed16 headdim" bash scripts/dev/gpu_check.sh  # issue 21 targets 4 and 5: the BERT
+#     step at 16384 with the tutorial's Fixed 16 and 64 (eager, compiled); head_dim 128 and 32
+#     tile sweeps and rows (HEAD_DIMS, default "128 32")
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
@@ -64,6 +67,20 @@ for stage in $STAGES; do
         scripts/bench_attention.py ${TABLE_ARGS:---graph --no-flex --compare-packing --rounds 1} \
         --tag "${TABLE_TAG:-h100}" --outdir "$OUT" > "$OUT/bench_attention.log" 2>&1
       grep -E "^N=" "$OUT/bench_attention.log" | cut -c1-220; tail -n 2 "$OUT/bench_attention.log" ;;
+    fixed16)
+      for mode in none default; do
+        timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py --seqs 16384 \
+          --variants dense_sdpa sparse_fixed16 sparse_fixed64 --compile $mode \
+          --out "$OUT/bert_fixed16_$mode.json" > "$OUT/bert_fixed16_$mode.log" 2>&1
+        tail -n 6 "$OUT/bert_fixed16_$mode.log"
+      done ;;
+    headdim)
+      for d in ${HEAD_DIMS:-128 32}; do
+        timeout "${TABLE_TIMEOUT:-300}" python3 scripts/bench_attention.py --head-dim $d \
+          --rows 16384-bigbird-64 --sweep 16384-bigbird-64 --no-flex --graph --tag "hd$d" \
+          --outdir "$OUT" > "$OUT/bench_attention_hd$d.log" 2>&1
+        grep -E "^(sweep|N=)" "$OUT/bench_attention_hd$d.log" | cut -c1-400
+      done ;;
     cprofile)
       for v in dense_sdpa sparse_bigbird; do
         timeout 120 python3 scripts/dev/profile_bert_step.py --seq 4096 --variant $v --cprofile
