@@ -67,12 +67,12 @@ def _t(*cfg):
 # capped at 168 registers in the backward (three programs per SM instead of two).
 _BWD64 = TileConfig(64, 64, 4, 3, maxnreg=168)
 DEFAULT_TILES = {  # head_dim -> block (None: any other block) -> FusedTiles
-    32: {None: FusedTiles(_t(128, 64, 4, 3), _t(128, 64, 4, 3), _t(64, 64, 4, 3))},
+    32: {None: FusedTiles(_t(64, 64, 4, 3), _t(64, 64, 4, 3), _t(64, 64, 4, 3))},
     64: {None: FusedTiles(_t(64, 64, 4, 2), _BWD64, _BWD64),
          16: FusedTiles(_t(64, 32, 4, 3), _t(64, 32, 4, 3), _t(32, 64, 4, 3)),
          32: FusedTiles(_t(64, 64, 4, 3), _t(64, 64, 4, 3), _t(32, 64, 4, 3)),
          128: FusedTiles(_t(64, 64, 4, 2), _BWD64, _BWD64)},
-    128: {None: FusedTiles(_t(128, 64, 8, 3), _t(128, 64, 8, 2), _t(64, 64, 8, 2))},
+    128: {None: FusedTiles(_t(64, 64, 4, 3), _t(64, 64, 4, 2), _t(64, 64, 4, 2))},
 }
 
 # Packed tiles (``grouping``) fill 64x64 tiles at blocks 16/32: there the block-64 configs win.
