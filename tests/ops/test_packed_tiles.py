@@ -13,7 +13,8 @@ from reference import assert_rel_close, kernel_cases, reference_attention, rel_e
 
 from sparse_attn.ops.fused import (clear_caches, fused_block_sparse_attention, get_plan,
                                    kernel_tiles, set_fused_config)
-from sparse_attn.ops.fused.grouping import IDENTITY, block_orders, get_groups
+from sparse_attn.ops.fused.grouping import (IDENTITY, PACK_GAIN, block_orders, get_groups,
+                                            tile_area, tiles_and_groups)
 from sparse_attn.ops.fused.lut import get_lut
 from sparse_attn.sparsity_config import (BigBirdSparsityConfig, BSLongformerSparsityConfig,
                                          FixedSparsityConfig, VariableSparsityConfig)
@@ -27,7 +28,10 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (runs on the de
 
 @pytest.fixture(autouse=True)
 def _fresh_config():
+    """Packing wherever it applies (the kernels on packed tiles, whatever the layout); the
+    tests of the rule that decides where packing pays set group=True themselves."""
     set_fused_config()
+    set_fused_config(group="always")
     yield
     set_fused_config()
 
@@ -111,6 +115,49 @@ def test_dense_and_coarse_layouts_keep_contiguous_tiles():
     set_fused_config(group=False)
     L = mixed_layout(2, 16, torch.Generator().manual_seed(0))
     assert get_groups(L, 16, 256, torch.device(DEV), tiles) is IDENTITY
+
+
+def test_tile_area_counts_visited_tiles():
+    """Against a loop over the tiles, on a permuted mixed layout."""
+    gen = torch.Generator().manual_seed(3)
+    L = mixed_layout(3, 10, gen)
+    qo = torch.stack([torch.randperm(10, generator=gen) for _ in range(3)])
+    ko = torch.stack([torch.randperm(10, generator=gen) for _ in range(3)])
+    for tm, tn in ((64, 32), (32, 64), (64, 64)):
+        want = 0
+        for h in range(3):
+            P = L[h][qo[h]][:, ko[h]]
+            for i in range(0, 10, tm // 16):
+                for j in range(0, 10, tn // 16):
+                    want += bool(P[i:i + tm // 16, j:j + tn // 16].any()) * tm * tn
+        assert int(tile_area(L, qo, ko, 16, tm, tn)) == want
+
+
+@pytest.mark.parametrize("name,block,packed", [
+    ("fixed", 16, "k"), ("tutorial", 16, "k"), ("fixed", 32, "k"),
+    ("variable", 16, None), ("bigbird", 16, None)])
+def test_packing_only_where_it_pays(name, block, packed):
+    """The default rule (group=True) on DeepSpeed layouts at 4096: Fixed packs its key side
+    only (its rows are all alike); Variable, whose 4-block windows are aligned with the
+    contiguous tiles, would cover more area packed (H100: 30% slower) and stays contiguous;
+    BigBird's orders are the identity."""
+    set_fused_config(group=True)
+    seq = 4096
+    if name == "fixed":
+        layout = FixedSparsityConfig(4, block, num_local_blocks=4,
+                                     num_global_blocks=1).make_layout(seq)
+    else:
+        layout = ds_layout(name, block, seq)
+    tiles, groups = tiles_and_groups(layout, block, seq, torch.device(DEV), 64)
+    got = None if not groups.any else "qk" if groups.qmap is not None and \
+        groups.kmap is not None else "q" if groups.qmap is not None else "k"
+    assert got == packed
+    if packed:
+        f, c = tiles.fwd, kernel_tiles(64, block).fwd
+        kept = tile_area(layout, groups.qorder, groups.korder, block, f.block_m, f.block_n)
+        assert kept < PACK_GAIN * tile_area(layout, None, None, block, c.block_m, c.block_n)
+    else:
+        assert tiles == kernel_tiles(64, block)
 
 
 def _covered(lut, groups, H, nb, block, TM, TN, kind):

@@ -127,8 +127,9 @@ def split_min() -> int:
     return _split_min
 
 
-def grouping() -> bool:
-    """Whether fine layouts run on packed tiles (``sparse_attn.ops.fused.grouping``)."""
+def grouping():
+    """Whether fine layouts run on packed tiles (``sparse_attn.ops.fused.grouping``): True
+    where they pay, False never, "always" wherever they apply."""
     return _group
 
 
@@ -139,19 +140,20 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, gro
     cut into (``split_min``; rows up to that length are never split), or which kernels load
     tiles by TMA (``tma``: True, False, or some of "fwd", "dq", "dkdv"; at every launch, on a
     GPU of compute capability 9+ or in the interpreter), or whether fine layouts run on
-    packed tiles (``group``, default True).
+    packed tiles (``group``: True, where they pay, the default; False; "always", wherever
+    they apply, for tests and comparisons).
 
     ``set_fused_config()`` with no argument clears every override. Used by the benchmarks.
     """
     global _tma, _split_min, _group
     if head_dim is None and split_min is None and tma is None and group is None and not kernels:
-        luts = _split_min != SPLIT_MIN_DEFAULT or not _group
+        luts = _split_min != SPLIT_MIN_DEFAULT or _group is not True
         _overrides.clear()
         _tma, _split_min, _group = None, SPLIT_MIN_DEFAULT, True
         _changed(luts)
         return
-    if group is not None and not isinstance(group, bool):
-        raise ValueError(f"group must be True or False, got {group!r}")
+    if group is not None and group is not True and group is not False and group != "always":
+        raise ValueError(f"group must be True, False or 'always', got {group!r}")
     if tma is not None:
         names = KERNELS if tma is True else () if tma is False else tuple(tma)
         if isinstance(tma, str) or any(n not in KERNELS for n in names):
