@@ -9,10 +9,13 @@ the two largest tensors of a BERT step at long sequences. The forward runs each 
 ``no_grad``; the backward runs it again with gradients, so the computed function must be
 deterministic (no dropout inside: the callers keep dropout outside the tiled function).
 
-DeepSpeed is imported on first use (the example needs it anyway).
+DeepSpeed is imported on first use; where its module cannot be imported (DeepSpeed installed
+without einops, which ``ulysses_sp`` imports), equivalent functions of this file run instead,
+with one warning (``USE_DEEPSPEED``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -20,16 +23,79 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: set to False to use this file's equivalent functions instead of DeepSpeed's (tests; and
+#: automatically, with one warning, when DeepSpeed's module cannot be imported, e.g. a
+#: DeepSpeed installed without its dependency einops)
+USE_DEEPSPEED = True
+_warned = False
+
+
 def _ulysses_sp():
+    """DeepSpeed's ``ulysses_sp`` module, or None (then the local equivalents run)."""
+    global USE_DEEPSPEED, _warned
+    if not USE_DEEPSPEED:
+        return None
     try:
         from deepspeed.runtime.sequence_parallel import ulysses_sp
-    except ImportError as err:  # pragma: no cover - the example needs DeepSpeed anyway
-        raise ImportError(
-            "--tiled_mlp / --tiled_loss use DeepSpeed's sequence tiling "
-            "(deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP and "
-            f"sequence_tiled_compute), which could not be imported: {err}; install "
-            "deepspeed>=0.17") from err
+    except ImportError as err:
+        USE_DEEPSPEED = False
+        if not _warned:
+            _warned = True
+            warnings.warn(f"deepspeed.runtime.sequence_parallel.ulysses_sp cannot be imported "
+                          f"({err}): --tiled_mlp / --tiled_loss use the example's equivalent "
+                          f"functions (tiling.py)")
+        return None
     return ulysses_sp
+
+
+class _TiledSequence(torch.autograd.Function):
+    """The local equivalent of DeepSpeed's ``TiledMLP``: ``fn(x)`` in ``shards`` pieces along
+    dim -2 of ``x``, no graph kept in the forward; each piece recomputed with gradients in the
+    backward (the parameters' gradients accumulate there)."""
+
+    @staticmethod
+    def forward(ctx, fn, x, shards):
+        ctx.fn, ctx.shards = fn, shards
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([fn(part) for part in x.chunk(shards, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grads = []
+        for part, g in zip(x.detach().chunk(ctx.shards, dim=-2), grad.chunk(ctx.shards, dim=-2)):
+            part = part.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.fn(part)
+            torch.autograd.backward(out, g)
+            grads.append(part.grad)
+        return None, torch.cat(grads, dim=-2), None
+
+
+class _TiledSum(torch.autograd.Function):
+    """The local equivalent of DeepSpeed's ``sequence_tiled_compute`` with a sum: the sum of
+    the scalars ``fn(x_i, y_i)`` over ``shards`` pieces of dim 0 of ``x`` and ``y``, each piece
+    recomputed with gradients in the backward."""
+
+    @staticmethod
+    def forward(ctx, fn, x, y, shards):
+        ctx.fn, ctx.shards = fn, shards
+        ctx.save_for_backward(x, y)
+        with torch.no_grad():
+            return torch.stack([fn(a, b) for a, b in zip(x.chunk(shards), y.chunk(shards))]).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        grads = []
+        for a, b in zip(x.detach().chunk(ctx.shards), y.chunk(ctx.shards)):
+            a = a.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.fn(a, b)
+            torch.autograd.backward(out, grad)
+            grads.append(a.grad)
+        return None, torch.cat(grads), None, None
 
 
 def check_shards(flag: str, shards) -> int:
@@ -59,7 +125,10 @@ def tiled_mlp(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], module: nn.
     """
     if shards <= 1:
         return fn(module, x)
-    return _ulysses_sp().TiledMLP.apply(fn, module, x, shards, list(params))
+    ulysses_sp = _ulysses_sp()
+    if ulysses_sp is None:
+        return _TiledSequence.apply(lambda part: fn(module, part), x, shards)
+    return ulysses_sp.TiledMLP.apply(fn, module, x, shards, list(params))
 
 
 def _masked_lm_loss_sum(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,8 +157,12 @@ def tiled_masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torc
     n = hidden.shape[0]
     if shards <= 1:
         return _masked_lm_loss_sum(head, hidden[None], labels[None])
+    ulysses_sp = _ulysses_sp()
+    if ulysses_sp is None:
+        return _TiledSum.apply(lambda x, y: _masked_lm_loss_sum(head, x[None], y[None]),
+                               hidden, labels, shards)
     params = [p for p in head.parameters() if p.requires_grad]
-    return _ulysses_sp().sequence_tiled_compute(
+    return ulysses_sp.sequence_tiled_compute(
         lambda x, y: _masked_lm_loss_sum(head, x, y), n, shards,
         kwargs_to_shard={"x": hidden[None], "y": labels[None]}, kwargs_to_pass={},
         grad_requiring_tensor_key="x", compute_params=params, output_unshard_dimension=0,

@@ -111,6 +111,20 @@ def test_flag_keeps_losses_and_gradients(reference, name, sparse):
             torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_local_tiling_without_deepspeeds_module(reference, sparse, monkeypatch):
+    """Where DeepSpeed's ulysses_sp cannot be imported (e.g. no einops), tiling.py's own
+    functions give the same losses and gradients."""
+    import tiling
+
+    monkeypatch.setattr(tiling, "USE_DEEPSPEED", False)
+    got = train(build(["--tiled_mlp", "3", "--tiled_loss", "4"], sparse))
+    for (want_losses, want_grads), (got_losses, got_grads) in zip(reference[sparse], got):
+        assert got_losses == pytest.approx(want_losses, rel=1e-5, abs=1e-6)
+        for n, g in want_grads.items():
+            torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_compile_keeps_state_dict_keys():
     """``--compile`` compiles the encoder in place: checkpoints keep their keys."""
     eager = build([], True)
