@@ -450,6 +450,11 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
     for batch_size in batches:
         if not runners:
             break
+        if opts.deadline is not None and time.monotonic() > opts.deadline:
+            for variant in list(runners):
+                drop(variant, "time_budget", f"--time_budget {opts.time_budget:g} s reached "
+                     "before this batch", batch_size)
+            break
         batch = make_batch(batch_size, seq, next(iter(runners.values())).vocab, device,
                            opts.seed + batch_size)
         measured = {}
@@ -653,6 +658,12 @@ def write_markdown(path: str, data: dict) -> None:
           "Command, run from the repository root:", "", f"    {data['command']}", "",
           "Conditions: " + "; ".join(data["conditions"]) + ". Peak: the variant's own "
           "(weights, optimizer state, and the step's peak; GiB).", ""]
+    if not data.get("complete", True):
+        md += ["**Incomplete**: the run was cut short; the settings below are those it "
+               "finished.", ""]
+    for s in data.get("skipped_settings") or []:
+        md += [f"Skipped: {s['model']} seq {s['seq']} ({', '.join(s['variants'])}): "
+               f"{s['reason']}.", ""]
     md += ["| model | seq | variant | best tokens/s | x dense | at batch | step ms | peak GiB "
            "| largest batch | stopped |", "| --- | --- | --- | --- | --- | --- | --- | --- "
            "| --- | --- |"]
@@ -751,8 +762,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=None,
-                   help="write the results as JSON here, and a Markdown table beside it")
+                   help="write the results as JSON here, and a Markdown table beside it "
+                   "(rewritten after every (model, seq), \"complete\": false until the end)")
+    p.add_argument("--time_budget", type=float, default=None, metavar="S",
+                   help="start no new batch or (model, seq) after S seconds (what is left is "
+                   "recorded as skipped); default: no limit")
     opts = p.parse_args(argv)
+    if opts.time_budget is not None and opts.time_budget <= 0:
+        p.error(f"--time_budget {opts.time_budget:g}: must be positive")
+    opts.deadline = None if opts.time_budget is None else time.monotonic() + opts.time_budget
     for flag in ("max_batch", "gradient_accumulation", "steps", "rounds", "profile_steps",
                  "tiled_mlp", "tiled_loss"):
         if getattr(opts, flag) < 1:
@@ -811,17 +829,36 @@ def main(argv=None) -> int:
     for line in conditions(opts):
         log(f"# {line}")
     rows: List[dict] = []
+    skipped: List[dict] = []
+
+    def record(complete: bool) -> dict:
+        ordered = order_rows(rows)
+        add_ratios(ordered)
+        data = {"benchmark": "bing_bert", "env": env, "date": started, "command": command,
+                "conditions": conditions(opts), "complete": complete,
+                "skipped_settings": skipped,
+                "args": {k: v for k, v in vars(opts).items() if k != "deadline"},
+                "rows": ordered, "summary": summarize(ordered)}
+        if opts.out:  # after every setting, so that a run cut short keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+            with open(opts.out, "w") as f:
+                json.dump(data, f, indent=2, default=str)
+            write_markdown(os.path.splitext(opts.out)[0] + ".md", data)
+        return data
+
     for model in opts.models:
         for seq in opts.seqs:
             groups = [opts.variants] if alternating(opts) else [[v] for v in opts.variants]
             for variants in groups:
+                if opts.deadline is not None and time.monotonic() > opts.deadline:
+                    skipped.append({"model": model, "seq": seq, "variants": variants,
+                                    "reason": f"--time_budget {opts.time_budget:g} s"})
+                    log(f"{model} seq {seq} {' '.join(variants)}: skipped (--time_budget)")
+                    continue
                 rows += run_setting(opts, dt, modeling, model, seq, variants, device, log)
-    rows = order_rows(rows)
-    add_ratios(rows)
-    summary = summarize(rows)
-    data = {"benchmark": "bing_bert", "env": env, "date": started, "command": command,
-            "conditions": conditions(opts), "args": vars(opts), "rows": rows,
-            "summary": summary}
+                record(complete=False)
+    data = record(complete=True)
+    summary = data["summary"]
     log("")
     for s in summary:
         if "best_tokens_per_s" in s:
@@ -832,10 +869,6 @@ def main(argv=None) -> int:
             log(f"{s['model']} seq {s['seq']} {s['variant']}: no batch ran "
                 f"({s['stopped_at']['status']})")
     if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        write_markdown(os.path.splitext(opts.out)[0] + ".md", data)
         log(f"wrote {opts.out} and {os.path.splitext(opts.out)[0]}.md")
     return 0
 

@@ -46,7 +46,7 @@ def test_every_row_is_written(record):
     assert data["benchmark"] == "bing_bert"
     assert {"device", "torch", "deepspeed", "commit"} <= set(data["env"])
     assert data["date"] and "scripts/bench_bing_bert.py --tiny" in data["command"]
-    assert data["conditions"]
+    assert data["conditions"] and data["complete"] and data["skipped_settings"] == []
     rows = {(r["variant"], r["batch"]): r for r in data["rows"]}
     assert set(rows) == {(v, b) for v in VARIANTS for b in (1, 2)}
     failed = rows.pop(("fixed16", 2))
@@ -141,6 +141,7 @@ def test_clear_error_without_deepspeed(monkeypatch, capsys):
     (["--max_batch", "0"], "--max_batch 0"),
     (["--tiled_mlp", "0"], "--tiled_mlp 0"),
     (["--seqs", "512", "-4"], "--seqs -4"),
+    (["--time_budget", "0"], "--time_budget 0"),
 ])
 def test_bad_values_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
