@@ -104,12 +104,13 @@ def load_split(data_dir: str, split: str):
     return meta, data
 
 
-def make_batch(data, indices, device):
+def make_batch(data, indices, device, full_length=False):
     """Rows ``indices``, cut to the longest sequence of the batch (the model pads to the
-    block itself)."""
+    block itself); with ``full_length``, every batch keeps the data's whole length (one shape
+    for every step: what ``--compile`` wants, a graph per shape)."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     lengths = data["lengths"][idx]
-    longest = int(lengths.max())
+    longest = data["input_ids"].shape[1] if full_length else int(lengths.max())
     ids = data["input_ids"][idx, :longest].long()
     mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
     batch = {
@@ -187,7 +188,8 @@ def parse_args(argv=None):
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the encoder in place (state_dict keys unchanged); "
                    "MODE (default: default) is torch.compile's mode: reduce-overhead and "
-                   "max-autotune add CUDA graphs (each training and evaluation step is marked)")
+                   "max-autotune add CUDA graphs (each training and evaluation step is "
+                   "marked); batches keep the data's whole length (one shape, one graph)")
     g.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend with --compile (default inductor; e.g. "
                    "aot_eager to check a graph without code generation)")
@@ -487,10 +489,12 @@ def plan_learning_rate(args, cf, ds_config):
     return plan
 
 
-def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None):
+def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None,
+             full_length=False):
     """The mean loss of ``n_batches`` batches per data-parallel rank (``world``, ``rank``:
     data-parallel). With a sequence ``shard``, each rank's loss is its part of the sequence's
-    loss (the parts add up over the group), so only the group's rank 0 counts the batch."""
+    loss (the parts add up over the group), so only the group's rank 0 counts the batch.
+    ``full_length``: as ``make_batch``'s."""
     engine.eval()
     total, count = 0.0, 0
     n = data["lengths"].shape[0]
@@ -498,7 +502,7 @@ def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None):
         for b in range(n_batches):
             start = (b * world + rank) * micro
             idx = [(start + i) % n for i in range(micro)]
-            batch, _ = make_batch(data, idx, device)
+            batch, _ = make_batch(data, idx, device, full_length)
             if shard is not None:
                 batch = sp_shard_batch(engine, batch, shard)
             begin_step(engine.module)
@@ -687,7 +691,8 @@ def main(argv=None) -> int:
     while engine.global_steps < args.max_steps:
         # dropout and data are functions of (seed, step, rank): resuming repeats them exactly
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)
-        batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
+        batch, tokens = make_batch(train_data, sampler.indices(micro_step), device,
+                                   full_length=args.compile is not None)
         if shard is not None:
             batch = sp_shard_batch(engine, batch, shard)
         begin_step(model)
@@ -759,7 +764,7 @@ def main(argv=None) -> int:
             progress.update(step, loss_v, 0.0, lr)
         if args.eval_every and step % args.eval_every == 0:
             ev = evaluate(engine, eval_data, micro, dp_world, dp_rank, args.eval_batches,
-                          device, shard)
+                          device, shard, full_length=args.compile is not None)
             if is_main:
                 write_jsonl(metrics_path, {"step": step, "eval_loss": ev, "time": time.time()})
                 print(f"\nstep {step}: eval loss {ev:.4f}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ for p in (ROOT, EXAMPLE):
         sys.path.insert(0, p)
 
 pytest.importorskip("deepspeed")
-SEQ, BATCH = 128, 2
+SEQ, BATCH = 64, 2
 
 
 def build(flags, sparse, device="cpu", dropout=None):
@@ -46,13 +46,13 @@ def build(flags, sparse, device="cpu", dropout=None):
 
 def batch(step, vocab, device="cpu"):
     """Step ``step``'s inputs: ``[BATCH, SEQ]`` token ids with 15% masked labels; the
-    second row padded after 100 tokens (so the masks are exercised)."""
+    second row padded after 50 tokens (so the masks are exercised)."""
     g = torch.Generator().manual_seed(step)
     ids = torch.randint(5, vocab, (BATCH, SEQ), generator=g)
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    mask[1, 100:] = 0
+    mask[1, 50:] = 0
     labels = torch.full((BATCH, SEQ), -100, dtype=torch.long)
-    for row, length in enumerate((SEQ, 100)):
+    for row, length in enumerate((SEQ, 50)):
         pos = torch.randperm(length, generator=g)[:int(0.15 * length)]
         labels[row, pos] = torch.randint(5, vocab, (len(pos),), generator=g)
     types = torch.zeros_like(ids)
@@ -132,6 +132,19 @@ def test_compile_keeps_state_dict_keys():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert not compiled.cudagraph_steps
     assert build(["--compile", "reduce-overhead"], True).cudagraph_steps
+
+
+def test_compiled_runs_get_full_length_batches():
+    """Under --compile every batch keeps the data's whole length (one shape, one graph)."""
+    import deepspeed_train as dt
+
+    data = {"input_ids": torch.arange(30).reshape(3, 10), "lengths": torch.tensor([4, 7, 10]),
+            "token_type_ids": torch.zeros(3, 10), "masked_lm_labels": torch.full((3, 10), -100),
+            "next_sentence_label": torch.tensor([0, 1, 0])}
+    cut, tokens = dt.make_batch(data, [0, 1], "cpu")
+    full, tokens_full = dt.make_batch(data, [0, 1], "cpu", full_length=True)
+    assert cut["input_ids"].shape == (2, 7) and full["input_ids"].shape == (2, 10)
+    assert full["attention_mask"].sum(1).tolist() == [4, 7] and tokens == tokens_full == 11
 
 
 def test_tiled_loss_with_more_shards_than_masked_tokens():
