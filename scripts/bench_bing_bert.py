@@ -44,9 +44,9 @@ variant) less what the other variants hold (what stays allocated after the step 
 variant's resident memory, i.e. its weights, optimizer state and gradients, counted when it
 was built and first stepped); ``process_peak_gib`` is the peak as measured. Variants share the device during
 the timing, so the batch where one runs out of memory is found with the other variants'
-weights and optimizer states resident (``resident_others_gib`` in each row); under
-``--compile reduce-overhead`` / ``max-autotune`` (CUDA graphs) the variants run one after the
-other instead of alternating, each alone on the device.
+weights and optimizer states resident (``resident_others_gib`` in each row); with
+``--isolate``, and under ``--compile reduce-overhead`` / ``max-autotune`` (CUDA graphs), the
+variants run one after the other instead of alternating, each alone on the device.
 
 ``--profile`` splits one profiled step per row (``torch.profiler``) into the attention
 kernels (dense: SDPA's flash / memory-efficient / cuDNN kernels; sparse: this package's
@@ -623,7 +623,8 @@ def conditions(opts) -> List[str]:
                                             if opts.attention_dropout else
                                             "0 in every variant (the sparse kernels have none)"),
         f"warm-up {opts.warmup} steps, then {opts.rounds} rounds of {opts.steps} steps, "
-        + ("variants one after the other (CUDA graphs)" if not alternating(opts)
+        + (("variants one after the other, each alone on the device ("
+            + ("--isolate" if opts.isolate else "CUDA graphs") + ")") if not alternating(opts)
            else "rounds alternating the variants") + "; median step",
     ]
     extra = [flag for flag, on in (("--activation_checkpointing", opts.activation_checkpointing),
@@ -636,7 +637,9 @@ def conditions(opts) -> List[str]:
 
 
 def alternating(opts) -> bool:
-    return opts.compile not in CUDAGRAPH_MODES
+    """Whether the variants share the device and alternate (else one after the other: with
+    ``--isolate``, and under CUDA graphs, whose trees take one model's graphs at a time)."""
+    return opts.compile not in CUDAGRAPH_MODES and not opts.isolate
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -757,6 +760,9 @@ def parse_args(argv=None):
                    help=f"DeepSpeed config of BERT-large (default {MODELS['large'][1]})")
     p.add_argument("--fp32", action="store_true",
                    help="turn bf16/fp16 off in the config (default on CPU)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run the variants one after the other, each alone on the device (the "
+                   "largest batch without the others' weights resident; no alternation)")
     p.add_argument("--profile", action="store_true",
                    help="split a profiled step per row into attention kernels and the rest")
     p.add_argument("--profile_steps", type=int, default=1)
