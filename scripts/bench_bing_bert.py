@@ -818,7 +818,14 @@ def main(argv=None) -> int:
         print(f"error: --device {opts.device}: no CUDA device here", file=sys.stderr)
         return 2
     if device.type == "cuda":
+        if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+            print(f"error: --device {opts.device} with DS_ACCELERATOR="
+                  f"{os.environ['DS_ACCELERATOR']}: DeepSpeed would put the model elsewhere; "
+                  f"unset DS_ACCELERATOR", file=sys.stderr)
+            return 2
         torch.cuda.set_device(device)
+    else:  # DeepSpeed's engine puts the model on its accelerator's device
+        os.environ["DS_ACCELERATOR"] = "cpu"
     if opts.compile is not None:
         import torch._dynamo as dynamo
 

@@ -33,8 +33,9 @@ def record(tmp_path_factory):
                **{bbb.FAULT_OOM: "fixed16:2"})
     env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.run(
-        [sys.executable, BENCH, "--tiny", "--seqs", str(SEQ), "--max_batch", "2",
-         "--warmup", "0", "--steps", "1", "--rounds", "1", "--profile", "--out", str(out)],
+        [sys.executable, BENCH, "--tiny", "--device", "cpu", "--lamb", "torch", "--seqs",
+         str(SEQ), "--max_batch", "2", "--warmup", "0", "--steps", "1", "--rounds", "1",
+         "--profile", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     with open(out) as f:
