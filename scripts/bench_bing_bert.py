@@ -183,7 +183,8 @@ def load_example():
 def variant_ds_config(opts, model: str, variant: str, workdir: str) -> str:
     """The shipped DeepSpeed config of ``model`` as this benchmark runs it (see the module
     docstring), written under ``workdir``; returns its path."""
-    path = getattr(opts, f"ds_config_{model}", None) or MODELS[model][1]
+    # the tiny model runs with BERT-base's config
+    path = getattr(opts, f"ds_config_{'base' if model == 'tiny' else model}") or MODELS[model][1]
     with open(path) as f:
         cfg = json.load(f)
     ga = opts.gradient_accumulation
@@ -755,9 +756,11 @@ def parse_args(argv=None):
     p.add_argument("--lamb", choices=("auto", "fused", "torch"), default="auto",
                    help="the example's --lamb (auto: DeepSpeed's fused LAMB when it builds)")
     p.add_argument("--ds_config_base", default=None,
-                   help=f"DeepSpeed config of BERT-base (default {MODELS['base'][1]})")
+                   help="DeepSpeed config of BERT-base (and of --tiny; default "
+                   f"{os.path.relpath(MODELS['base'][1], ROOT)})")
     p.add_argument("--ds_config_large", default=None,
-                   help=f"DeepSpeed config of BERT-large (default {MODELS['large'][1]})")
+                   help="DeepSpeed config of BERT-large (default "
+                   f"{os.path.relpath(MODELS['large'][1], ROOT)})")
     p.add_argument("--fp32", action="store_true",
                    help="turn bf16/fp16 off in the config (default on CPU)")
     p.add_argument("--isolate", action="store_true",
