@@ -13,6 +13,11 @@ Each table sits in README.md between ``<!-- results:NAME -->`` and ``<!-- /resul
 - ``bert``: ``benchmarks/bert_training_<device>.json`` and, when present,
   ``benchmarks/bert_training_compiled_<device>.json`` (``scripts/bench_bert_training.py``):
   the BERT-base training step, eager and with the sparse encoder compiled.
+- ``bing_bert`` (only when ``benchmarks/bing_bert_<device>.json`` exists, and then with
+  ``benchmarks/bing_bert_compiled_<device>.json`` when present; ``scripts/bench_bing_bert.py``):
+  the bing_bert example end to end, tokens/s of each variant at its best micro-batch and the
+  ratio to dense. ``--bing-bert FILE...`` prints that table from any such files (e.g. a new
+  GPU run, before it is copied to ``benchmarks/``).
 
 Standard library only: runs on any machine, no GPU, no torch.
 """
@@ -130,9 +135,92 @@ def bert_table(device):
     return lines
 
 
+BING_BERT_VARIANTS = {"dense": "dense SDPA", "fixed16": "tutorial Fixed 16",
+                      "bigbird64": "BigBird 64"}
+BING_BERT_MODELS = {"base": "BERT-base", "large": "BERT-large", "tiny": "tiny"}
+
+
+def rate(x):
+    """Tokens/s as 812, 12.3k, 1.23M."""
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def bing_bert_cell(s):
+    """One variant's summary (``scripts/bench_bing_bert.py``) as a table cell."""
+    if s is None:
+        return "-"
+    if "best_tokens_per_s" not in s:
+        stop = s.get("stopped_at") or {}
+        return "out of memory" if stop.get("status") == "oom" else "error"
+    cell = f"{rate(s['best_tokens_per_s'])} (x{s['best_batch']})"
+    if s["variant"] != "dense":
+        x = s.get("x_dense")
+        cell += ", dense out of memory" if x is None else f", {x:.2f}x"
+    return cell
+
+
+def bing_bert_mode(data):
+    """"eager", or "compiled" with the torch.compile mode when not the default."""
+    mode = data.get("args", {}).get("compile")
+    return "eager" if mode is None else "compiled" if mode == "default" else f"compiled ({mode})"
+
+
+def bing_bert_table(runs):
+    """``runs``: ``[(mode, data, file name)]`` of ``scripts/bench_bing_bert.py`` records (mode
+    e.g. "eager", "compiled"). One row per (model, seq, mode): each variant's best tokens/s,
+    its micro-batch and the ratio to dense's best."""
+    first = runs[0][1]
+    env = first["env"]
+    variants = [v for v in BING_BERT_VARIANTS
+                if any(s["variant"] == v for _, data, _ in runs for s in data["summary"])]
+    files = ", ".join(link(name) if not os.path.isabs(name) else f"`{name}`"
+                      for _, _, name in runs)
+    versions = ", ".join(f"{label} {env[k]}" for k, label in (
+        ("torch", "torch"), ("triton", "Triton"), ("deepspeed", "DeepSpeed")) if env.get(k))
+    precision = "fp32" if first.get("args", {}).get("fp32") else "bf16"
+    lines = [
+        f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config, "
+        f"{precision}), tokens/s at each variant's best micro-batch (xN: the micro-batch) and, for "
+        "the sparse variants, the ratio to dense's best; synthetic full-length batches "
+        "without padding; "
+        f"{env['device']}, {', '.join(dict.fromkeys(days(d['date']) for _, d, _ in runs))}, "
+        f"{versions}. Records: {files}.", "",
+        "| model | seq | mode | " + " | ".join(BING_BERT_VARIANTS[v] for v in variants) + " |",
+        "| --- | --- | --- |" + " --- |" * len(variants)]
+    keys = []
+    for _, data, _ in runs:
+        for s in data["summary"]:
+            if (s["model"], s["seq"]) not in keys:
+                keys.append((s["model"], s["seq"]))
+    models = list(BING_BERT_MODELS)
+    keys.sort(key=lambda k: (models.index(k[0]) if k[0] in models else 99, k[1]))
+    for model, seq in keys:
+        for mode, data, _ in runs:
+            got = {s["variant"]: s for s in data["summary"]
+                   if (s["model"], s["seq"]) == (model, seq)}
+            if got:
+                lines.append(f"| {BING_BERT_MODELS.get(model, model)} | {seq} | {mode} | "
+                             + " | ".join(bing_bert_cell(got.get(v)) for v in variants) + " |")
+    return lines
+
+
+def bing_bert_runs(device):
+    """The bing_bert records of ``device`` in benchmarks/, [] when there is none."""
+    runs = []
+    for name in (f"bing_bert_{device}.json", f"bing_bert_compiled_{device}.json"):
+        if os.path.exists(os.path.join(BENCH, name)):
+            data = load(name)
+            runs.append((bing_bert_mode(data), data, name))
+    return runs if os.path.exists(os.path.join(BENCH, f"bing_bert_{device}.json")) else []
+
+
 def render(args):
-    return {"attention": attention_table(args.attention_device or args.device, args.blocks),
-            "bert": bert_table(args.device)}
+    tables = {"attention": attention_table(args.attention_device or args.device, args.blocks),
+              "bert": bert_table(args.device)}
+    runs = bing_bert_runs(args.device)
+    if runs:  # rendered once a record exists (the README then needs its markers)
+        tables["bing_bert"] = bing_bert_table(runs)
+    return tables
 
 
 def replace_blocks(text, tables):
@@ -140,7 +228,8 @@ def replace_blocks(text, tables):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
         if len(pattern.findall(text)) != 1:
-            raise SystemExit(f"README.md: expected one '{start}' ... '{end}' block")
+            raise SystemExit(f"README.md: expected one '{start}' ... '{end}' block (add the "
+                             f"two marker lines where the table goes)")
         body = "\n".join([start] + lines + [end])
         text = pattern.sub(lambda _: body, text)
     return text
@@ -156,11 +245,22 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
                    help="attention table: the block sizes shown (default: 16 64)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    p.add_argument("--bing-bert", nargs="+", default=None, metavar="FILE",
+                   help="print only the bing_bert table of these scripts/bench_bing_bert.py "
+                   "records (e.g. an eager and a compiled run)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--write", action="store_true", help="replace the tables in README.md")
     g.add_argument("--check", action="store_true",
                    help="exit 1 when README.md differs from what --write would make")
     args = p.parse_args(argv)
+    if args.bing_bert:
+        runs = []
+        for path in args.bing_bert:
+            with open(path) as f:
+                data = json.load(f)
+            runs.append((bing_bert_mode(data), data, os.path.abspath(path)))
+        print("\n".join(bing_bert_table(runs)))
+        return 0
     tables = render(args)
     if not (args.write or args.check):
         for name, lines in tables.items():

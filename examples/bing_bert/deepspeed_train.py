@@ -20,6 +20,16 @@ the last good checkpoint; in fp16, DeepSpeed's loss scaling skips such steps.
 ``--sequence_parallel_size P`` splits every sequence over ``P`` ranks (DeepSpeed Ulysses;
 ``bert_sequence_parallel.py``).
 
+Speed and long sequences: ``--compile [MODE]`` compiles the encoder in place with
+``torch.compile`` (``reduce-overhead``: CUDA graphs, each step marked); the sparse attention
+is a registered custom op, so the GPU graph has no break. ``--activation_checkpointing``
+checkpoints every encoder layer, ``--tiled_mlp N`` computes each feed-forward in ``N`` pieces
+of the sequence and ``--tiled_loss N`` the masked-LM logits and loss in ``N`` pieces of the
+masked positions (DeepSpeed's ``TiledMLP`` / ``sequence_tiled_compute``, ``tiling.py``): the
+same losses and gradients with less activation memory. ``build_model`` and
+``initialize_engine`` build the model and the engine as ``main`` does, for other drivers
+(``scripts/bench_bing_bert.py``).
+
 DeepSpeedExamples' bing_bert command line works too (``bing_bert_compat.py``): ``--cf`` (its
 config file) for ``--bert_config``, ``--data_path_prefix`` for ``--data_dir``, ``--print_steps``
 for ``--log_every``, ``--lr_schedule`` / ``--lr_offset`` (its learning-rate schedules), and
@@ -50,6 +60,10 @@ from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # no
 from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
 
 DEFAULT_MAX_STEPS = 300
+#: torch.compile modes of --compile ("default": torch.compile's default mode)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the modes that run the compiled encoder as CUDA graphs (each step must be marked)
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: Exit status of a run stopped on a non-finite loss (2: a bad flag, config or input).
 EXIT_NONFINITE_LOSS = 3
 
@@ -90,12 +104,13 @@ def load_split(data_dir: str, split: str):
     return meta, data
 
 
-def make_batch(data, indices, device):
+def make_batch(data, indices, device, full_length=False):
     """Rows ``indices``, cut to the longest sequence of the batch (the model pads to the
-    block itself)."""
+    block itself); with ``full_length``, every batch keeps the data's whole length (one shape
+    for every step: what ``--compile`` wants, a graph per shape)."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     lengths = data["lengths"][idx]
-    longest = int(lengths.max())
+    longest = data["input_ids"].shape[1] if full_length else int(lengths.max())
     ids = data["input_ids"][idx, :longest].long()
     mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
     batch = {
@@ -169,6 +184,25 @@ def parse_args(argv=None):
                    "1/P of the tokens and, inside attention, 1/P of the heads; needs "
                    "--deepspeed_sparse_attention and a --max_seq_length that is a multiple "
                    "of P * block")
+    g = p.add_argument_group("speed and long sequences")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the encoder in place (state_dict keys unchanged); "
+                   "MODE (default: default) is torch.compile's mode: reduce-overhead and "
+                   "max-autotune add CUDA graphs (each training and evaluation step is "
+                   "marked); batches keep the data's whole length (one shape, one graph)")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend with --compile (default inductor; e.g. "
+                   "aot_eager to check a graph without code generation)")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="checkpoint every encoder layer (torch.utils.checkpoint, "
+                   "non-reentrant): keep only each layer's input, run the layer again in the "
+                   "backward")
+    g.add_argument("--tiled_mlp", type=int, default=1, metavar="N",
+                   help="compute each layer's feed-forward in N pieces of the sequence "
+                   "(DeepSpeed's TiledMLP; recomputed in the backward); 1: off")
+    g.add_argument("--tiled_loss", type=int, default=1, metavar="N",
+                   help="compute the masked-LM logits and loss in N pieces of the masked "
+                   "positions (recomputed in the backward); 1: off")
     add_sparse_attention_arguments(p)
     bb.add_bing_bert_arguments(p)
     return p.parse_args(argv)
@@ -239,6 +273,65 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
           "(examples/bing_bert/lamb.py) with the config's parameters", file=sys.stderr,
           flush=True)
     return Lamb(param_groups(model, weight_decay), **params)
+
+
+def check_speed_flags(args) -> None:
+    """Raise ValueError naming the flag for a bad ``--compile*`` / ``--tiled_*`` value."""
+    from tiling import check_shards
+
+    check_shards("--tiled_mlp", args.tiled_mlp)
+    check_shards("--tiled_loss", args.tiled_loss)
+    if args.compile not in (None, "default") and args.compile_backend != "inductor":
+        raise ValueError(f"--compile {args.compile} is a mode of the inductor backend, not of "
+                         f"--compile_backend {args.compile_backend}: give --compile alone with "
+                         f"that backend, or drop --compile_backend")
+    if args.compile is None and args.compile_backend != "inductor":
+        raise ValueError(f"--compile_backend {args.compile_backend} has no effect without "
+                         f"--compile")
+
+
+def build_model(args, bert_config, run, micro=None, fp16=False):
+    """The example's ``BertForPreTraining`` for ``run`` (``prepare_sparse_attention``), as
+    ``main`` builds it: sparse self-attention when ``run`` has a layout, DeepSpeed's
+    transformer kernel with ``--deepspeed_transformer_kernel``, then the long-sequence options
+    (``--activation_checkpointing``, ``--tiled_mlp``, ``--tiled_loss``) and ``--compile`` (the
+    encoder, in place). ``micro``: the micro-batch (the transformer kernel's batch size).
+    Raises ValueError for a model or flag that cannot be built."""
+    check_speed_flags(args)
+    model = BertForPreTraining(
+        bert_config, sparsity_config=run.sparsity_config,
+        use_transformer_kernel=args.deepspeed_transformer_kernel,
+        transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed,
+                                 **bb.kernel_options(args)},
+        sparse_max_seq_length=run.layout_length)
+    model.set_memory_options(activation_checkpointing=args.activation_checkpointing,
+                             tiled_mlp=args.tiled_mlp, tiled_loss=args.tiled_loss)
+    model.cudagraph_steps = False
+    if args.compile is not None:
+        mode = None if args.compile == "default" else args.compile
+        # in place: the parameters and state_dict keys stay those of the eager model
+        model.bert.encoder.compile(mode=mode, backend=args.compile_backend)
+        model.cudagraph_steps = args.compile in CUDAGRAPH_MODES
+    return model
+
+
+def begin_step(model) -> None:
+    """Before each forward of a model compiled with CUDA graphs: a new step for CUDA-graph
+    trees (the previous step's graph outputs may be overwritten). No-op otherwise."""
+    if getattr(model, "cudagraph_steps", False):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def initialize_engine(args, run, model, weight_decay=None, **parallel):
+    """The DeepSpeed engine of ``model`` as ``main`` makes it: bing_bert's parameter groups,
+    the optimizer of the DeepSpeed config (a plain PyTorch LAMB for a ``"Lamb"`` config unless
+    DeepSpeed's fused one is used: ``--lamb``), ``run.initialize`` (the cleaned config, the
+    layouts compared across ranks). ``parallel``: e.g. ``mpu`` for sequence parallelism."""
+    client_optimizer = configure_lamb(run.ds_config, model, args.lamb, weight_decay)
+    engine, _, _, _ = run.initialize(model=model,
+                                     model_parameters=param_groups(model, weight_decay),
+                                     optimizer=client_optimizer, **parallel)
+    return engine
 
 
 def write_jsonl(path, record):
@@ -396,10 +489,12 @@ def plan_learning_rate(args, cf, ds_config):
     return plan
 
 
-def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None):
+def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None,
+             full_length=False):
     """The mean loss of ``n_batches`` batches per data-parallel rank (``world``, ``rank``:
     data-parallel). With a sequence ``shard``, each rank's loss is its part of the sequence's
-    loss (the parts add up over the group), so only the group's rank 0 counts the batch."""
+    loss (the parts add up over the group), so only the group's rank 0 counts the batch.
+    ``full_length``: as ``make_batch``'s."""
     engine.eval()
     total, count = 0.0, 0
     n = data["lengths"].shape[0]
@@ -407,9 +502,10 @@ def evaluate(engine, data, micro, world, rank, n_batches, device, shard=None):
         for b in range(n_batches):
             start = (b * world + rank) * micro
             idx = [(start + i) % n for i in range(micro)]
-            batch, _ = make_batch(data, idx, device)
+            batch, _ = make_batch(data, idx, device, full_length)
             if shard is not None:
                 batch = sp_shard_batch(engine, batch, shard)
+            begin_step(engine.module)
             loss, _, _ = engine(**batch)
             total += float(loss)
             count += 1 if shard is None or shard.rank == 0 else 0
@@ -436,6 +532,7 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
+        check_speed_flags(args)
         bert_config, cf, meta, train_data, eval_data = resolve_inputs(args)
     except (ValueError, OSError) as err:
         return error(str(err))
@@ -499,12 +596,7 @@ def main(argv=None) -> int:
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     torch.manual_seed(args.seed)
     try:
-        model = BertForPreTraining(
-            bert_config, sparsity_config=run.sparsity_config,
-            use_transformer_kernel=args.deepspeed_transformer_kernel,
-            transformer_kernel_args={"batch_size": micro or 1, "fp16": fp16, "seed": args.seed,
-                                     **bb.kernel_options(args)},
-            sparse_max_seq_length=run.layout_length)
+        model = build_model(args, bert_config, run, micro=micro, fp16=fp16)
     except ValueError as err:
         return error(str(err))
     shard, parallel = None, {}
@@ -516,10 +608,7 @@ def main(argv=None) -> int:
         shard = make_groups(sp_size)
         use_in_model(model, shard, run.sparsity_config, run.layout_length)
         parallel = {"mpu": sequence_parallel_mpu()}  # DeepSpeed reduces over its groups
-    client_optimizer = configure_lamb(run.ds_config, model, args.lamb, weight_decay)
-    engine, _, _, _ = run.initialize(model=model,
-                                     model_parameters=param_groups(model, weight_decay),
-                                     optimizer=client_optimizer, **parallel)
+    engine = initialize_engine(args, run, model, weight_decay, **parallel)
 
     rank = engine.global_rank
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -551,7 +640,11 @@ def main(argv=None) -> int:
                 "max_steps": args.max_steps, "data_dir": args.data_dir, "cf": args.cf,
                 "lr_schedule": lr_plan.schedule if lr_plan else None,
                 "lr_offset": lr_plan.lr_offset if lr_plan else None,
-                "layout_record": layout_record(run), "precision": precision}
+                "layout_record": layout_record(run), "precision": precision,
+                "compile": args.compile, "compile_backend": args.compile_backend
+                if args.compile else None,
+                "activation_checkpointing": args.activation_checkpointing,
+                "tiled_mlp": args.tiled_mlp, "tiled_loss": args.tiled_loss}
         with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
         print(f"model: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -598,9 +691,11 @@ def main(argv=None) -> int:
     while engine.global_steps < args.max_steps:
         # dropout and data are functions of (seed, step, rank): resuming repeats them exactly
         torch.manual_seed(args.seed * 1_000_003 + micro_step * world + rank)
-        batch, tokens = make_batch(train_data, sampler.indices(micro_step), device)
+        batch, tokens = make_batch(train_data, sampler.indices(micro_step), device,
+                                   full_length=args.compile is not None)
         if shard is not None:
             batch = sp_shard_batch(engine, batch, shard)
+        begin_step(model)
         loss, mlm_loss, nsp_loss = engine(**batch)
         if nan_step is not None and engine.global_steps + 1 == nan_step:
             loss = loss * float("nan")  # test fault injection (FAULT_NAN_LOSS)
@@ -669,7 +764,7 @@ def main(argv=None) -> int:
             progress.update(step, loss_v, 0.0, lr)
         if args.eval_every and step % args.eval_every == 0:
             ev = evaluate(engine, eval_data, micro, dp_world, dp_rank, args.eval_batches,
-                          device, shard)
+                          device, shard, full_length=args.compile is not None)
             if is_main:
                 write_jsonl(metrics_path, {"step": step, "eval_loss": ev, "time": time.time()})
                 print(f"\nstep {step}: eval loss {ev:.4f}", file=sys.stderr, flush=True)

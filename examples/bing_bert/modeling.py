@@ -7,6 +7,12 @@ pads the batch to a multiple of the block before the encoder and cuts the output
 (``SparseAttentionUtils.pad_to_block_size`` / ``unpad_sequence_output``), so callers pass any
 sequence length. With ``use_transformer_kernel`` (and no sparsity) the layers are DeepSpeed's
 fused ``DeepSpeedTransformerLayer`` (CUDA only).
+
+Without an ``attention_mask`` no mask is built (the dense layers then keep SDPA's flash kernel,
+which takes no mask; the sparse layers skip the key-padding mask). For long sequences,
+``BertForPreTraining.set_memory_options`` turns on activation checkpointing of each encoder
+layer and sequence tiling of the feed-forward and of the masked-LM loss (``tiling.py``): the
+same losses and gradients, less activation memory, some recomputation.
 """
 from __future__ import annotations
 
@@ -169,8 +175,19 @@ class BertOutput(nn.Module):
         return input_tensor + self.dropout(self.dense(hidden_states))
 
 
+def _feed_forward(layer: "BertLayer", x: torch.Tensor) -> torch.Tensor:
+    """The feed-forward of ``layer`` without its dropout and residual: ``[..., hidden]`` ->
+    ``[..., hidden]`` through ``[..., intermediate_size]`` (deterministic: tiling recomputes
+    it)."""
+    return layer.output.dense(layer.intermediate(x))
+
+
 class BertLayer(nn.Module):
-    """Pre-LayerNorm transformer layer."""
+    """Pre-LayerNorm transformer layer: ``forward(hidden_states [batch, seq, hidden],
+    attention_mask)`` -> ``[batch, seq, hidden]``.
+
+    ``mlp_shards`` > 1 computes the feed-forward in that many pieces of the sequence
+    (``tiling.tiled_mlp``; dropout and the residual stay outside the tiled part)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -179,10 +196,18 @@ class BertLayer(nn.Module):
         self.PostAttentionLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
+        self.mlp_shards = 1
 
     def forward(self, hidden_states, attention_mask):
         x = self.attention(self.PreAttentionLayerNorm(hidden_states), attention_mask,
                            hidden_states)
+        if self.mlp_shards > 1:
+            from tiling import tiled_mlp
+
+            params = list(self.intermediate.parameters()) + list(self.output.dense.parameters())
+            y = tiled_mlp(_feed_forward, self, self.PostAttentionLayerNorm(x), self.mlp_shards,
+                          params)
+            return x + self.output.dropout(y)
         return self.output(self.intermediate(self.PostAttentionLayerNorm(x)), x)
 
 
@@ -229,11 +254,25 @@ class BertEncoder(nn.Module):
                         layer.attention.self.sparse_self_attention.max_seq_length = \
                             sparse_max_seq_length
         self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        #: checkpoint each layer in training (torch.utils.checkpoint, non-reentrant): only the
+        #: layers' inputs are kept; each layer's forward runs again in the backward
+        self.checkpoint_layers = False
 
     def forward(self, hidden_states, attention_mask, output_all_encoded_layers=False):
+        """``hidden_states`` ``[batch, seq, hidden]``; ``attention_mask`` the additive
+        ``[batch, 1, 1, seq]`` mask or None. Returns a list: the last layer's states (after
+        the final LayerNorm), or every layer's with ``output_all_encoded_layers``."""
         all_layers = []
+        checkpoint = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layer:
-            hidden_states = layer(hidden_states, attention_mask)
+            if checkpoint:
+                from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+                # dropout masks are replayed: the RNG state is saved and restored
+                hidden_states = run_checkpointed(layer, hidden_states, attention_mask,
+                                                 use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attention_mask)
             if output_all_encoded_layers:
                 all_layers.append(hidden_states)
         hidden_states = self.FinalLayerNorm(hidden_states)
@@ -268,13 +307,17 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config)
         # Set by bert_sequence_parallel.use_in_model: this rank holds a shard of the tokens.
         self.sequence_shard = None
+        # DeepSpeed's fused layers take no mask-less call
+        self.always_mask = bool(use_transformer_kernel)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 output_all_encoded_layers=False):
         if self.sequence_shard is not None:
             return self._forward_shard(input_ids, token_type_ids, attention_mask,
                                        output_all_encoded_layers)
-        if attention_mask is None:
+        # No mask given: none is built (SDPA keeps its flash kernel, which takes no mask),
+        # unless padding to the sparse block adds tokens that must be masked.
+        if attention_mask is None and self.always_mask:
             attention_mask = torch.ones_like(input_ids)
         pad_len = 0
         if self.sparse_attention_config is not None:
@@ -287,11 +330,13 @@ class BertModel(nn.Module):
                     position_ids=None, inputs_embeds=None, pad_token_id=self.pad_token_id,
                     model_embeddings=self.embeddings)
         embedding_output = self.embeddings(input_ids, token_type_ids)
-        # the sparse layers read the mask in float32: built so, no layer casts it again
-        dtype = torch.float32 if self.sparse_attention_config is not None \
-            else embedding_output.dtype
-        extended = attention_mask[:, None, None, :].to(dtype)
-        extended = (1.0 - extended) * torch.finfo(dtype).min
+        extended = None
+        if attention_mask is not None:
+            # the sparse layers read the mask in float32: built so, no layer casts it again
+            dtype = torch.float32 if self.sparse_attention_config is not None \
+                else embedding_output.dtype
+            extended = attention_mask[:, None, None, :].to(dtype)
+            extended = (1.0 - extended) * torch.finfo(dtype).min
         layers = self.encoder(embedding_output, extended, output_all_encoded_layers)
         if pad_len > 0:
             from sparse_attn.sparse_attention_utils import SparseAttentionUtils
@@ -349,6 +394,11 @@ class BertForPreTraining(nn.Module):
     ``(prediction_scores, seq_relationship_score)``. Sequence parallel
     (``bert_sequence_parallel.use_in_model``): the inputs are this rank's shard and the three
     losses are this rank's parts, which add up over the sequence group.
+
+    ``input_ids``, ``token_type_ids``, ``attention_mask`` (0/1 keep-mask, or None: no padding)
+    and ``masked_lm_labels`` (``IGNORE_INDEX`` where nothing is predicted) are int64
+    ``[batch, seq]``, ``next_sentence_label`` int64 ``[batch]``; the losses are float32 scalars.
+    ``set_memory_options`` trades recomputation for activation memory at long sequences.
     """
 
     def __init__(self, config: BertConfig, sparsity_config=None, use_transformer_kernel=False,
@@ -360,6 +410,41 @@ class BertForPreTraining(nn.Module):
                               transformer_kernel_args, sparse_max_seq_length)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.apply(self._init_weights)
+        #: >1: the masked-LM loss in that many pieces of the masked positions
+        #: (``tiling.tiled_masked_lm_loss_sum``)
+        self.mlm_loss_shards = 1
+
+    def set_memory_options(self, activation_checkpointing: bool = False, tiled_mlp: int = 1,
+                           tiled_loss: int = 1) -> "BertForPreTraining":
+        """Long-sequence memory savers (each leaves the losses and gradients as they were):
+
+        * ``activation_checkpointing``: checkpoint every encoder layer in training
+          (``torch.utils.checkpoint``, non-reentrant; dropout replayed): only each layer's
+          input ``[batch, seq, hidden]`` is kept, the layer runs again in the backward.
+        * ``tiled_mlp``: compute each layer's feed-forward in this many pieces of the sequence
+          (DeepSpeed's ``TiledMLP``): the ``[batch, seq, intermediate_size]`` activation
+          exists for one piece at a time. Not with DeepSpeed's transformer kernel.
+        * ``tiled_loss``: compute the masked-LM logits ``[masked tokens, vocab]`` and their
+          loss in this many pieces (recomputed in the backward).
+
+        Returns the model. Raises ValueError for a shard count below 1 or ``tiled_mlp`` with
+        layers that are not the example's ``BertLayer``.
+        """
+        from tiling import check_shards
+
+        tiled_mlp = check_shards("--tiled_mlp", tiled_mlp)
+        tiled_loss = check_shards("--tiled_loss", tiled_loss)
+        layers = list(self.bert.encoder.layer)
+        if tiled_mlp > 1 and not all(isinstance(layer, BertLayer) for layer in layers):
+            raise ValueError("--tiled_mlp needs the example's BertLayer; DeepSpeed's transformer "
+                             "kernel (--deepspeed_transformer_kernel) fuses the feed-forward: "
+                             "drop one of the two flags")
+        self.bert.encoder.checkpoint_layers = bool(activation_checkpointing)
+        for layer in layers:
+            if isinstance(layer, BertLayer):
+                layer.mlp_shards = tiled_mlp
+        self.mlm_loss_shards = tiled_loss
+        return self
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -380,8 +465,21 @@ class BertForPreTraining(nn.Module):
         labels = masked_lm_labels.reshape(-1)
         picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, picked)
-        scores = self.cls.prediction_scores(hidden)
         shard = self.bert.sequence_shard
+        if self.mlm_loss_shards > 1:
+            from tiling import tiled_masked_lm_loss_sum
+
+            total = tiled_masked_lm_loss_sum(self.cls, hidden, labels.index_select(0, picked),
+                                             self.mlm_loss_shards)
+            count = picked.numel()
+            if shard is not None:  # the whole sequence's masked tokens: the parts add up
+                import torch.distributed as dist
+
+                count = torch.tensor(float(count), device=total.device)
+                dist.all_reduce(count, group=shard.group)
+            mlm_loss = total / count
+            return self._with_next_sentence_loss(mlm_loss, seq_rel, next_sentence_label)
+        scores = self.cls.prediction_scores(hidden)
         if shard is None:
             mlm_loss = F.cross_entropy(scores.float(), labels.index_select(0, picked))
         else:  # this rank's part; the parts of a sequence group add up to the loss
@@ -389,6 +487,12 @@ class BertForPreTraining(nn.Module):
 
             mlm_loss = masked_lm_loss_part(scores.float(), labels.index_select(0, picked),
                                            shard)
+        return self._with_next_sentence_loss(mlm_loss, seq_rel, next_sentence_label)
+
+    def _with_next_sentence_loss(self, mlm_loss, seq_rel, next_sentence_label):
+        """``(loss, mlm_loss, nsp_loss)``: the next-sentence loss (this rank's part when
+        sequence parallel) from ``seq_rel`` ``[batch, 2]``, zero without labels."""
+        shard = self.bert.sequence_shard
         if next_sentence_label is None:
             return mlm_loss, mlm_loss, torch.zeros_like(mlm_loss)
         nsp_loss = F.cross_entropy(seq_rel.float(), next_sentence_label.reshape(-1))

@@ -15,6 +15,9 @@
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
+#   STAGES=bingbert bash scripts/dev/gpu_check.sh        # the bing_bert example's tokens/s (issue 22)
+#     (BBB_ARGS, default "--models base --seqs 4096 16384 --lamb torch --profile": eager, about
+#     8 minutes on an H100; e.g. BBB_ARGS="--models base --seqs 4096 16384 --compile --lamb torch")
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,6 +36,12 @@ for stage in $STAGES; do
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_bert_training.py ${BENCH_ARGS:-} \
         --out "$OUT/bench_bert_training.json" 2>&1 | tee "$OUT/bench_bert_training.log" ;;
+    bingbert)  # needs DeepSpeed (.whl/); no new batch after BBB_BUDGET s (the JSON is
+      # rewritten after each sequence); the full log in $OUT, the summary on stdout
+      timeout "${BBB_TIMEOUT:-570}" python3 scripts/bench_bing_bert.py \
+        ${BBB_ARGS:---models base --seqs 4096 16384 --lamb torch --profile} \
+        --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
+      echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
     launch)
       python3 scripts/dev/bench_launch.py 2>&1 | tee "$OUT/bench_launch.log" ;;
     split)

@@ -205,6 +205,27 @@ def test_checkpoint_resumes_to_the_same_next_step_loss(first_run, data_dir, test
         assert abs(r["loss"] - expected[r["step"]]) < 1e-4, (r, expected[r["step"]])
 
 
+def test_speed_flags_through_the_launcher_keep_the_losses(first_run, data_dir, test_config,
+                                                          tmp_path):
+    """--activation_checkpointing, --tiled_mlp and --tiled_loss through the real launcher:
+    the same losses as the run without them (data order and dropout are functions of the step;
+    checkpointing replays dropout). --compile: test_speed_flags.py."""
+    out, _ = first_run
+    expected = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+    flagged = str(tmp_path / "flags")
+    launch(common(data_dir, test_config, flagged) + [
+        "--max_steps", "2", "--eval_every", "0", "--activation_checkpointing",
+        "--tiled_mlp", "2", "--tiled_loss", "3"])
+    rows = [r for r in metrics(flagged) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert abs(r["loss"] - expected[r["step"]]) < 1e-4, (r, expected[r["step"]])
+    with open(os.path.join(flagged, "run_info.json")) as f:
+        info = json.load(f)
+    assert info["activation_checkpointing"] and info["tiled_mlp"] == 2
+    assert info["tiled_loss"] == 3 and info["compile"] is None
+
+
 # fp16 is GPU-only: DeepSpeed's CPU accelerator rejects it ("Type fp16 is not supported")
 @pytest.mark.parametrize("stage, precision", [(0, "bf16"), (1, "fp32"), (2, "fp32"), (3, "bf16")],
                          ids=["zero0_bf16", "zero1", "zero2", "zero3_bf16"])

@@ -1,0 +1,150 @@
+"""``scripts/bench_bing_bert.py``: its harness on the tiny model (CPU, micro-batches 1 and 2,
+one variant made to run out of memory at 2) writes every row to its JSON and Markdown (it
+measures; no speed is asserted); and its pieces: the variants' layouts, the attention-kernel
+names ``--profile`` looks for, the error without DeepSpeed, and the README renderer of its
+record."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(ROOT, "scripts")
+BENCH = os.path.join(SCRIPTS, "bench_bing_bert.py")
+for p in (ROOT, SCRIPTS):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import bench_bing_bert as bbb  # noqa: E402
+
+SEQ = 256  # BigBird 64 with 3 random blocks needs 4 blocks
+VARIANTS = ("dense", "fixed16", "bigbird64")
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("bench_bing_bert") / "tiny.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT,
+               **{bbb.FAULT_OOM: "fixed16:2"})
+    env.setdefault("OMP_NUM_THREADS", "2")
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--tiny", "--device", "cpu", "--lamb", "torch", "--seqs",
+         str(SEQ), "--max_batch", "2", "--warmup", "0", "--steps", "1", "--rounds", "1",
+         "--profile", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    with open(out) as f:
+        return json.load(f), out, proc.stdout
+
+
+def test_every_row_is_written(record):
+    data, _, _ = record
+    assert data["benchmark"] == "bing_bert"
+    assert {"device", "torch", "deepspeed", "commit"} <= set(data["env"])
+    assert data["date"] and "scripts/bench_bing_bert.py --tiny" in data["command"]
+    assert data["conditions"] and data["complete"] and data["skipped_settings"] == []
+    rows = {(r["variant"], r["batch"]): r for r in data["rows"]}
+    assert set(rows) == {(v, b) for v in VARIANTS for b in (1, 2)}
+    failed = rows.pop(("fixed16", 2))
+    assert failed["status"] == "oom" and bbb.FAULT_OOM in failed["error"]
+    for (variant, batch), r in rows.items():
+        assert r["status"] == "ok", r
+        assert r["model"] == "tiny" and r["seq"] == SEQ
+        assert r["tokens_per_step"] == batch * SEQ
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+        assert r["optimizer"] == "Lamb"  # the shipped config's LAMB (the PyTorch one on CPU)
+        assert r["describe"].startswith("dense" if variant == "dense" else "sparse")
+        assert {"attention_ms", "other_ms", "non_attention_ms"} <= set(r["profile"])
+        if variant != "dense":
+            assert r["x_dense"] > 0 and r["non_attention_vs_dense"] > 0
+    assert "mode fixed, block 16" in rows[("fixed16", 1)]["describe"]
+    assert "mode bigbird, block 64" in rows[("bigbird64", 1)]["describe"]
+    # the dense kernel is found by name on CPU too (the sparse backend has no op of its own)
+    assert rows[("dense", 1)]["profile"]["attention_ms"] > 0
+
+
+def test_summary_best_batch_and_ratio(record):
+    data, _, out = record
+    summary = {s["variant"]: s for s in data["summary"]}
+    assert list(summary) == list(VARIANTS)
+    for variant, s in summary.items():
+        assert s["best_batch"] in (1, 2) and s["best_tokens_per_s"] > 0
+        if variant != "dense":
+            assert s["x_dense"] > 0
+    assert summary["fixed16"]["max_batch"] == 1
+    assert summary["fixed16"]["stopped_at"]["status"] == "oom"
+    assert summary["fixed16"]["stopped_at"]["batch"] == 2
+    assert summary["dense"]["max_batch"] == summary["bigbird64"]["max_batch"] == 2
+    assert "best" in out and "tokens/s" in out
+
+
+def test_markdown_and_readme_table(record):
+    import render_results
+
+    data, path, _ = record
+    with open(os.path.splitext(path)[0] + ".md") as f:
+        md = f.read()
+    assert data["command"] in md and data["env"]["device"] in md
+    assert "| model | seq | variant | best tokens/s |" in md
+    assert "| tiny | 256 | tutorial Fixed 16 |" in md and "oom at 2" in md
+    assert "| tiny | 256 | 2 | fixed16 | - | - | - | - | oom" in md
+    assert "Profile (cpu ops" in md
+    table = render_results.bing_bert_table([("eager", data, "bing_bert_test.json")])
+    assert table[2] == "| model | seq | mode | dense SDPA | tutorial Fixed 16 | BigBird 64 |"
+    assert table[4].startswith("| tiny | 256 | eager | ") and "x" in table[4]
+    assert render_results.main(["--bing-bert", str(path)]) == 0
+
+
+def test_variants_are_the_tutorial_fixed_and_the_shipped_bigbird():
+    from bench_bert_training import sparsity_config
+    from sparse_attn.config import parse_sparse_attention
+
+    for heads in (12, 16):
+        ours = parse_sparse_attention(bbb.VARIANTS["fixed16"]).build(heads).make_layout(2048)
+        theirs = sparsity_config("sparse_fixed", heads, 16).make_layout(2048)
+        assert (ours == theirs).all()
+    for model in ("base", "large"):
+        with open(bbb.MODELS[model][1]) as f:
+            assert json.load(f)["sparse_attention"] == bbb.VARIANTS["bigbird64"]
+
+
+def test_attention_kernels_by_name():
+    names = bbb.sparse_kernel_names()
+    assert {"fused_attn_fwd_kernel", "fused_attn_bwd_dq_kernel",
+            "fused_attn_bwd_dkdv_kernel"} <= set(names)
+    for name, kind in [
+            ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "dense"),
+            ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "dense"),
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "dense"),
+            ("fused_attn_fwd_kernel", "sparse"), ("fused_attn_bwd_dkdv_kernel", "sparse"),
+            ("_dsd_kernel", "sparse"),
+            ("triton_per_fused_add_native_layer_norm_0", None),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", None),
+            ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernel>",
+             None)]:
+        assert bbb.attention_kind(name, names) == kind, name
+
+
+def test_clear_error_without_deepspeed(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    assert bbb.main(["--tiny"]) == 2
+    assert "needs DeepSpeed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_batch", "0"], "--max_batch 0"),
+    (["--tiled_mlp", "0"], "--tiled_mlp 0"),
+    (["--seqs", "512", "-4"], "--seqs -4"),
+    (["--time_budget", "0"], "--time_budget 0"),
+])
+def test_bad_values_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bbb.parse_args(argv)
+    assert message in capsys.readouterr().err
