@@ -79,12 +79,13 @@ def make_optimizer(params):
 
 
 def train_batch(source_rank: int, round_: int):
-    """The full batch that rank ``source_rank``'s loader yields in round ``round_``."""
+    """The full batch that (global) rank ``source_rank``'s loader yields in round
+    ``round_``."""
     ids, mask, labels = make_batch(1000 + 17 * source_rank + round_, TRAIN_SEQ, padded=True)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def train_order(p: int):
-    """(source rank, round) of each training step: DeepSpeed's adapter gathers one batch from
-    each rank of the group and hands out their shards in rank order."""
+    """(source rank in the group, round) of each training step: DeepSpeed's adapter gathers
+    one batch from each rank of the group and hands out their shards in rank order."""
     return [(step % p, step // p) for step in range(TRAIN_STEPS)]

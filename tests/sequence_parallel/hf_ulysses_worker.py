@@ -1,9 +1,10 @@
-"""One rank of the transformers Ulysses tests: ``python hf_ulysses_worker.py OUT_DIR`` with
+"""One rank of the transformers Ulysses tests: ``python hf_ulysses_worker.py OUT_DIR P`` with
 RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (as the deepspeed launcher sets them).
 
-Joins a gloo world through ``deepspeed.comm``; sequence parallelism over the whole world
-(``P = WORLD_SIZE``) through ``sparse_attn.hf.enable_sequence_parallel`` (DeepSpeed's
-``register_with_transformers`` inside). For each case of ``hf_ulysses_cases.CASES``: a fresh
+Joins a gloo world through ``deepspeed.comm``; sequence parallelism over groups of ``P``
+consecutive ranks (``WORLD_SIZE / P`` data-parallel replicas) through
+``sparse_attn.hf.enable_sequence_parallel`` (DeepSpeed's ``register_with_transformers``
+inside). For each case of ``hf_ulysses_cases.CASES``: a fresh
 tiny BertForMaskedLM, forward and backward on this rank's shard of the case's batch, recording
 the logits shard, the loss part and the parameter gradients (parts: the pytest side adds them
 up over the ranks). Then a few training steps through ``deepspeed.initialize`` (ZeRO 0, fp32,
@@ -36,6 +37,7 @@ def record_error(fn):
 
 
 def run_case(family, layout, padded, rank, p):
+    """``rank``: this rank's place in its sequence group of ``p``."""
     import sparse_attn.hf as sahf
 
     model = hc.make_model(layout, family=family)
@@ -55,6 +57,7 @@ def run_case(family, layout, padded, rank, p):
 
 
 def train(rank, p):
+    """``rank``: the global rank; each rank's loader yields its own batches."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -62,6 +65,7 @@ def train(rank, p):
 
     model = hc.make_model(hc.TRAIN_LAYOUT)
     mpu = sahf.enable_sequence_parallel(model, p, hc.BATCH)
+    assert mpu.get_sequence_parallel_rank() == rank % p
     optimizer = hc.make_optimizer(model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, mpu=mpu,
@@ -94,6 +98,7 @@ def errors(rank, p, world):
     out = {}
     model = hc.make_model("fixed")
     sahf.enable_sequence_parallel(model, p, hc.BATCH)
+    rank = rank % p  # in the group
     ids, _, labels = hc.make_batch(seed=7, padded=False)
     pos = torch.arange(hc.SEQ).expand(hc.BATCH, hc.SEQ)
     short = slice(0, 8)  # P shards of 8 tokens: not a multiple of P * block
@@ -120,7 +125,7 @@ def errors(rank, p, world):
     return out
 
 
-def main(out_dir):
+def main(out_dir, p):
     import deepspeed.comm as dist
 
     from launcher import avoid_cpu_op_builds
@@ -128,10 +133,9 @@ def main(out_dir):
     avoid_cpu_op_builds()  # plain gloo collectives, no C++ build of DeepSpeed's shm op
     dist.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    p = world
     results = {"world": world, "p": p, "cases": {}}
     for case in hc.CASES:
-        results["cases"][case] = run_case(*case, rank, p)
+        results["cases"][case] = run_case(*case, rank % p, p)
     # A model on plain "block_sparse" in the same process is untouched by Ulysses' wrapper.
     plain = hc.make_model("fixed")
     ids, mask, _ = hc.make_batch(seed=11, padded=True)
@@ -144,7 +148,7 @@ def main(out_dir):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1])
+        main(sys.argv[1], int(sys.argv[2]))
     except Exception:
         traceback.print_exc()
         sys.exit(1)

@@ -9,8 +9,8 @@ Each world runs once (``hf_ulysses_worker.py``, one process per rank, started as
 ``test_ulysses.py`` starts them); the tests compare what the ranks recorded with the same
 model run here in one process.
 """
+import functools
 import json
-import os
 
 import pytest
 import torch
@@ -29,16 +29,26 @@ from sparse_attn.hf_sequence_parallel import _FullBatches  # noqa: E402
 ROUND_OFF = 1e-5  # relative, fp32: the sharded and one-process runs differ by round-off
 
 
+# (world size, sequence_parallel_size): one group of 2, one of 4, two groups of 2 side by side
+# (data parallel). DeepSpeed creates its groups once per process: one world per split.
+SPLITS = [(2, 2), (4, 4), (4, 2)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf_ulysses"))
-    return lambda world: run_world(world, root, "hf_ulysses_worker.py")
+    return lambda world, p: run_world(world, root, "hf_ulysses_worker.py", (p,))
+
+
+def _groups(world, p):
+    return [list(range(g * p, (g + 1) * p)) for g in range(world // p)]
 
 
 def _rel(got, want):
     return ((got - want).norm() / want.norm()).item()
 
 
+@functools.lru_cache(maxsize=None)
 def _single_process(family, layout, padded):
     """The same model and batch in one process, plain "block_sparse": logits, its own
     masked-LM loss and the gradients."""
@@ -53,11 +63,15 @@ def _single_process(family, layout, padded):
 
 
 @pytest.mark.parametrize("case", hc.CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("world", [2, 4])
-def test_forward_and_gradients_match_single_process(ranks, world, case):
-    records = ranks(world)
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_forward_and_gradients_match_single_process(ranks, world, p, case):
+    records = ranks(world, p)
     logits, loss, grads = _single_process(*case)
-    parts = [rec["cases"][case] for rec in records]
+    for members in _groups(world, p):  # every group ran the same batch
+        _check_group([records[r]["cases"][case] for r in members], logits, loss, grads)
+
+
+def _check_group(parts, logits, loss, grads):
     # Logits: the shards in rank order are the whole sequence's.
     got = torch.cat([part["logits"] for part in parts], dim=1)
     assert got.shape == logits.shape
@@ -77,11 +91,11 @@ def test_forward_and_gradients_match_single_process(ranks, world, case):
         assert (got - want).norm() <= ROUND_OFF * max(want.norm(), 1e-3 * scale), name
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_padding_is_masked_not_attended(ranks, world):
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_padding_is_masked_not_attended(ranks, world, p):
     """Against a silent wrong result: with the key padding mask dropped (as DeepSpeed's
     wrapper drops attention_mask) the logits would differ by far more than round-off."""
-    records = ranks(world)
+    records = ranks(world, p)[:p]
     case = ("bert", "fixed", True)
     got = torch.cat([rec["cases"][case]["logits"] for rec in records], dim=1)
     model = hc.make_model("fixed")
@@ -91,49 +105,52 @@ def test_padding_is_masked_not_attended(ranks, world):
     assert _rel(got, unmasked) > 100 * ROUND_OFF
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_training_steps_match_single_process(ranks, world):
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_training_steps_match_single_process(ranks, world, p):
     """Steps of deepspeed.initialize's engine (ZeRO 0, fp32, gradient clipping at the global
-    norm) fed by sequence_parallel_dataloader: the sequence losses of the one-process run."""
-    records = ranks(world)
+    norm) fed by sequence_parallel_dataloader: the sequence losses of the one-process run,
+    where each step's gradient is the mean over the data-parallel groups' batches."""
+    records = ranks(world, p)
+    groups = _groups(world, p)
     model = hc.make_model(hc.TRAIN_LAYOUT)
     optimizer = hc.make_optimizer(model.parameters())
-    want = []
-    for source, round_ in hc.train_order(world):
-        loss = model(**hc.train_batch(source, round_)).loss
-        loss.backward()
+    want = []  # per step, the loss of each group's batch
+    for source, round_ in hc.train_order(p):
+        losses = [model(**hc.train_batch(members[source], round_)).loss for members in groups]
+        (sum(losses) / len(losses)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hc.GRAD_CLIP)  # as DeepSpeed does
         optimizer.step()
         optimizer.zero_grad()
-        want.append(loss.item())
-    assert want[-1] < want[0]
-    padded = -(-hc.TRAIN_SEQ // (world * hc.BLOCK)) * world * hc.BLOCK
+        want.append([loss.item() for loss in losses])
+    assert sum(want[-1]) < sum(want[0])
+    padded = -(-hc.TRAIN_SEQ // (p * hc.BLOCK)) * p * hc.BLOCK
     for rank, rec in enumerate(records):
         train = rec["train"]
-        assert train["engine_sp"] == world
+        assert train["engine_sp"] == p
         for step, (got, ref) in enumerate(zip(train["losses"], want)):
+            ref = ref[rank // p]
             assert abs(got - ref) <= ROUND_OFF * ref, (rank, step, got, ref)
         # the loader padded the 100-token sequences to a multiple of P * block and cut them
         for shapes in train["shapes"]:
-            assert shapes == {k: (hc.BATCH, padded // world)
+            assert shapes == {k: (hc.BATCH, padded // p)
                               for k in ("input_ids", "attention_mask", "position_ids")}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_plain_block_sparse_model_is_not_wrapped(ranks, world):
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_plain_block_sparse_model_is_not_wrapped(ranks, world, p):
     """A "block_sparse" model in a process that registered Ulysses runs as in one process."""
     model = hc.make_model("fixed")
     ids, mask, _ = hc.make_batch(seed=11, padded=True)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-    for rec in ranks(world):
+    for rec in ranks(world, p):
         assert torch.equal(rec["plain_logits"], want)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_errors_that_need_a_group(ranks, world):
-    p, block = world, hc.BLOCK
-    for rec in ranks(world):
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_errors_that_need_a_group(ranks, world, p):
+    block = hc.BLOCK
+    for rec in ranks(world, p):
         errors = rec["errors"]
         assert errors["seq_multiple"] == ("ValueError", (
             f"the full sequence of {8 * p} tokens ({p} shards of 8) is not a multiple of "
