@@ -15,6 +15,7 @@ and another turns the context back. Here the wrapped function is ours, registere
     mpu = sahf.enable_sequence_parallel(model, sequence_parallel_size=4, micro_batch_size=1)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu, ...)
     for batch in sahf.sequence_parallel_dataloader(dataloader, model):
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
         labels = batch.pop("labels")                   # this rank's [batch, seq / P] shard
         logits = engine(**batch).logits
         loss = sahf.sequence_parallel_loss_part(logits, labels)
@@ -25,9 +26,10 @@ Decisions (and why):
 
 * The key padding mask is carried across, not refused. DeepSpeed's wrapper passes
   ``attention_mask=None`` to the core attention (the mask transformers builds covers the
-  rank's shard only), so a padded batch would silently attend to padding. Refusing padded
-  batches would also refuse padding to the block, which every sequence whose length is not a
-  multiple of ``P * block`` needs. A forward pre-hook on the base model all-gathers the ranks'
+  rank's shard only), so a padded batch would silently attend to padding. Carrying the mask
+  gives the one-process result (the tests check it to fp32 round-off); refusing padded
+  batches would refuse the usual variable-length data, and the padding to a multiple of
+  ``P * block`` that every other sequence length needs. A forward pre-hook on the base model all-gathers the ranks'
   ``[batch, seq / P]`` masks over the sequence group once per forward (``batch * seq`` bytes,
   tiny next to the activations) and passes the full mask to every layer in a keyword argument,
   which transformers hands down to the attention function and which gradient checkpointing

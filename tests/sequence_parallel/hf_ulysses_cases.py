@@ -27,6 +27,7 @@ FAMILIES = {"bert": ("BertConfig", 0, 0), "roberta": ("RobertaConfig", 1, 2)}
 # (family, layout, padded); RoBERTa numbers positions from its padding index + 1.
 CASES = [("bert", layout, padded) for layout in LAYOUTS for padded in (False, True)]
 CASES.append(("roberta", "bigbird", True))
+CHECKPOINTED_CASE = ("bert", "bigbird", True)  # run again with gradient checkpointing
 TRAIN_LAYOUT = "bigbird"
 
 

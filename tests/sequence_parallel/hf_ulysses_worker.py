@@ -36,11 +36,14 @@ def record_error(fn):
     return None
 
 
-def run_case(family, layout, padded, rank, p):
+def run_case(family, layout, padded, rank, p, checkpointing=False):
     """``rank``: this rank's place in its sequence group of ``p``."""
     import sparse_attn.hf as sahf
 
     model = hc.make_model(layout, family=family)
+    if checkpointing:  # the backward pass replays the layers with the kwargs they were given
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     mpu = sahf.enable_sequence_parallel(model, p, hc.BATCH)
     assert mpu.get_sequence_parallel_rank() == rank
     ids, mask, labels = hc.make_batch(seed=10 + padded, padded=padded,
@@ -136,6 +139,7 @@ def main(out_dir, p):
     results = {"world": world, "p": p, "cases": {}}
     for case in hc.CASES:
         results["cases"][case] = run_case(*case, rank % p, p)
+    results["checkpointed"] = run_case(*hc.CHECKPOINTED_CASE, rank % p, p, checkpointing=True)
     # A model on plain "block_sparse" in the same process is untouched by Ulysses' wrapper.
     plain = hc.make_model("fixed")
     ids, mask, _ = hc.make_batch(seed=11, padded=True)

@@ -71,6 +71,14 @@ def test_forward_and_gradients_match_single_process(ranks, world, p, case):
         _check_group([records[r]["cases"][case] for r in members], logits, loss, grads)
 
 
+@pytest.mark.parametrize("world,p", SPLITS)
+def test_gradient_checkpointing_replays_the_gathered_mask(ranks, world, p):
+    records = ranks(world, p)
+    logits, loss, grads = _single_process(*hc.CHECKPOINTED_CASE)
+    for members in _groups(world, p):
+        _check_group([records[r]["checkpointed"] for r in members], logits, loss, grads)
+
+
 def _check_group(parts, logits, loss, grads):
     # Logits: the shards in rank order are the whole sequence's.
     got = torch.cat([part["logits"] for part in parts], dim=1)
