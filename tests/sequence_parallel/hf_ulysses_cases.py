@@ -27,13 +27,15 @@ FAMILIES = {"bert": ("BertConfig", 0, 0), "roberta": ("RobertaConfig", 1, 2)}
 # (family, layout, padded); RoBERTa numbers positions from its padding index + 1.
 CASES = [("bert", layout, padded) for layout in LAYOUTS for padded in (False, True)]
 CASES.append(("roberta", "bigbird", True))
+# Layer 0 sparse, layer 1 dense (SDPA on the rank's heads, with the gathered mask).
+CASES.append(("bert", "fixed@layer0", True))
 CHECKPOINTED_CASE = ("bert", "bigbird", True)  # run again with gradient checkpointing
 TRAIN_LAYOUT = "bigbird"
 
 
 def make_model(layout: str, heads: int = HEADS, family: str = "bert"):
     """The tiny masked LM, the same weights in every process (seed 0), block-sparse with
-    ``layout``. No dropout: the sharded and single-process runs draw no random numbers."""
+    ``layout`` (``"name@layerN"``: in layer N only). No dropout: the sharded and single-process runs draw no random numbers."""
     import transformers
 
     import sparse_attn.hf as sahf
@@ -47,11 +49,13 @@ def make_model(layout: str, heads: int = HEADS, family: str = "bert"):
     torch.manual_seed(0)
     prefix = "Bert" if family == "bert" else "Roberta"
     model = getattr(transformers, prefix + "ForMaskedLM")(config)
+    layout, _, only = layout.partition("@layer")  # "fixed@layer0": only layer 0 is sparse
     if heads == HEADS:
         sparsity = LAYOUTS[layout]()
     else:
         sparsity = FixedSparsityConfig(heads, BLOCK)
-    return sahf.enable_sparse_attention(model, sparsity, max_seq_length=MAX_SEQ)
+    return sahf.enable_sparse_attention(model, sparsity, max_seq_length=MAX_SEQ,
+                                        layers=[int(only)] if only else None)
 
 
 def make_batch(seed: int, seq: int = SEQ, padded: bool = True, pad_id: int = 0):
