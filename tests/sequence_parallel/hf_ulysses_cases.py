@@ -9,6 +9,7 @@ HEADS, HIDDEN, LAYERS, VOCAB, BLOCK = 4, 64, 2, 96, 16
 MAX_SEQ = 256  # the layout is built here; shorter sequences use its top-left corner
 SEQ, BATCH = 128, 2  # forward/backward cases: 128 = a multiple of P * block for P = 2, 4
 TRAIN_SEQ, TRAIN_STEPS = 100, 4  # 100: the loader pads to a multiple of P * block
+SAVE_AFTER = 2  # a checkpoint after this many steps; a fresh engine resumes from it
 GRAD_CLIP = 1.0  # DeepSpeed's default; the global norm must be that of the summed gradients
 
 # Per-head layouts (different_layout_per_head=True): a rank on the wrong heads would differ.

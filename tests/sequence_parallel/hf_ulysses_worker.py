@@ -8,8 +8,8 @@ inside). For each case of ``hf_ulysses_cases.CASES``: a fresh
 tiny BertForMaskedLM, forward and backward on this rank's shard of the case's batch, recording
 the logits shard, the loss part and the parameter gradients (parts: the pytest side adds them
 up over the ranks). Then a few training steps through ``deepspeed.initialize`` (ZeRO 0, fp32,
-gloo) fed by ``sequence_parallel_dataloader``, recording the sequence loss of each step; then
-the errors that need a process group. Writes ``OUT_DIR/rank{RANK}.pt``.
+gloo) fed by ``sequence_parallel_dataloader``, recording the sequence loss of each step, with a
+checkpoint that a fresh engine resumes from; then the errors that need a process group. Writes ``OUT_DIR/rank{RANK}.pt``.
 """
 import os
 import sys
@@ -42,8 +42,7 @@ def run_case(family, layout, padded, rank, p, checkpointing=False):
 
     model = hc.make_model(layout, family=family)
     if checkpointing:  # the backward pass replays the layers with the kwargs they were given
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     mpu = sahf.enable_sequence_parallel(model, p, hc.BATCH)
     assert mpu.get_sequence_parallel_rank() == rank
     ids, mask, labels = hc.make_batch(seed=10 + padded, padded=padded,
@@ -59,28 +58,39 @@ def run_case(family, layout, padded, rank, p, checkpointing=False):
                       if t.grad is not None}}
 
 
-def train(rank, p):
-    """``rank``: the global rank; each rank's loader yields its own batches."""
+def _engine(rank, p):
+    """A fresh model made sequence-parallel, in DeepSpeed's engine (ZeRO 0, fp32)."""
     import deepspeed
-    import deepspeed.comm as dist
 
     import sparse_attn.hf as sahf
 
     model = hc.make_model(hc.TRAIN_LAYOUT)
     mpu = sahf.enable_sequence_parallel(model, p, hc.BATCH)
     assert mpu.get_sequence_parallel_rank() == rank % p
-    optimizer = hc.make_optimizer(model.parameters())
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, mpu=mpu,
+        model=model, optimizer=hc.make_optimizer(model.parameters()), mpu=mpu,
         config={"train_micro_batch_size_per_gpu": hc.BATCH, "gradient_accumulation_steps": 1,
                 "zero_optimization": {"stage": 0}, "gradient_clipping": hc.GRAD_CLIP,
                 "steps_per_print": 10 ** 6})
+    return engine, model, mpu
+
+
+def _steps(engine, model, mpu, rank, p, first=0):
+    """Training steps ``first .. TRAIN_STEPS - 1`` on this rank's loader (the earlier steps'
+    batches are drawn and skipped, on every rank alike); their sequence losses and the
+    shapes of the batches."""
+    import deepspeed.comm as dist
+
+    import sparse_attn.hf as sahf
+
     rounds = -(-hc.TRAIN_STEPS // p)
     loader = [hc.train_batch(rank, r) for r in range(rounds)]  # this rank's own batches
     batches = sahf.sequence_parallel_dataloader(loader, model)
     assert len(batches) == rounds * p
     losses, shapes = [], []
-    for _, batch in zip(range(hc.TRAIN_STEPS), batches):
+    for step, batch in zip(range(hc.TRAIN_STEPS), batches):
+        if step < first:
+            continue
         labels = batch.pop("labels")
         shapes.append({k: tuple(v.shape) for k, v in batch.items()})
         logits = engine(**batch).logits
@@ -90,7 +100,20 @@ def train(rank, p):
         whole = loss.detach().clone()
         dist.all_reduce(whole, group=mpu.get_sequence_parallel_group())
         losses.append(whole.item())
-    return {"losses": losses, "shapes": shapes,
+        if step + 1 == hc.SAVE_AFTER and first == 0:
+            engine.save_checkpoint(os.path.join(_OUT_DIR, "checkpoints"), tag="saved")
+    return losses, shapes
+
+
+def train(rank, p):
+    """``rank``: the global rank; each rank's loader yields its own batches. Then a fresh
+    engine resumes from the checkpoint saved after ``SAVE_AFTER`` steps."""
+    engine, model, mpu = _engine(rank, p)
+    losses, shapes = _steps(engine, model, mpu, rank, p)
+    engine, model, mpu = _engine(rank, p)
+    engine.load_checkpoint(os.path.join(_OUT_DIR, "checkpoints"), tag="saved")
+    resumed, _ = _steps(engine, model, mpu, rank, p, first=hc.SAVE_AFTER)
+    return {"losses": losses, "resumed": resumed, "shapes": shapes,
             "engine_sp": getattr(engine, "sequence_parallel_size", None)}
 
 
@@ -128,7 +151,12 @@ def errors(rank, p, world):
     return out
 
 
+_OUT_DIR = None
+
+
 def main(out_dir, p):
+    global _OUT_DIR
+    _OUT_DIR = out_dir
     import deepspeed.comm as dist
 
     from launcher import avoid_cpu_op_builds

@@ -117,7 +117,8 @@ def test_padding_is_masked_not_attended(ranks, world, p):
 def test_training_steps_match_single_process(ranks, world, p):
     """Steps of deepspeed.initialize's engine (ZeRO 0, fp32, gradient clipping at the global
     norm) fed by sequence_parallel_dataloader: the sequence losses of the one-process run,
-    where each step's gradient is the mean over the data-parallel groups' batches."""
+    where each step's gradient is the mean over the data-parallel groups' batches; and a fresh
+    engine resumed from the checkpoint saved after SAVE_AFTER steps continues them."""
     records = ranks(world, p)
     groups = _groups(world, p)
     model = hc.make_model(hc.TRAIN_LAYOUT)
@@ -135,9 +136,14 @@ def test_training_steps_match_single_process(ranks, world, p):
     for rank, rec in enumerate(records):
         train = rec["train"]
         assert train["engine_sp"] == p
+        assert len(train["losses"]) == hc.TRAIN_STEPS
+        assert len(train["resumed"]) == hc.TRAIN_STEPS - hc.SAVE_AFTER
         for step, (got, ref) in enumerate(zip(train["losses"], want)):
             ref = ref[rank // p]
             assert abs(got - ref) <= ROUND_OFF * ref, (rank, step, got, ref)
+        # resumed from the checkpoint: the same steps again (weights and momentum restored)
+        for got, ref in zip(train["resumed"], train["losses"][hc.SAVE_AFTER:]):
+            assert abs(got - ref) <= ROUND_OFF * ref, (rank, got, ref)
         # the loader padded the 100-token sequences to a multiple of P * block and cut them
         for shapes in train["shapes"]:
             assert shapes == {k: (hc.BATCH, padded // p)
