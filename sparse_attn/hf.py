@@ -31,6 +31,10 @@ What a switched model does:
   dropout is not applied on sparse layers (the kernels never form the probabilities), as in
   DeepSpeed.
 
+Sequences longer than one GPU holds: ``enable_sequence_parallel(model, P, micro_batch_size)``
+runs the sparse attention under DeepSpeed's Ulysses sequence parallelism (each of ``P`` ranks
+holds ``seq / P`` tokens); see ``sparse_attn.hf_sequence_parallel``.
+
 Supported model types: ``SUPPORTED_MODEL_TYPES`` (BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
 CamemBERT, and their task heads). Other models, decoders (``is_decoder``) and
 cross-attention are rejected with a ``ValueError``.
@@ -42,9 +46,13 @@ from typing import Iterable, List, Optional
 from torch import nn
 
 from .hf_attention import (  # noqa: F401 (public here too)
-    ATTN_IMPLEMENTATION, CONFIG_KEY, SUPPORTED_MODEL_TYPES, _DEFAULT_MAX_SEQ_LENGTH, _settings,
+    ATTN_IMPLEMENTATION, CONFIG_KEY, SEQUENCE_PARALLEL_ATTN_IMPLEMENTATION,
+    SPARSE_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, _DEFAULT_MAX_SEQ_LENGTH, _settings,
     _sparse_mask, register, sparse_attention_forward, sparsity_config_from_dict,
     sparsity_config_to_dict)
+from .hf_sequence_parallel import (  # noqa: F401 (public here)
+    enable_sequence_parallel, sequence_parallel_dataloader, sequence_parallel_loss_part,
+    sequence_position_ids)
 from .sparsity_config import SparsityConfig
 
 import transformers  # after hf_attention, whose import names the version needed
@@ -203,7 +211,7 @@ def enable_on_layers(config, layers: Iterable[nn.Module], sparsity_config: Spars
         raise ValueError("block-sparse attention here supports bidirectional encoders only")
     old = getattr(config, CONFIG_KEY, None)
     if isinstance(old, dict) and old.get("layers") is not None \
-            and config._attn_implementation == ATTN_IMPLEMENTATION:
+            and config._attn_implementation in SPARSE_ATTN_IMPLEMENTATIONS:
         indices = set(indices) | set(old["layers"])
     _store(config, sparsity_config, max_seq_length or _DEFAULT_MAX_SEQ_LENGTH, indices)
     config._attn_implementation = ATTN_IMPLEMENTATION
@@ -222,7 +230,7 @@ def disable_sparse_attention(model: nn.Module, attn_implementation: str = "sdpa"
 def is_sparse(model: nn.Module) -> bool:
     """Whether ``model`` runs block-sparse attention."""
     config = getattr(model, "config", None)
-    return (config is not None and config._attn_implementation == ATTN_IMPLEMENTATION
+    return (config is not None and config._attn_implementation in SPARSE_ATTN_IMPLEMENTATIONS
             and isinstance(getattr(config, CONFIG_KEY, None), dict))
 
 
@@ -242,6 +250,6 @@ def from_pretrained(cls, path, *args, **kwargs):
             kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
     model = cls.from_pretrained(path, *args, **kwargs)
     if isinstance(getattr(model.config, CONFIG_KEY, None), dict) \
-            and model.config._attn_implementation == ATTN_IMPLEMENTATION:
+            and model.config._attn_implementation in SPARSE_ATTN_IMPLEMENTATIONS:
         _settings(model.config)
     return model

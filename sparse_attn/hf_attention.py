@@ -2,6 +2,13 @@
 function and the mask builder registered as ``"block_sparse"`` (in ``AttentionInterface`` and
 ``AttentionMaskInterface``), and the sparse settings they read from ``config.sparse_attention``.
 Registered on import. The model-level API (``enable_sparse_attention`` ...) is ``sparse_attn.hf``.
+
+The same function is registered a second time, as ``"block_sparse_ulysses"``: the name that
+``sparse_attn.hf.enable_sequence_parallel`` hands to DeepSpeed's Ulysses, which replaces that
+name's entry process-wide with its all-to-all wrapper. A model on ``"block_sparse"`` never goes
+through the wrapper, whatever else the process runs. Under Ulysses the function receives the
+full sequence of ``heads / P`` heads and a ``SequenceParallelForward`` (the rank's place and the
+gathered key padding mask) in its keyword arguments; see ``sparse_attention_forward``.
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import importlib
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -17,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sparsity_config as _sc
+from .sequence_parallel import HeadSliceLayout
 from .sparse_self_attention import SparseSelfAttention, squeeze_key_padding_mask
 from .sparsity_config import SparsityConfig
 
@@ -29,6 +38,11 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
         "sparse_attn.hf needs transformers>=5: pip install 'transformers>=5,<6'") from err
 
 ATTN_IMPLEMENTATION = "block_sparse"
+# The name given to DeepSpeed's Ulysses as its core attention (it wraps that name's entry).
+SEQUENCE_PARALLEL_ATTN_IMPLEMENTATION = "block_sparse_ulysses"
+SPARSE_ATTN_IMPLEMENTATIONS = (ATTN_IMPLEMENTATION, SEQUENCE_PARALLEL_ATTN_IMPLEMENTATION)
+# The keyword argument that carries a SequenceParallelForward down to the attention function.
+SEQUENCE_PARALLEL_KWARG = "sparse_attention_sequence_parallel"
 CONFIG_KEY = "sparse_attention"
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
@@ -87,6 +101,39 @@ class _Settings:
         self.layers = None if layers is None else frozenset(int(i) for i in layers)
         self.attention = SparseSelfAttention(self.sparsity_config, key_padding_mask_mode="add",
                                              max_seq_length=self.max_seq_length)
+        self._head_slices: Dict[Tuple[int, int], SparseSelfAttention] = {}
+
+    def head_slice(self, rank: int, size: int) -> SparseSelfAttention:
+        """The attention over heads ``[rank * H / size, (rank + 1) * H / size)`` of the layout
+        (built once, at ``max_seq_length``, and cut from that very tensor; cached)."""
+        key = (rank, size)
+        attention = self._head_slices.get(key)
+        if attention is None:
+            heads = self.sparsity_config.num_heads // size
+            local = HeadSliceLayout(self.attention.master_layout, self.sparsity_config.block,
+                                    rank * heads, (rank + 1) * heads,
+                                    self.sparsity_config.attention)
+            attention = self._head_slices[key] = SparseSelfAttention(
+                local, key_padding_mask_mode="add", max_seq_length=self.max_seq_length)
+        return attention
+
+
+@dataclass(frozen=True)
+class SequenceParallelForward:
+    """What one forward pass under DeepSpeed Ulysses tells the attention function, passed as
+    the keyword argument ``sparse_attention_sequence_parallel`` (set by the forward pre-hook
+    that ``sparse_attn.hf.enable_sequence_parallel`` installs).
+
+    ``rank`` of ``size`` (``P``) in the sequence process group: after the all-to-all this rank
+    holds heads ``[rank * H / P, (rank + 1) * H / P)`` of the full sequence.
+    ``key_padding_mask``: the FULL sequence's padding mask gathered from the ranks' shards,
+    additive float32 ``[batch, 1, 1, seq]`` (0 keeps, float32's minimum drops), or None when
+    no rank has padding.
+    """
+
+    rank: int
+    size: int
+    key_padding_mask: Optional[torch.Tensor] = None
 
 
 _SETTINGS_CACHE: Dict[str, _Settings] = {}
@@ -180,8 +227,38 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              scaling: Optional[float] = None, dropout: float = 0.0,
                              **kwargs) -> Tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: ``[batch, heads, seq, dim]`` in,
-    ``[batch, seq, heads, dim]`` out; any ``seq`` (padded to the block inside)."""
+    ``[batch, seq, heads, dim]`` out (the dtype of ``query``); any ``seq`` (padded to the
+    block inside).
+
+    Under DeepSpeed Ulysses (``sparse_attn.hf.enable_sequence_parallel``) ``query``, ``key``
+    and ``value`` hold the full sequence of ``H / P`` heads, and ``kwargs`` hold a
+    ``SequenceParallelForward`` under ``"sparse_attention_sequence_parallel"``: the function
+    attends with the layout rows of this rank's heads and with the gathered key padding mask
+    of the full sequence (DeepSpeed's wrapper passes ``attention_mask=None``; a mask that
+    transformers built would cover only this rank's shard anyway). With fewer heads than the
+    layout and no ``SequenceParallelForward`` it cannot tell which heads it holds and raises
+    ``ValueError``.
+    """
     settings = _settings(module.config)
+    sp = kwargs.pop(SEQUENCE_PARALLEL_KWARG, None)
+    heads, layout_heads = query.shape[1], settings.sparsity_config.num_heads
+    ssa = settings.attention
+    if sp is not None:
+        if heads * sp.size != layout_heads:
+            raise ValueError(
+                f"sequence parallelism over {sp.size} ranks: the attention got {heads} heads "
+                f"but the layout has {layout_heads} heads, and {heads} * {sp.size} != "
+                f"{layout_heads}; is {type(module).__name__} running under the Ulysses "
+                f"wrapper that enable_sequence_parallel registered?")
+        ssa = settings.head_slice(sp.rank, sp.size)
+        attention_mask = sp.key_padding_mask
+    elif heads != layout_heads:
+        raise ValueError(
+            f"the attention got {heads} heads but the layout has {layout_heads}, and no "
+            f"sequence-parallel group says which heads these are (after DeepSpeed Ulysses' "
+            f"all-to-all rank r of P holds heads [r * H / P, (r + 1) * H / P)); enable "
+            f"sequence parallelism with sparse_attn.hf.enable_sequence_parallel(model, ...) "
+            f"rather than with DeepSpeed's register_with_transformers alone")
     if settings.layers is not None:
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
@@ -193,7 +270,6 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         raise ValueError(
             f"block-sparse attention is for bidirectional self-attention; "
             f"{type(module).__name__} is causal or cross-attention")
-    ssa = settings.attention
     batch, _, seq, _ = query.shape
     kpm = _hf_key_padding(attention_mask, batch, seq)
     block = ssa.block
@@ -241,8 +317,10 @@ def _keep_marker_when_saved() -> None:
 
     def to_dict(self):
         out = original(self)
+        # A model trained under sequence parallelism saves as a plain sparse model: the
+        # Ulysses name is a property of the running process, not of the weights.
         if isinstance(out.get(CONFIG_KEY), dict) and \
-                getattr(self, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+                getattr(self, "_attn_implementation", None) in SPARSE_ATTN_IMPLEMENTATIONS:
             out["attn_implementation"] = ATTN_IMPLEMENTATION
         return out
 
@@ -252,9 +330,13 @@ def _keep_marker_when_saved() -> None:
 
 
 def register() -> None:
-    """Register ``"block_sparse"`` with transformers (done on import; idempotent)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, sparse_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _sparse_mask)
+    """Register ``"block_sparse"`` and ``"block_sparse_ulysses"`` with transformers (done on
+    import; idempotent). DeepSpeed's Ulysses later overrides the second name's entry in
+    ``ALL_ATTENTION_FUNCTIONS`` (an instance-level override) with its wrapper, which calls
+    the function registered here."""
+    for name in SPARSE_ATTN_IMPLEMENTATIONS:
+        AttentionInterface.register(name, sparse_attention_forward)
+        AttentionMaskInterface.register(name, _sparse_mask)
     _keep_marker_when_saved()
 
 

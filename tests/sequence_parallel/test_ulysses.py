@@ -36,9 +36,12 @@ def _free_port() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def run_world(world: int, tmp_root: str) -> list:
-    """Start ``world`` rank processes of ulysses_worker.py; return each rank's record."""
-    out_dir = os.path.join(tmp_root, f"world{world}")
+def run_world(world: int, tmp_root: str, worker: str = "ulysses_worker.py",
+              args: tuple = ()) -> list:
+    """Start ``world`` rank processes of ``worker`` (a script beside this file, called with
+    an output folder and ``args``); return each rank's record, ``rank{r}.pt``."""
+    name = "_".join([os.path.splitext(worker)[0], f"world{world}", *map(str, args)])
+    out_dir = os.path.join(tmp_root, name)
     os.makedirs(out_dir, exist_ok=True)
     port = str(_free_port())
     procs = []
@@ -48,7 +51,7 @@ def run_world(world: int, tmp_root: str) -> list:
                    OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "ulysses_worker.py"), out_dir], cwd=HERE,
+            [sys.executable, os.path.join(HERE, worker), out_dir, *map(str, args)], cwd=HERE,
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for proc in procs:
