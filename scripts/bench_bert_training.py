@@ -351,8 +351,10 @@ def write_markdown(path, data):
           f"    {data.get('command', '?')}", ""]
     if data.get("command_note"):
         md += [data["command_note"], ""]
-    md += [f"Batch 1, {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads, block "
-           f"{a['block']}, AdamW; step time in ms: the median over {a['rounds']} interleaved "
+    named = any(split_variant(v, 0)[1] for v in variants)
+    block = "blocks as the variants name them" if named else f"block {a['block']}"
+    md += [f"Batch 1, {a['layers']} layers, hidden {a['hidden']}, {a['heads']} heads, {block}, "
+           f"AdamW; step time in ms: the median over {a['rounds']} interleaved "
            f"rounds of {a['steps']} steps{timer} after {a['warmup']} warm-up steps; peak "
            "GiB: the variant's own `max_memory_allocated` over one step; the variants as in "
            "the docstring of `scripts/bench_bert_training.py`."]
