@@ -21,6 +21,9 @@ the checkpoint complete once every rank's files are written (``latest`` only the
 without a tag) with clear errors, and ``check_resume_layout(ckpt.layout, run)`` refuses a
 resume with another layout unless allowed (``--allow_layout_change``).
 
+fp16 at ZeRO stage 0: ``scaled_backward(engine, loss)`` in place of ``engine.backward(loss)``
+applies the loss scale that DeepSpeed 0.19's engine leaves undone (``loss_scaling``).
+
 ``prepare_sparse_attention`` validates the block, removes it from the config DeepSpeed sees
 (DeepSpeed 0.19 rejects it) and never writes the user's file. DeepSpeed is imported only when
 needed; ``sparse_attn`` itself never imports it.
@@ -35,6 +38,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .loss_scaling import scaled_backward, unapplied_loss_scale
 from .patching import add_encoder_padding, patch_bert_model
 from .run import (
     LauncherConfigError,
@@ -50,4 +54,5 @@ __all__ = [
     "SparseAttentionRun", "LauncherConfigError", "patch_bert_model", "add_encoder_padding",
     "avoid_cpu_op_builds", "model_layout_checksums", "save_checkpoint", "resolve_checkpoint",
     "check_resume_layout", "layout_record", "Checkpoint", "CheckpointError", "LayoutChangeError",
+    "scaled_backward", "unapplied_loss_scale",
 ]

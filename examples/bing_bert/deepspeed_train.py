@@ -56,7 +56,7 @@ for path in (HERE, ROOT):
 import bing_bert_compat as bb  # noqa: E402
 from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # noqa: E402
                       check_resume_layout, layout_record, prepare_sparse_attention,
-                      resolve_checkpoint, save_checkpoint)
+                      resolve_checkpoint, save_checkpoint, scaled_backward)
 from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
 
 DEFAULT_MAX_STEPS = 300
@@ -699,7 +699,7 @@ def main(argv=None) -> int:
         loss, mlm_loss, nsp_loss = engine(**batch)
         if nan_step is not None and engine.global_steps + 1 == nan_step:
             loss = loss * float("nan")  # test fault injection (FAULT_NAN_LOSS)
-        engine.backward(loss)
+        scaled_backward(engine, loss)  # engine.backward(loss), fp16 scale applied (ZeRO 0)
         # The losses come to the host once per micro step (the one sync the loop has), before
         # the optimizer step, so that a non-finite loss is seen before it reaches the weights.
         step_losses.append(torch.stack([loss.detach().float(), mlm_loss.detach().float(),
