@@ -805,9 +805,13 @@ def test_fp16_overflow_skips_the_step_and_goes_on(data_dir, test_config, tmp_pat
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     skipped = [r["step"] for r in rows if r["step_skipped"]]  # engine.was_step_applied()
     k = len(skipped)
-    assert 1 <= k < steps and skipped == list(range(1, k + 1)), skipped  # then it trains
-    assert rows[k - 1]["loss_scale"] == 2.0 ** (32 - k)  # halved once per skipped step
-    assert rows[-1]["loss_scale"] == 2.0 ** (32 - k)  # no growth within 1000 good steps
+    # at least the first 12: this model's largest gradients (about 0.25) times 2**20 are far
+    # above fp16's 65504; then it trains, an overflow now and then halving the scale again
+    assert skipped[:12] == list(range(1, 13)) and k <= steps // 2, skipped
+    seen = 0
+    for r in rows:  # halved once per skipped step, no growth within 1000 good steps
+        seen += r["step_skipped"]
+        assert r["loss_scale"] == 2.0 ** (32 - seen), (r, skipped)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert log.count("skipped by DeepSpeed's fp16 dynamic loss scaling") == k
     last = [r["loss"] for r in rows[-5:]]
