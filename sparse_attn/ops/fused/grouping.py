@@ -92,9 +92,9 @@ def tile_area(layout: torch.Tensor, qorder, korder, block: int, tm: int, tn: int
         L = torch.gather(L, 2, korder[:, None, :].expand(H, nb, nb))
     a, c = tm // block, tn // block
     nq, nk = -(-nb // a), -(-nb // c)
-    P = torch.zeros(H, nq * a, nk * c, dtype=torch.bool, device=L.device)
-    P[:, :nb, :nb] = L
-    return P.view(H, nq, a, nk, c).any(4).any(2).sum() * (tm * tn)
+    if nq * a != nb or nk * c != nb:  # pad to whole tiles
+        L = torch.nn.functional.pad(L, (0, nk * c - nb, 0, nq * a - nb))
+    return L.reshape(H, nq, a, nk, c).any(4).any(2).sum() * (tm * tn)
 
 
 # Packed tiles must save this much of the contiguous tiles' area: gathered rows load through
