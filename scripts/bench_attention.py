@@ -471,8 +471,9 @@ def main():
                   f"tile={r['tile_density']:.3f} err={max(r['errors'].values()):.1e} | fwd "
                   f"dense {t['dense_fwd']:.3f} flex {t.get('flex_fwd', float('nan')):.3f} "
                   f"fused {t['fused_fwd']:.3f} | fb dense {t['dense_fb']:.3f} flex "
-                  f"{t.get('flex_fb', float('nan')):.3f} fused {t['fused_fb']:.3f} | rate "
-                  f"{r['rate_vs_dense_fwd']:.2f}/{r['rate_vs_dense_fb']:.2f} {r['targets']} "
+                  f"{t.get('flex_fb', float('nan')):.3f} fused {t['fused_fb']:.3f} | tile rate "
+                  f"{r['rate_vs_dense_fwd']:.2f}/{r['rate_vs_dense_fb']:.2f} layout rate "
+                  f"{r['layout_rate_fwd']:.2f}/{r['layout_rate_fb']:.2f} {r['targets']} "
                   f"({time.time() - t0:.0f}s)" + (f" FLEX ERROR {r['flex_error']}"
                                                   if "flex_error" in r else ""), flush=True)
     result["rows"] = rows
