@@ -18,6 +18,7 @@ import traceback
 import torch
 
 import hf_ulysses_cases as hc
+from ulysses_worker import record_error
 
 
 def shard(t, rank, p):
@@ -26,14 +27,6 @@ def shard(t, rank, p):
         return None
     part = t.shape[1] // p
     return t[:, rank * part:(rank + 1) * part].contiguous()
-
-
-def record_error(fn):
-    try:
-        fn()
-    except Exception as err:  # the pytest side checks type and message
-        return (type(err).__name__, str(err))
-    return None
 
 
 def run_case(family, layout, padded, rank, p, checkpointing=False):
