@@ -30,8 +30,10 @@ def unapplied_loss_scale(engine):
     state = getattr(opt, "loss_scale_config", None)
     if state is None or not getattr(state, "use_grad_scaling", False):
         return None
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
+    try:
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    except ImportError:  # a DeepSpeed before 0.19 scaled the loss in engine.backward
+        return None
     if isinstance(opt, ZeROOptimizer) or getattr(engine, "torch_autocast_z0_gradscaler", None):
         return None
     return state
