@@ -32,7 +32,7 @@ def unapplied_loss_scale(engine):
         return None
     try:
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
-    except ImportError:  # a DeepSpeed before 0.19 scaled the loss in engine.backward
+    except ImportError:  # another DeepSpeed layout: left to its own engine.backward
         return None
     if isinstance(opt, ZeROOptimizer) or getattr(engine, "torch_autocast_z0_gradscaler", None):
         return None
