@@ -121,7 +121,7 @@ def get_groups(layout, block, seq, device, tiles, layout_key=None, contiguous=No
     always = contiguous is None or config.grouping() == "always"
 
     def build():
-        L = layout.to(device=device, non_blocking=True)
+        L = layout.bool().to(device=device, non_blocking=True)
         qo, ko = block_orders(L)
         ident = torch.arange(L.shape[1], device=device)
         checks = [(qo == ident).all(), (ko == ident).all()]

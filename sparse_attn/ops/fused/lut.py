@@ -53,7 +53,7 @@ def tile_tables(layout, block, TM, TN, N, causal, device, qorder=None, korder=No
     blocks qorder[i * TM / block ...] of the layout (and so for keys); the units are then
     whole blocks."""
     H = layout.shape[0]
-    L = layout.to(device=device, non_blocking=True).bool()
+    L = layout.bool().to(device=device, non_blocking=True)  # 0/1: move a byte, not 8
     ur, uc = min(TM, block), min(TN, block)
     if block > ur:
         L = L.repeat_interleave(block // ur, 1)
