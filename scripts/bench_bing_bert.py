@@ -820,6 +820,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {opts.device}: no CUDA device here", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
             print(f"error: --device {opts.device} with DS_ACCELERATOR="

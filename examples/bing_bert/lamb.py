@@ -26,35 +26,51 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if group["bias_correction"]:
-                    m_hat = m / (1 - beta1 ** state["step"])
-                    v_hat = v / (1 - beta2 ** state["step"])
-                else:
-                    m_hat, v_hat = m, v
-                p32 = p.float()
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p32, alpha=group["weight_decay"])
-                w_norm, u_norm = p32.norm(), update.norm()
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
-                                    torch.ones_like(w_norm))
-                ratio = ratio.clamp(group["min_coeff"], group["max_coeff"])
-                p.copy_((p32 - group["lr"] * ratio * update).to(p.dtype))
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
         return loss
+
+    def _update(self, group, params):
+        """One LAMB step over a group's parameters with ``torch._foreach_*`` kernels (a few
+        launches per group, not a dozen per parameter) and no host sync."""
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+        grads = [p.grad.float() for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        steps = [self.state[p]["step"] for p in params]
+        if group["bias_correction"]:
+            m_hat = torch._foreach_div(m, [1 - beta1 ** s for s in steps])
+            denom = torch._foreach_div(v, [1 - beta2 ** s for s in steps])
+        else:
+            m_hat, denom = m, torch._foreach_mul(v, 1.0)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(m_hat, denom)
+        p32 = [p.float() for p in params]  # the parameter itself where it is float32
+        if group["weight_decay"]:
+            torch._foreach_add_(update, p32, alpha=group["weight_decay"])
+        w_norm = torch.stack(torch._foreach_norm(p32))
+        u_norm = torch.stack(torch._foreach_norm(update))
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp_min(1e-38),
+                            torch.ones_like(w_norm))
+        scale = ratio.clamp(group["min_coeff"], group["max_coeff"]) * -group["lr"]
+        torch._foreach_mul_(update, list(scale.unbind()))
+        torch._foreach_add_(p32, update)
+        narrow = [(p, q) for p, q in zip(params, p32) if p is not q]
+        if narrow:
+            torch._foreach_copy_([p for p, _ in narrow], [q for _, q in narrow])
 
 
 def fused_lamb_available() -> bool:

@@ -154,8 +154,9 @@ def test_packing_only_where_it_pays(name, block, packed):
     assert got == packed
     if packed:
         f, c = tiles.fwd, kernel_tiles(64, block).fwd
-        kept = tile_area(layout, groups.qorder, groups.korder, block, f.block_m, f.block_n)
-        assert kept < PACK_GAIN * tile_area(layout, None, None, block, c.block_m, c.block_n)
+        on_dev = layout.to(DEV)  # the orders live where the kernel runs
+        kept = tile_area(on_dev, groups.qorder, groups.korder, block, f.block_m, f.block_n)
+        assert kept < PACK_GAIN * tile_area(on_dev, None, None, block, c.block_m, c.block_n)
     else:
         assert tiles == kernel_tiles(64, block)
 

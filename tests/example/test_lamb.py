@@ -1,0 +1,60 @@
+"""The example's PyTorch LAMB (examples/bing_bert/lamb.py) against a per-parameter float64
+reference of the same update, over several steps, with and without weight decay and bias
+correction, for float32 and bfloat16 parameters."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "bing_bert"))
+from lamb import Lamb  # noqa: E402
+
+
+def reference_lamb(params, grads_per_step, lr, betas, eps, wd, max_coeff, min_coeff, bc):
+    """Float64 LAMB, parameter by parameter: the values after each step."""
+    p = [x.double().clone() for x in params]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            g = g.double()
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            mh = m[i] / (1 - betas[0] ** t) if bc else m[i]
+            vh = v[i] / (1 - betas[1] ** t) if bc else v[i]
+            u = mh / (vh.sqrt() + eps) + wd * p[i]
+            wn, un = p[i].norm(), u.norm()
+            r = (wn / un).item() if wn > 0 and un > 0 else 1.0
+            p[i] = p[i] - lr * min(max(r, min_coeff), max_coeff) * u
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wd,bc", [(0.0, True), (0.01, True), (0.01, False)])
+def test_lamb_matches_reference(dtype, wd, bc):
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    params.append(torch.zeros(4, dtype=dtype))  # a zero weight: trust ratio 1
+    start = [p.clone() for p in params]
+    grads = [[torch.randn(p.shape, dtype=dtype) for p in params] for _ in range(4)]
+    grads[2][1] = None  # a parameter without a gradient this step keeps its value and moments
+    kw = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, max_coeff=10.0,
+              min_coeff=0.01, bias_correction=bc)
+    opt = Lamb([torch.nn.Parameter(p) for p in params], **kw)
+    for step in grads:
+        for prm, g in zip(opt.param_groups[0]["params"], step):
+            prm.grad = g
+        opt.step()
+    # the reference steps parameter 1 only three times, skipping the third step
+    ref = reference_lamb(start, [[g if g is not None else torch.zeros(1) for g in s]
+                                 for s in grads], kw["lr"], kw["betas"], kw["eps"], wd, 10.0,
+                         0.01, bc)
+    ref[1] = reference_lamb([start[1]], [[s[1]] for s in grads if s[1] is not None],
+                            kw["lr"], kw["betas"], kw["eps"], wd, 10.0, 0.01, bc)[0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(opt.param_groups[0]["params"], ref):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert opt.state[opt.param_groups[0]["params"][1]]["step"] == 3
