@@ -389,7 +389,7 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
         for _ in range(steps):
             runner.step(batch)
         sync(runner.device)
-    attention, total, names = 0.0, 0.0, {}
+    attention, total, names, others = 0.0, 0.0, {}, {}
     events = prof.events()
     if cuda:
         for e in events:
@@ -400,6 +400,8 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
             if attention_kind(e.name, sparse_names) is not None:
                 attention += us
                 names[e.name] = names.get(e.name, 0.0) + us
+            else:
+                others[e.name[:90]] = others.get(e.name[:90], 0.0) + us
     else:
         def is_attention(e):
             return "scaled_dot_product" in e.name or e.name.startswith("sparse_attn::")
@@ -416,10 +418,12 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
                 attention += e.cpu_time_total
                 names[e.name] = names.get(e.name, 0.0) + e.cpu_time_total
     top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+    top_others = sorted(others.items(), key=lambda kv: -kv[1])[:12]
     return {"source": "cuda kernels" if cuda else "cpu ops",
             "attention_ms": attention / 1e3 / steps,
             "other_ms": (total - attention) / 1e3 / steps,
-            "attention_kernels": {k: round(v / 1e3 / steps, 4) for k, v in top}}
+            "attention_kernels": {k: round(v / 1e3 / steps, 4) for k, v in top},
+            "other_kernels": {k: round(v / 1e3 / steps, 4) for k, v in top_others}}
 
 
 # -- one (model, sequence) ---------------------------------------------------------------------

@@ -757,6 +757,8 @@ def main(argv=None) -> int:
                        "nsp_loss": nsp_v, "lr": lr, "tokens_per_s": tps, "time": time.time()}
                 if fp16:
                     row.update(loss_scale=loss_scale(engine), step_skipped=skipped)
+                if device.type == "cuda":
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 write_jsonl(metrics_path, row)
             progress.update(step, avg, tps, lr, force=True)
             window_loss, window_tokens, window_t0 = [], 0, time.time()

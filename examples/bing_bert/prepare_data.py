@@ -39,11 +39,12 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 
 
 # -- corpus ----------------------------------------------------------------------------------
-def stdlib_documents(limit_files: int = 0, min_chars: int = 200) -> List[str]:
-    """One document per standard-library module: its module, class and function docstrings."""
-    root = sysconfig.get_paths()["stdlib"]
+def stdlib_documents(limit_files: int = 0, min_chars: int = 200, roots=None) -> List[str]:
+    """One document per Python module under ``roots`` (default: the standard library): its
+    module, class and function docstrings."""
     docs = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in (w for root in roots or [sysconfig.get_paths()["stdlib"]]
+                                         for w in os.walk(root)):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         for name in sorted(filenames):
             if not name.endswith(".py"):
@@ -240,6 +241,10 @@ def parse_args(argv=None):
     p.add_argument("--min_doc_chars", type=int, default=0,
                    help="merge consecutive documents until each has this many characters "
                    "(long-sequence data from short documents, e.g. 40000 for 4096 tokens)")
+    p.add_argument("--docstrings_of", nargs="+", default=None, metavar="DIR",
+                   help="without --input: the docstrings of the Python modules under these "
+                   "directories (default: the standard library; e.g. site-packages for "
+                   "sequences longer than the standard library's text)")
     p.add_argument("--limit_files", type=int, default=0,
                    help="use only the first N standard-library modules (quick tests)")
     p.add_argument("--seed", type=int, default=12345)
@@ -256,9 +261,13 @@ def main(argv=None) -> int:
         docs = read_documents(args.input)
         source = f"{len(args.input)} file(s)"
     else:
-        docs = stdlib_documents(args.limit_files)
+        for root in args.docstrings_of or []:
+            if not os.path.isdir(root):
+                raise SystemExit(f"error: --docstrings_of {root}: not a directory")
+        docs = stdlib_documents(args.limit_files, roots=args.docstrings_of)
         source = f"docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} " \
-                 f"standard library"
+                 f"standard library" if not args.docstrings_of else \
+                 f"docstrings of the Python modules under {' '.join(args.docstrings_of)}"
         with open(os.path.join(args.output_dir, "corpus.txt"), "w", encoding="utf-8") as f:
             f.write("\n\n".join(" ".join(d.split()) for d in docs) + "\n")
     if args.min_doc_chars:

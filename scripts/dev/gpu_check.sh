@@ -12,6 +12,8 @@
 #   STAGES="fixed16 headdim" bash scripts/dev/gpu_check.sh  # issue 21 targets 4 and 5: the BERT
 #     step at 16384 with the tutorial's Fixed 16 and 64 (eager, compiled); head_dim 128 and 32
 #     tile sweeps and rows (HEAD_DIMS, default "128 32")
+#   STAGES=longseq bash scripts/dev/gpu_check.sh         # BERT-base at 262144 tokens (LONG_SEQ)
+#     on one GPU, needs .whl/ and out/longcorpus/ carried
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
@@ -42,6 +44,28 @@ for stage in $STAGES; do
         ${BBB_ARGS:---models base --seqs 4096 16384 --lamb torch --profile} \
         --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
+    longseq)  # BERT-base at LONG_SEQ (262144) on one GPU, BigBird 64 (issue 22): the corpus
+      # comes as out/longcorpus/{corpus.txt.gz,vocab.txt} (carry it: the standard library's
+      # docstrings hold two such sequences); LONG_STEPS steps, loss and peak memory per 10
+      L=${LONG_SEQ:-262144}; LD=/tmp/long$L; mkdir -p $LD
+      gunzip -c out/longcorpus/corpus.txt.gz > $LD/corpus.txt
+      cfg=configs/bing_bert/ds_sa_bert_base_seq262144.json
+      python3 - "$cfg" "${LONG_STEPS:-200}" "$LD/ds.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["scheduler"]["params"]["total_num_steps"] = int(sys.argv[2])
+cfg["tensorboard"]["enabled"] = False
+json.dump(cfg, open(sys.argv[3], "w"), indent=2)
+PY
+      INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data OUT_DIR=$LD/run \
+        DS_CONFIG=$LD/ds.json STEPS=${LONG_STEPS:-200} timeout "${LONG_TIMEOUT:-400}" \
+        bash examples/bing_bert/ds_sa_train_bert_gpu.sh base $L --activation_checkpointing \
+        --tiled_mlp 16 --tiled_loss 16 --lamb fused --eval_every 0 --save_every 0 \
+        --no_progress_bar > "$OUT/longseq_$L.log" 2>&1
+      echo "longseq $L exit $?"; grep -E "instances|model:|error|Error" "$OUT/longseq_$L.log" | head -8
+      cp $LD/run/metrics.jsonl "$OUT/longseq_${L}_metrics.jsonl" && \
+        python3 -c "import json,sys; [print(r) for r in map(json.loads, open(sys.argv[1]))]" \
+        "$OUT/longseq_${L}_metrics.jsonl" | tail -n 30 ;;
     launch)
       python3 scripts/dev/bench_launch.py 2>&1 | tee "$OUT/bench_launch.log" ;;
     split)

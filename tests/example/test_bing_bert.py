@@ -902,3 +902,32 @@ def test_sequence_parallel_errors(tmp_path, data_dir, test_config, capsys, monke
         argv += flags
     code, err = run_main(argv, capsys)
     assert code == 2 and message in err, err
+
+
+def test_prepare_data_docstrings_of(tmp_path):
+    """--docstrings_of DIR: the corpus is the docstrings of the modules under DIR (one
+    document per module), merged by --min_doc_chars into sequences longer than any module."""
+    import prepare_data
+
+    src = tmp_path / "pkg"
+    src.mkdir()
+    sentence = "The quick parser reads every token of the stream and keeps its offset. "
+    for i in range(12):
+        (src / f"mod{i}.py").write_text(
+            f'"""Module {i}. {sentence * 8}"""\n\n\ndef f():\n    """Function {i}. '
+            f'{sentence * 4}"""\n')
+    out = tmp_path / "data"
+    assert prepare_data.main(["--output_dir", str(out), "--max_seq_length", "1024",
+                              "--docstrings_of", str(src), "--vocab_size", "200",
+                              "--min_doc_chars", "3000", "--dupe_factor", "1",
+                              "--short_seq_prob", "0"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == f"docstrings of the Python modules under {src}"
+    assert 1 < meta["documents"] < 12  # 12 modules of about 900 characters, merged
+    corpus = (out / "corpus.txt").read_text()
+    assert corpus.count("Module ") == 12 and corpus.count("Function ") == 12
+    shard = torch.load(out / meta["train_shards"][0])
+    # merged documents: some sequence is longer than any single module (about 150 tokens)
+    assert int(shard["lengths"].max()) > 300
+    with pytest.raises(SystemExit, match="not a directory"):
+        prepare_data.main(["--output_dir", str(out), "--docstrings_of", str(tmp_path / "no")])
