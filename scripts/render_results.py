@@ -178,9 +178,11 @@ def bing_bert_table(runs):
     versions = ", ".join(f"{label} {env[k]}" for k, label in (
         ("torch", "torch"), ("triton", "Triton"), ("deepspeed", "DeepSpeed")) if env.get(k))
     precision = "fp32" if first.get("args", {}).get("fp32") else "bf16"
+    lamb = {"torch": "the example's PyTorch LAMB", "fused": "DeepSpeed's fused LAMB"}.get(
+        first.get("args", {}).get("lamb"), "LAMB")
     lines = [
-        f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config, "
-        f"{precision}), tokens/s at each variant's best micro-batch (xN: the micro-batch) and, for "
+        f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config "
+        f"with {lamb}, {precision}), tokens/s at each variant's best micro-batch (xN: the micro-batch) and, for "
         "the sparse variants, the ratio to dense's best; synthetic full-length batches "
         "without padding; "
         f"{env['device']}, {', '.join(dict.fromkeys(days(d['date']) for _, d, _ in runs))}, "
@@ -217,7 +219,7 @@ def bing_bert_runs(device):
 def render(args):
     tables = {"attention": attention_table(args.attention_device or args.device, args.blocks),
               "bert": bert_table(args.device)}
-    runs = bing_bert_runs(args.device)
+    runs = bing_bert_runs(args.bing_bert_device or args.device)
     if runs:  # rendered once a record exists (the README then needs its markers)
         tables["bing_bert"] = bing_bert_table(runs)
     return tables
@@ -242,6 +244,8 @@ def main(argv=None):
     p.add_argument("--attention-device", default=None,
                    help="the attention table's record, when it differs from --device "
                         "(default: the same)")
+    p.add_argument("--bing-bert-device", default=None,
+                   help="the bing_bert table's records, when they differ from --device")
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 64],
                    help="attention table: the block sizes shown (default: 16 64)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
