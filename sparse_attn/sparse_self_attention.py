@@ -8,20 +8,29 @@ The layout is built once, at ``max_seq_length``, the first time the module runs.
 of ``nb`` blocks (``nb * block <= max_seq_length``) uses the top-left ``[:, :nb, :nb]`` corner
 of that layout, so a model sees one consistent pattern at every length. The corners are cached
 per (device, ``nb``) as contiguous tensors, which keeps the backends' own look-up-table caches
-(keyed on the layout tensor) warm across calls.
+(keyed on the layout tensor) warm across calls. Modules whose layouts are equal (the layers of
+one model) share one such tensor, and so one set of look-up tables: at 256k tokens a BigBird-64
+layout and its tables take gigabytes, which twelve copies would not leave for the model.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from .ops.attention import block_sparse_attention
+from .ops.caching import layout_digest
 from .sparsity_config import UNIDIRECTIONAL, SparsityConfig
 
 MASK_MODES = ("add", "mul")
+# Device layouts by (content, blocks, device), shared by the modules that hold them (a plain
+# dict: torch.compile traces the look-up); a module that drops a length drops its entry.
+_SHARED_LAYOUTS: dict = {}
+# Lengths whose layout a module keeps (the oldest dropped): batches cut to their longest
+# sequence would otherwise keep one layout per length ever seen.
+LAYOUTS_PER_MODULE = 8
 
 
 def _check_mode(name: str, mode: str) -> None:
@@ -107,7 +116,8 @@ class SparseSelfAttention(nn.Module):
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
         self._master_layout: Optional[torch.Tensor] = None
-        self._layouts: Dict[Tuple[int, object], torch.Tensor] = {}
+        self._digest: Optional[tuple] = None
+        self._layouts: Dict[tuple, torch.Tensor] = {}
         self._add_mask_checked = False
         self.max_seq_length = max_seq_length  # builds the master layout
 
@@ -121,10 +131,11 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"max_seq_length must be a positive integer, got {value!r}")
         self._max_seq_length = value
         self._master_layout = None
+        self._digest = None
         self._layouts = {}
         # Built now, as DeepSpeed did: building it inside a torch.compile'd forward (random
-        # generators, Python loops) would break the graph.
-        self.master_layout
+        # generators, Python loops) would break the graph. The same for its digest.
+        self._digest = layout_digest(self.master_layout)
 
     # -- layout ------------------------------------------------------------------------------
     @property
@@ -151,17 +162,33 @@ class SparseSelfAttention(nn.Module):
         return self._master_layout
 
     def get_layout(self, seq_len: int, device=None) -> torch.Tensor:
-        """The layout used for a sequence of ``seq_len`` tokens, on ``device`` (cached: one
-        tensor per length and device, so the backends' look-up tables stay warm)."""
+        """The ``[heads, nb, nb]`` int64 layout used for a sequence of ``seq_len`` tokens, on
+        ``device``. Cached, so the backends' look-up tables stay warm: one tensor per length
+        and device, shared with every module whose layout is equal (read it, do not write
+        it)."""
         key = (seq_len, device)
         layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        self._check_length(seq_len)
+        shared_key = self._shared_key(seq_len, device)
+        layout = _SHARED_LAYOUTS.get(shared_key)
         if layout is None:
-            self._check_length(seq_len)
             nb = seq_len // self.block
-            device = torch.device("cpu") if device is None else torch.device(device)
-            layout = self.master_layout[:, :nb, :nb].contiguous().to(device)
-            self._layouts[key] = layout
+            layout = self.master_layout[:, :nb, :nb].contiguous().to(shared_key[2])
+            _SHARED_LAYOUTS[shared_key] = layout
+        self._layouts[key] = layout
+        if len(self._layouts) > LAYOUTS_PER_MODULE:  # the oldest length goes
+            old_key = next(iter(self._layouts))
+            old = self._layouts.pop(old_key)
+            old_shared = self._shared_key(*old_key)
+            if _SHARED_LAYOUTS.get(old_shared) is old:
+                del _SHARED_LAYOUTS[old_shared]
         return layout
+
+    def _shared_key(self, seq_len: int, device) -> tuple:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return (self._digest, seq_len // self.block, device)
 
     def _check_length(self, seq_len: int) -> None:
         block = self.block

@@ -125,6 +125,33 @@ def test_shorter_sequence_uses_corner(dtype):
     assert len(ssa.state_dict()) == 0
 
 
+def test_equal_layouts_share_one_tensor_and_lengths_are_bounded():
+    """The layers of a model hold equal layouts: they get one tensor per (length, device), so
+    the backends build one set of tables for all of them; another layout gets its own. A
+    module keeps the layouts of its LAYOUTS_PER_MODULE most recent lengths."""
+    from sparse_attn import sparse_self_attention as ssa_mod
+
+    def bigbird(seed):
+        return BigBirdSparsityConfig(HEADS, BLOCK, different_layout_per_head=True,
+                                     num_random_blocks=2, seed=seed)
+
+    a, b = (SparseSelfAttention(bigbird(7), max_seq_length=512) for _ in range(2))
+    other = SparseSelfAttention(bigbird(8), max_seq_length=512)
+    assert a.get_layout(256) is b.get_layout(256)
+    assert not torch.equal(other.get_layout(256), a.get_layout(256))
+    assert torch.equal(a.get_layout(256), bigbird(7).make_layout(512)[:, :16, :16])
+    # each module's own (equal) output is unchanged by the sharing
+    q, k, v = _qkv(1, 256, 8, torch.float32, seed=9)
+    assert_rel_close(b(q, k, v), reference_attention(q, k, v, bigbird(7).make_layout(512)[
+        :, :16, :16], BLOCK), torch.float32)
+    lengths = [BLOCK * n for n in range(1, 2 * ssa_mod.LAYOUTS_PER_MODULE + 2)]
+    for seq in lengths:
+        nb = seq // BLOCK
+        assert torch.equal(a.get_layout(seq), a.master_layout[:, :nb, :nb])
+    assert len(a._layouts) == ssa_mod.LAYOUTS_PER_MODULE
+    assert [key[0] for key in a._layouts] == lengths[-ssa_mod.LAYOUTS_PER_MODULE:]
+
+
 def test_errors():
     ssa = SparseSelfAttention(FixedSparsityConfig(HEADS, BLOCK), max_seq_length=64)
     q = torch.randn(1, HEADS, 40, 8)
