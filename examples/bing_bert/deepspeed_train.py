@@ -260,16 +260,30 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
     """For a ``"Lamb"`` optimizer config, return a plain PyTorch LAMB (and remove the
     optimizer from the config DeepSpeed gets) when the fused one is not used; else None."""
     opt = ds_config.get("optimizer") or {}
-    if str(opt.get("type", "")).lower() != "lamb" or choice == "fused":
+    if str(opt.get("type", "")).lower() != "lamb":
+        return None
+    # DeepSpeed (0.19) steps the optimizer on the bf16 parameters themselves under bf16 with
+    # ZeRO stage 0, and its fused LAMB kernel has no bf16 version.
+    bf16_params = bool((ds_config.get("bf16") or {}).get("enabled")) and \
+        int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 0
+    if choice == "fused":
+        if bf16_params:
+            raise ValueError(
+                "--lamb fused: DeepSpeed's fused LAMB has no bf16 kernel, and with "
+                "\"bf16\": {\"enabled\": true} and \"zero_optimization\": {\"stage\": 0} "
+                "DeepSpeed steps it on the bf16 parameters; use --lamb torch (or auto), fp16, "
+                "or a ZeRO stage >= 1")
         return None
     from lamb import Lamb, fused_lamb_available
 
-    if choice == "auto" and fused_lamb_available():
+    if choice == "auto" and not bf16_params and fused_lamb_available():
         return None
     params = dict(opt.get("params") or {})
     ds_config.pop("optimizer")
     ds_config.setdefault("zero_allow_untested_optimizer", True)
-    print("optimizer: DeepSpeed's fused LAMB is not used here; plain PyTorch LAMB "
+    why = " (bf16 at ZeRO stage 0: the fused kernel has no bf16 version)" if bf16_params \
+        and choice == "auto" else ""
+    print(f"optimizer: DeepSpeed's fused LAMB is not used here{why}; plain PyTorch LAMB "
           "(examples/bing_bert/lamb.py) with the config's parameters", file=sys.stderr,
           flush=True)
     return Lamb(param_groups(model, weight_decay), **params)

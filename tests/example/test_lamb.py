@@ -58,3 +58,41 @@ def test_lamb_matches_reference(dtype, wd, bc):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     assert opt.state[opt.param_groups[0]["params"][1]]["step"] == 3
+
+
+def _lamb_config(bf16, stage):
+    return {"optimizer": {"type": "Lamb", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+            "bf16": {"enabled": bf16}, "zero_optimization": {"stage": stage}}
+
+
+@pytest.mark.parametrize("bf16,stage,fused_builds,want", [
+    (True, 0, True, "torch"),    # DeepSpeed would step the fused kernel on bf16 params
+    (False, 0, True, "fused"),
+    (True, 1, True, "fused"),    # ZeRO keeps fp32 partitions for the optimizer
+    (False, 0, False, "torch"),  # the CUDA extension does not build (no GPU)
+])
+def test_lamb_auto_choice(monkeypatch, bf16, stage, fused_builds, want):
+    """``--lamb auto`` takes DeepSpeed's fused LAMB only where it builds and has a kernel
+    for the parameters DeepSpeed will give it; ``--lamb fused`` on bf16 parameters is a clear
+    error, not a crash in the first step."""
+    import lamb
+    pytest.importorskip("deepspeed")
+    import deepspeed_train
+
+    monkeypatch.setattr(lamb, "fused_lamb_available", lambda: fused_builds)
+    model = torch.nn.Linear(4, 4)
+    cfg = _lamb_config(bf16, stage)
+    got = deepspeed_train.configure_lamb(cfg, model, "auto")
+    if want == "fused":
+        assert got is None and cfg["optimizer"]["type"] == "Lamb"
+    else:
+        assert isinstance(got, Lamb) and "optimizer" not in cfg
+        assert got.param_groups[0]["lr"] == 1e-3
+    cfg = _lamb_config(bf16, stage)
+    if bf16 and stage == 0:
+        with pytest.raises(ValueError, match="no bf16 kernel.*--lamb torch"):
+            deepspeed_train.configure_lamb(cfg, model, "fused")
+    else:
+        assert deepspeed_train.configure_lamb(cfg, model, "fused") is None
+    assert isinstance(deepspeed_train.configure_lamb(_lamb_config(bf16, stage), model,
+                                                     "torch"), Lamb)
