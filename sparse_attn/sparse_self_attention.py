@@ -28,9 +28,11 @@ MASK_MODES = ("add", "mul")
 # Device layouts by (content, blocks, device), shared by the modules that hold them (a plain
 # dict: torch.compile traces the look-up); a module that drops a length drops its entry.
 _SHARED_LAYOUTS: dict = {}
-# Lengths whose layout a module keeps (the oldest dropped): batches cut to their longest
-# sequence would otherwise keep one layout per length ever seen.
+# Lengths whose layout a module keeps (the oldest dropped), and their bytes (at least the
+# latest is kept): batches cut to their longest sequence would otherwise keep one layout per
+# length ever seen, 1.5 GiB each for BigBird 64 at 262144 tokens.
 LAYOUTS_PER_MODULE = 8
+LAYOUT_BYTES_PER_MODULE = 2 << 30
 
 
 def _check_mode(name: str, mode: str) -> None:
@@ -178,7 +180,9 @@ class SparseSelfAttention(nn.Module):
             layout = self.master_layout[:, :nb, :nb].contiguous().to(shared_key[2])
             _SHARED_LAYOUTS[shared_key] = layout
         self._layouts[key] = layout
-        if len(self._layouts) > LAYOUTS_PER_MODULE:  # the oldest length goes
+        while len(self._layouts) > LAYOUTS_PER_MODULE or len(self._layouts) > 1 and sum(
+                t.numel() * t.element_size() for t in self._layouts.values()) > \
+                LAYOUT_BYTES_PER_MODULE:  # the oldest length goes
             old_key = next(iter(self._layouts))
             old = self._layouts.pop(old_key)
             old_shared = self._shared_key(*old_key)

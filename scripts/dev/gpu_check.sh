@@ -60,7 +60,7 @@ PY
       INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data OUT_DIR=$LD/run \
         DS_CONFIG=$LD/ds.json STEPS=${LONG_STEPS:-200} timeout "${LONG_TIMEOUT:-400}" \
         bash examples/bing_bert/ds_sa_train_bert_gpu.sh base $L --activation_checkpointing \
-        --tiled_mlp 16 --tiled_loss 16 --lamb fused --eval_every 0 --save_every 0 \
+        --tiled_mlp 16 --tiled_loss 16 --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 \
         --no_progress_bar > "$OUT/longseq_$L.log" 2>&1
       echo "longseq $L exit $?"; grep -E "instances|model:|error|Error" "$OUT/longseq_$L.log" | head -8
       cp $LD/run/metrics.jsonl "$OUT/longseq_${L}_metrics.jsonl" && \

@@ -150,6 +150,16 @@ def test_equal_layouts_share_one_tensor_and_lengths_are_bounded():
         assert torch.equal(a.get_layout(seq), a.master_layout[:, :nb, :nb])
     assert len(a._layouts) == ssa_mod.LAYOUTS_PER_MODULE
     assert [key[0] for key in a._layouts] == lengths[-ssa_mod.LAYOUTS_PER_MODULE:]
+    # and no more than LAYOUT_BYTES_PER_MODULE of them, the latest always
+    full = a.get_layout(512)
+    assert b.get_layout(512) is full
+    nbytes = full.numel() * full.element_size()
+    ssa_mod.LAYOUT_BYTES_PER_MODULE, saved = nbytes // 2, ssa_mod.LAYOUT_BYTES_PER_MODULE
+    try:
+        assert a.get_layout(496) is not None and list(a._layouts) == [(496, None)]
+        assert (512, None) not in a._layouts and b.get_layout(512) is full  # b still holds it
+    finally:
+        ssa_mod.LAYOUT_BYTES_PER_MODULE = saved
 
 
 def test_errors():

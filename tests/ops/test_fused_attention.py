@@ -578,6 +578,29 @@ def test_lut_cache_hits_and_rebuilds_on_change():
     assert_rel_close(out, ref, q.dtype)
 
 
+def test_table_byte_budget_drops_other_layouts_tables(monkeypatch):
+    """Past PLAN_TABLE_BYTES of tables the plans of other layouts go with their tables (long
+    sequences of varying length would otherwise keep gigabytes per length); every call still
+    computes its own layout's attention."""
+    from sparse_attn.ops.fused import plan as plan_mod
+
+    clear_caches()
+    block = 32
+    gen = torch.Generator().manual_seed(21)
+    layouts = [random_layout(HEADS, SEQ // block, gen=gen) for _ in range(2)]
+    one = plan_mod.table_bytes(layouts[0])
+    monkeypatch.setattr(plan_mod, "PLAN_TABLE_BYTES", one + one // 2)
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=21)
+    with torch.no_grad():
+        for i, layout in enumerate(layouts + layouts[:1]):
+            out = fused_block_sparse_attention(q, k, v, layout, block)
+            assert_rel_close(out, reference_attention(q, k, v, layout, block), q.dtype)
+            assert plan_cache_size() == 1 and lut_cache_size() == 1
+        monkeypatch.setattr(plan_mod, "PLAN_TABLE_BYTES", 3 * one)
+        fused_block_sparse_attention(q, k, v, layouts[1], block)
+        assert plan_cache_size() == 2 and lut_cache_size() == 2
+
+
 def test_bad_inputs_raise_value_error():
     q, k, v = make_inputs(1, 2, 128, 64, torch.float16)
     L = torch.ones(2, 4, 4, dtype=torch.long)

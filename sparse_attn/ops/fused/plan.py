@@ -266,6 +266,17 @@ class Plan:
 
 _PLANS: dict = {}
 _PLANS_SIZE = 64  # as the LUT cache: a plan keeps its LUTs alive (tens of MB each at 64k)
+# Bytes of tables the plans may hold. Tables grow with the square of the sequence (BigBird 64
+# at 262144 tokens: 0.75 GiB per LUT, two per layout), so at long sequences the count bound
+# alone would let batches of varying length keep gigabytes per length ever seen.
+PLAN_TABLE_BYTES = 4 << 30
+
+
+def table_bytes(layout: torch.Tensor) -> int:
+    """About the bytes of the tables of one layout ``[H, nb, nb]``: the row and column LUTs
+    (int32 tile index and int64 bits per (row, column) of tiles, tiles no smaller than the
+    block)."""
+    return layout.numel() * 24
 
 
 def cached_plan(q, k, v, layout, block, scale, causal, kpm) -> Optional[Plan]:
@@ -279,8 +290,10 @@ def get_plan(q, k, v, layout, block, scale, causal, kpm) -> Plan:
     hit = _PLANS.get(key)
     if hit is None:
         check_fused_call(q, k, v, layout, block, kpm)
-        if len(_PLANS) >= _PLANS_SIZE:
-            _PLANS.clear()
+        held = {p.lkey: table_bytes(p.layout) for p in _PLANS.values()}
+        held[layout_identity(layout)] = table_bytes(layout)
+        if len(_PLANS) >= _PLANS_SIZE or sum(held.values()) > PLAN_TABLE_BYTES:
+            clear_caches()  # the plans and the tables they hold; this call's are rebuilt
         hit = _PLANS[key] = Plan(q, k, v, layout, block, scale, causal, kpm)
     return hit
 
