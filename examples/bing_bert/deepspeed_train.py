@@ -262,8 +262,9 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
     opt = ds_config.get("optimizer") or {}
     if str(opt.get("type", "")).lower() != "lamb":
         return None
-    # DeepSpeed (0.19) steps the optimizer on the bf16 parameters themselves under bf16 with
-    # ZeRO stage 0, and its fused LAMB kernel has no bf16 version.
+    # Under bf16 at ZeRO stage 0 DeepSpeed (0.19) steps its own LAMB on the bf16 parameters
+    # (its legacy fused path keeps no fp32 copy), and the fused kernel has no bf16 version; a
+    # client optimizer, as the PyTorch LAMB is, gets DeepSpeed's fp32 master copies.
     bf16_params = bool((ds_config.get("bf16") or {}).get("enabled")) and \
         int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 0
     if choice == "fused":
@@ -271,8 +272,8 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
             raise ValueError(
                 "--lamb fused: DeepSpeed's fused LAMB has no bf16 kernel, and with "
                 "\"bf16\": {\"enabled\": true} and \"zero_optimization\": {\"stage\": 0} "
-                "DeepSpeed steps it on the bf16 parameters; use --lamb torch (or auto), fp16, "
-                "or a ZeRO stage >= 1")
+                "DeepSpeed steps it on the bf16 parameters themselves; use --lamb torch (or "
+                "auto), fp16, or a ZeRO stage >= 1")
         return None
     from lamb import Lamb, fused_lamb_available
 
