@@ -26,8 +26,10 @@ from .sparsity_config import UNIDIRECTIONAL, SparsityConfig
 
 MASK_MODES = ("add", "mul")
 # Device layouts by (content, blocks, device), shared by the modules that hold them (a plain
-# dict: torch.compile traces the look-up); a module that drops a length drops its entry.
+# dict: torch.compile traces the look-up); a module that drops a length drops its entry, and
+# past SHARED_LAYOUTS entries the oldest go (their modules keep their own references).
 _SHARED_LAYOUTS: dict = {}
+SHARED_LAYOUTS = 64
 # Lengths whose layout a module keeps (the oldest dropped), and their bytes (at least the
 # latest is kept): batches cut to their longest sequence would otherwise keep one layout per
 # length ever seen, 1.5 GiB each for BigBird 64 at 262144 tokens.
@@ -179,6 +181,8 @@ class SparseSelfAttention(nn.Module):
             nb = seq_len // self.block
             layout = self.master_layout[:, :nb, :nb].contiguous().to(shared_key[2])
             _SHARED_LAYOUTS[shared_key] = layout
+            while len(_SHARED_LAYOUTS) > SHARED_LAYOUTS:
+                del _SHARED_LAYOUTS[next(iter(_SHARED_LAYOUTS))]
         self._layouts[key] = layout
         while len(self._layouts) > LAYOUTS_PER_MODULE or len(self._layouts) > 1 and sum(
                 t.numel() * t.element_size() for t in self._layouts.values()) > \

@@ -160,6 +160,10 @@ def test_equal_layouts_share_one_tensor_and_lengths_are_bounded():
         assert (512, None) not in a._layouts and b.get_layout(512) is full  # b still holds it
     finally:
         ssa_mod.LAYOUT_BYTES_PER_MODULE = saved
+    # the shared table is bounded too: modules built and dropped leave at most SHARED_LAYOUTS
+    for seed in range(ssa_mod.SHARED_LAYOUTS + 4):
+        SparseSelfAttention(bigbird(100 + seed), max_seq_length=64).get_layout(64)
+    assert len(ssa_mod._SHARED_LAYOUTS) == ssa_mod.SHARED_LAYOUTS
 
 
 def test_errors():
