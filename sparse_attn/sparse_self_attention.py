@@ -15,6 +15,7 @@ layout and its tables take gigabytes, which twelve copies would not leave for th
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from .ops.attention import block_sparse_attention
 from .ops.caching import layout_digest
+from . import sparsity_config as _configs
 from .sparsity_config import UNIDIRECTIONAL, SparsityConfig
 
 MASK_MODES = ("add", "mul")
@@ -35,6 +37,22 @@ SHARED_LAYOUTS = 64
 # length ever seen, 1.5 GiB each for BigBird 64 at 262144 tokens.
 LAYOUTS_PER_MODULE = 8
 LAYOUT_BYTES_PER_MODULE = 2 << 30
+# Master layouts of the built-in configs (seeded, so equal settings give equal layouts) by
+# (class, settings, length): the layers of a model build theirs once. At 262144 tokens a
+# BigBird-64 layout takes 8.5 s to build (2 cores) and 1.5 GiB; a layer each would take
+# 12 times both.
+_MASTERS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_DETERMINISTIC = tuple(getattr(_configs, name) for name in (
+    "DenseSparsityConfig", "FixedSparsityConfig", "VariableSparsityConfig",
+    "BigBirdSparsityConfig", "BSLongformerSparsityConfig", "LocalSlidingWindowSparsityConfig"))
+
+
+class _Master:
+    """A master layout and its content digest, shared by the modules built alike."""
+    __slots__ = ("layout", "digest", "__weakref__")
+
+    def __init__(self, layout: torch.Tensor):
+        self.layout, self.digest = layout, layout_digest(layout)
 
 
 def _check_mode(name: str, mode: str) -> None:
@@ -119,8 +137,7 @@ class SparseSelfAttention(nn.Module):
         self.sparsity_config = sparsity_config
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
-        self._master_layout: Optional[torch.Tensor] = None
-        self._digest: Optional[tuple] = None
+        self._master: Optional[_Master] = None
         self._layouts: Dict[tuple, torch.Tensor] = {}
         self._add_mask_checked = False
         self.max_seq_length = max_seq_length  # builds the master layout
@@ -134,12 +151,11 @@ class SparseSelfAttention(nn.Module):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"max_seq_length must be a positive integer, got {value!r}")
         self._max_seq_length = value
-        self._master_layout = None
-        self._digest = None
+        self._master = None
         self._layouts = {}
         # Built now, as DeepSpeed did: building it inside a torch.compile'd forward (random
         # generators, Python loops) would break the graph. The same for its digest.
-        self._digest = layout_digest(self.master_layout)
+        self.master_layout
 
     # -- layout ------------------------------------------------------------------------------
     @property
@@ -152,18 +168,31 @@ class SparseSelfAttention(nn.Module):
 
     @property
     def master_layout(self) -> torch.Tensor:
-        """The ``[heads, nb, nb]`` layout at ``max_seq_length`` (built once, on CPU)."""
-        if self._master_layout is None:
-            block = self.block
-            length = -(-self.max_seq_length // block) * block
-            layout = self.sparsity_config.make_layout(length)
-            heads, nb = self.sparsity_config.num_heads, length // block
-            if tuple(layout.shape) != (heads, nb, nb):
-                raise ValueError(
-                    f"{type(self.sparsity_config).__name__}.make_layout({length}) returned "
-                    f"shape {tuple(layout.shape)}; expected {(heads, nb, nb)}")
-            self._master_layout = layout.to(torch.int64).cpu()
-        return self._master_layout
+        """The ``[heads, nb, nb]`` int64 layout at ``max_seq_length`` (built once, on CPU;
+        shared by the modules with the same built-in config: read it, do not write it)."""
+        if self._master is None:
+            cfg = self.sparsity_config
+            length = -(-self.max_seq_length // self.block) * self.block
+            key = None
+            if type(cfg) in _DETERMINISTIC:
+                key = (type(cfg), repr(sorted(vars(cfg).items())), length)
+                self._master = _MASTERS.get(key)
+            if self._master is None:
+                layout = cfg.make_layout(length)
+                heads, nb = cfg.num_heads, length // self.block
+                if tuple(layout.shape) != (heads, nb, nb):
+                    raise ValueError(
+                        f"{type(cfg).__name__}.make_layout({length}) returned shape "
+                        f"{tuple(layout.shape)}; expected {(heads, nb, nb)}")
+                self._master = _Master(layout.to(torch.int64).cpu())
+                if key is not None:
+                    _MASTERS[key] = self._master
+        return self._master.layout
+
+    @property
+    def _digest(self) -> tuple:
+        self.master_layout
+        return self._master.digest
 
     def get_layout(self, seq_len: int, device=None) -> torch.Tensor:
         """The ``[heads, nb, nb]`` int64 layout used for a sequence of ``seq_len`` tokens, on

@@ -166,6 +166,41 @@ def test_equal_layouts_share_one_tensor_and_lengths_are_bounded():
     assert len(ssa_mod._SHARED_LAYOUTS) == ssa_mod.SHARED_LAYOUTS
 
 
+def test_master_layout_built_once_for_equal_builtin_configs(monkeypatch):
+    """Modules with equal settings of a built-in (seeded) config share one master layout,
+    built once; other settings, another length or a subclass (whose make_layout may draw
+    anything) get their own. Copies and pickles of a module keep its layout."""
+    import copy
+    import pickle
+
+    calls = []
+    real = BigBirdSparsityConfig.make_layout
+    monkeypatch.setattr(BigBirdSparsityConfig, "make_layout",
+                        lambda self, n: calls.append(n) or real(self, n))
+
+    def bigbird(seed=9137):  # a seed no other test uses: its layout is built here first
+        return BigBirdSparsityConfig(HEADS, BLOCK, num_random_blocks=2, seed=seed)
+
+    a = SparseSelfAttention(bigbird(), max_seq_length=320)
+    b = SparseSelfAttention(bigbird(), max_seq_length=320)
+    assert a.master_layout is b.master_layout and calls == [320]
+    assert torch.equal(a.master_layout, real(bigbird(), 320))
+    assert SparseSelfAttention(bigbird(6), max_seq_length=320).master_layout is not \
+        a.master_layout
+    assert SparseSelfAttention(bigbird(), max_seq_length=336).master_layout.shape[-1] == 21
+
+    class Mine(BigBirdSparsityConfig):
+        pass
+
+    c = SparseSelfAttention(Mine(HEADS, BLOCK, num_random_blocks=2, seed=9137),
+                            max_seq_length=320)
+    assert c.master_layout is not a.master_layout and torch.equal(c.master_layout,
+                                                                  a.master_layout)
+    for twin in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+        assert torch.equal(twin.master_layout, a.master_layout)
+        assert torch.equal(twin.get_layout(160), a.get_layout(160))
+
+
 def test_errors():
     ssa = SparseSelfAttention(FixedSparsityConfig(HEADS, BLOCK), max_seq_length=64)
     q = torch.randn(1, HEADS, 40, 8)
