@@ -182,8 +182,8 @@ def bing_bert_table(runs):
         first.get("args", {}).get("lamb"), "LAMB")
     lines = [
         f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config "
-        f"with {lamb}, {precision}), tokens/s at each variant's best micro-batch (xN: the micro-batch) and, for "
-        "the sparse variants, the ratio to dense's best; synthetic full-length batches "
+        f"with {lamb}, {precision}), tokens/s at each variant's best micro-batch (xN: the "
+        "micro-batch) and, for the sparse variants, the ratio to dense's best; synthetic full-length batches "
         "without padding; "
         f"{env['device']}, {', '.join(dict.fromkeys(days(d['date']) for _, d, _ in runs))}, "
         f"{versions}. Records: {files}.", "",

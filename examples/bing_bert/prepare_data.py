@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import os
 import random
@@ -39,12 +40,12 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 
 
 # -- corpus ----------------------------------------------------------------------------------
-def stdlib_documents(limit_files: int = 0, min_chars: int = 200, roots=None) -> List[str]:
+def docstring_documents(limit_files: int = 0, min_chars: int = 200, roots=None) -> List[str]:
     """One document per Python module under ``roots`` (default: the standard library): its
     module, class and function docstrings."""
     docs = []
-    for dirpath, dirnames, filenames in (w for root in roots or [sysconfig.get_paths()["stdlib"]]
-                                         for w in os.walk(root)):
+    roots = roots or [sysconfig.get_paths()["stdlib"]]
+    for dirpath, dirnames, filenames in itertools.chain.from_iterable(map(os.walk, roots)):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         for name in sorted(filenames):
             if not name.endswith(".py"):
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
         for root in args.docstrings_of or []:
             if not os.path.isdir(root):
                 raise SystemExit(f"error: --docstrings_of {root}: not a directory")
-        docs = stdlib_documents(args.limit_files, roots=args.docstrings_of)
+        docs = docstring_documents(args.limit_files, roots=args.docstrings_of)
         source = f"docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} " \
                  f"standard library" if not args.docstrings_of else \
                  f"docstrings of the Python modules under {' '.join(args.docstrings_of)}"

@@ -292,8 +292,10 @@ def get_plan(q, k, v, layout, block, scale, causal, kpm) -> Plan:
         check_fused_call(q, k, v, layout, block, kpm)
         held = {p.lkey: table_bytes(p.layout) for p in _PLANS.values()}
         held[layout_identity(layout)] = table_bytes(layout)
-        if len(_PLANS) >= _PLANS_SIZE or sum(held.values()) > PLAN_TABLE_BYTES:
+        if sum(held.values()) > PLAN_TABLE_BYTES:
             clear_caches()  # the plans and the tables they hold; this call's are rebuilt
+        elif len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.clear()  # many signatures of few layouts: the tables stay cached
         hit = _PLANS[key] = Plan(q, k, v, layout, block, scale, causal, kpm)
     return hit
 
