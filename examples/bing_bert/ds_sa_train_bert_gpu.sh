@@ -7,6 +7,7 @@
 #   DATA_DIR, OUT_DIR, DS_CONFIG  INPUT (text files; default: Python stdlib docstrings)
 #   DOCSTRINGS_OF (directories of Python modules whose docstrings are the corpus)
 #   VOCAB (a vocab.txt; default: trained on the corpus)
+#   DENSE=1: dense attention (no --deepspeed_sparse_attention), to compare against
 # A SEQ past the BERT config's max_position_embeddings runs on a copy of the config with SEQ
 # positions (OUT_DIR/bert_config.json).
 set -euo pipefail
@@ -49,10 +50,12 @@ case " $* " in
   *" --load_checkpoint_dir"*) ;;            # resuming: keep the curve so far
   *) rm -f "$OUT_DIR/metrics.jsonl" ;;
 esac
+SPARSE=(--deepspeed_sparse_attention)
+if [ "${DENSE:-0}" = 1 ]; then SPARSE=(); fi
 LAUNCH=(deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29518}")
 if [ -n "${HOSTFILE:-}" ]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$NUM_GPUS"); fi
 "${LAUNCH[@]}" "$HERE/deepspeed_train.py" \
-  --deepspeed_sparse_attention \
+  "${SPARSE[@]}" \
   --deepspeed_config "$DS_CONFIG" \
   --bert_config "$BERT_CONFIG" \
   --data_dir "$DATA_DIR" \

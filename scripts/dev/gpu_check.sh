@@ -13,7 +13,8 @@
 #     step at 16384 with the tutorial's Fixed 16 and 64 (eager, compiled); head_dim 128 and 32
 #     tile sweeps and rows (HEAD_DIMS, default "128 32")
 #   STAGES=longseq bash scripts/dev/gpu_check.sh         # BERT-base at 262144 tokens (LONG_SEQ)
-#     on one GPU, needs .whl/ and out/longcorpus/ carried
+#     on one GPU, needs .whl/ and out/longcorpus/ carried; LONG_DENSE_STEPS=N adds N steps
+#     of dense attention at the same length
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
@@ -65,7 +66,17 @@ PY
       echo "longseq $L exit $?"; grep -E "instances|model:|error|Error" "$OUT/longseq_$L.log" | head -8
       cp $LD/run/metrics.jsonl "$OUT/longseq_${L}_metrics.jsonl" && \
         python3 -c "import json,sys; [print(r) for r in map(json.loads, open(sys.argv[1]))]" \
-        "$OUT/longseq_${L}_metrics.jsonl" | tail -n 30 ;;
+        "$OUT/longseq_${L}_metrics.jsonl" | tail -n 30
+      if [ "${LONG_DENSE_STEPS:-0}" -gt 0 ]; then  # dense attention at the same length
+        DENSE=1 INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data \
+          OUT_DIR=$LD/dense DS_CONFIG=$LD/ds.json STEPS=$LONG_DENSE_STEPS \
+          timeout "${LONG_DENSE_TIMEOUT:-300}" bash examples/bing_bert/ds_sa_train_bert_gpu.sh \
+          base $L --activation_checkpointing --tiled_mlp 16 --tiled_loss 16 \
+          --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 --no_progress_bar \
+          --log_every 1 > "$OUT/longseq_dense_$L.log" 2>&1
+        echo "longseq dense $L exit $?"; grep -E "error|Error" "$OUT/longseq_dense_$L.log" | head -5
+        cp $LD/dense/metrics.jsonl "$OUT/longseq_dense_${L}_metrics.jsonl" && cat "$_"
+      fi ;;
     launch)
       python3 scripts/dev/bench_launch.py 2>&1 | tee "$OUT/bench_launch.log" ;;
     split)
