@@ -6,11 +6,12 @@ backend so that they are cached and built the same way.
     key = layout_digest(cpu_layout)           # what it holds (MatMul/Softmax: equal layouts
                                               # of different modules share their tables)
     table = cached_table(kind, key, block, device, build)
-    cache = LayoutCache(64); table = cache.get(key, layout, device, build)  # bounded, LRU
+    cache = LayoutCache(64, 4 << 30); table = cache.get(key, layout, device, build)  # LRU
 """
 import hashlib
 import threading
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 
@@ -57,12 +58,16 @@ def table_cache_size() -> int:
 
 
 class LayoutCache:
-    """Tables keyed on a ``layout_identity`` key, least recently used dropped past ``size``.
-    Each entry keeps its layout tensor alive: the key names that tensor's storage, which must
-    not be freed and reused by another layout while the entry stands."""
+    """Tables keyed on a ``layout_identity`` key, least recently used dropped past ``size``
+    entries or past ``max_bytes`` of tables and the layouts they pin. Each entry keeps its
+    layout tensor alive: the key names that tensor's storage, which must not be freed and
+    reused by another layout while the entry stands. The byte bound matters at long
+    sequences, where layouts and tables grow with the square of the length (BigBird 64 at
+    262144 tokens: a 1.5 GiB layout and two 0.75 GiB tables) and batches of varying length
+    would otherwise pin a layout per length seen."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_bytes: Optional[int] = None):
+        self.size, self.max_bytes = size, max_bytes
         self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
 
     def get(self, key, layout: torch.Tensor, device: torch.device, build):
@@ -73,9 +78,22 @@ class LayoutCache:
             return hit[1]
         table = build_outside_graph_pools(build, device)
         self._entries[key] = (layout, table)
-        while len(self._entries) > self.size:
+        while len(self._entries) > self.size or len(self._entries) > 1 and \
+                self.max_bytes is not None and self.nbytes() > self.max_bytes:
             self._entries.popitem(last=False)
         return table
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tables and of the layouts they keep alive, each storage
+        counted once."""
+        seen, total = set(), 0
+        for layout, table in self._entries.values():
+            for t in (layout, *_tensors(table)):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
 
     def clear(self) -> None:
         self._entries.clear()

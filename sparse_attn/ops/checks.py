@@ -5,6 +5,7 @@ them once per new call signature; a planned call skips them.
     check_attention_inputs(q, k, v, layout, block, key_padding_mask, rpe, attn_mask)
     reason = fused_limits(q, rpe, attn_mask)    # None when the fused kernel can take it
 """
+import weakref
 from typing import Optional
 
 import torch
@@ -50,7 +51,10 @@ def check_block(block, seq) -> int:
     return block
 
 
-_CHECKED_LAYOUTS: dict = {}
+# Layout tensors whose values were checked, by identity. Weak: a strong reference would keep
+# every device layout ever checked alive (one per sequence length, GiBs at long sequences);
+# when a tensor dies its entry goes, so a new tensor at the same storage is checked afresh.
+_CHECKED_LAYOUTS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def check_layout(layout, heads, seq, block) -> None:
@@ -70,9 +74,7 @@ def check_layout(layout, heads, seq, block) -> None:
         bad = (layout != 0) & (layout != 1)
         if bool(bad.any()):
             raise ValueError(f"layout holds {layout[bad][0].item()}; it must hold only 0 and 1")
-    if len(_CHECKED_LAYOUTS) > 256:
-        _CHECKED_LAYOUTS.clear()
-    _CHECKED_LAYOUTS[key] = layout  # the reference keeps the key's storage alive
+    _CHECKED_LAYOUTS[key] = layout
 
 
 def check_key_padding_mask(kpm, batch, seq, device) -> None:

@@ -601,6 +601,42 @@ def test_table_byte_budget_drops_other_layouts_tables(monkeypatch):
         assert plan_cache_size() == 2 and lut_cache_size() == 2
 
 
+def test_layouts_of_past_calls_are_not_pinned():
+    """Once the caches drop a layout's tables, nothing of ours keeps the layout alive (long
+    sequences of varying length bring a new device layout per length: GiBs each)."""
+    import gc
+    import weakref
+
+    clear_caches()
+    block = 32
+    layout = random_layout(HEADS, SEQ // block, gen=torch.Generator().manual_seed(23))
+    q, k, v = make_inputs(1, HEADS, SEQ, 64, torch.float16, seed=23)
+    with torch.no_grad():
+        fused_block_sparse_attention(q, k, v, layout, block)
+    alive = weakref.ref(layout)
+    clear_caches()
+    del layout
+    gc.collect()
+    assert alive() is None
+
+
+def test_layout_cache_bounds_bytes_counting_shared_layouts_once():
+    from sparse_attn.ops.caching import LayoutCache
+
+    mib = 1 << 20
+    cache = LayoutCache(64, max_bytes=10 * mib)
+    layouts = [torch.zeros(mib // 8, dtype=torch.int64) for _ in range(3)]  # 1 MiB each
+    table = lambda n: (lambda: {"idx": torch.zeros(n * mib, dtype=torch.uint8)})  # noqa: E731
+    cache.get("a-row", layouts[0], torch.device("cpu"), table(3))
+    cache.get("a-col", layouts[0], torch.device("cpu"), table(3))
+    assert len(cache) == 2 and cache.nbytes() == 7 * mib  # the shared layout counted once
+    cache.get("b-row", layouts[1], torch.device("cpu"), table(3))  # 11 MiB: the oldest goes
+    assert len(cache) == 2 and cache.nbytes() == 8 * mib
+    cache.get("a-col", layouts[0], torch.device("cpu"), table(3))  # a hit: now the newest
+    cache.get("c-row", layouts[2], torch.device("cpu"), table(20))  # alone past the bound
+    assert len(cache) == 1 and cache.nbytes() == 21 * mib
+
+
 def test_bad_inputs_raise_value_error():
     q, k, v = make_inputs(1, 2, 128, 64, torch.float16)
     L = torch.ones(2, 4, 4, dtype=torch.long)

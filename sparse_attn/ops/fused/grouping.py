@@ -102,7 +102,7 @@ def tile_area(layout: torch.Tensor, qorder, korder, block: int, tm: int, tn: int
 # packed with 1.5x the area (H100, 16k: 0.372 against 0.489 ms forward+backward).
 PACK_GAIN = 0.9
 
-_GROUPS = LayoutCache(64)
+_GROUPS = LayoutCache(64, 4 << 30)
 
 
 def get_groups(layout, block, seq, device, tiles, layout_key=None, contiguous=None) -> Groups:

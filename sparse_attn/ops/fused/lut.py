@@ -179,7 +179,9 @@ def make_lut(nz, full, bits, meta, batch) -> Lut:
                fine=fine, bits32=bits32)
 
 
-_LUTS = LayoutCache(64)
+# Bounds: entries as the plan cache, bytes with PLAN_TABLE_BYTES (the tables of the longest
+# layouts of a few lengths).
+_LUTS = LayoutCache(64, 4 << 30)
 
 
 def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1,
