@@ -53,7 +53,9 @@ kernels (dense: SDPA's flash / memory-efficient / cuDNN kernels; sparse: this pa
 Triton kernels, every ``@triton.jit`` ``*_kernel`` of ``sparse_attn/ops/kernels``) and the
 other kernels; ``non_attention_ms`` is the median step time less the attention kernels' time
 (other kernels and host time), and the sparse rows give its ratio to dense's at the same batch
-(the overhead budget of issue 22: within 5%). Under CUDA graphs the split relies on the
+(the overhead budget of issue 22: within 5%). On a GPU, ``gpu_idle_ms`` splits the time no
+kernel ran by the host phase (forward, backward, optimizer step) running when the gap began:
+where the host, not the GPU, set the pace. Under CUDA graphs the split relies on the
 profiler seeing the kernels inside the graphs; a sparse row with no attention time says it
 did not.
 
@@ -306,9 +308,12 @@ class Runner:
         loss = None
         for _ in range(self.ga):
             self.dt.begin_step(self.model)
-            loss, _, _ = self.engine(**batch)
-            self.engine.backward(loss)
-            self.engine.step()
+            with phase("forward"):
+                loss, _, _ = self.engine(**batch)
+            with phase("backward"):
+                self.engine.backward(loss)
+            with phase("step"):
+                self.engine.step()
         if first:  # what the first step leaves allocated: e.g. the optimizer's moments
             sync(self.device)
             self.resident += allocated(self.device) - before
@@ -344,6 +349,35 @@ class Runner:
             engine.optimizer = None
             engine.module = None
         del engine
+
+
+PHASES = ("forward", "backward", "step")
+PHASE_PREFIX = "bench_bing_bert::"
+
+
+def phase(name: str):
+    """A profiler range around one phase of the step (``gpu_idle_by_phase`` reads them)."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+def gpu_idle_by_phase(kernels, phases) -> dict:
+    """GPU idle time between the first and last kernel, split by the host phase that was
+    running when each gap began (the host was issuing that phase's work, or waiting in it).
+
+    kernels: ``(start, end)`` intervals of every kernel; phases: ``(name, start, end)`` host
+    ranges, on the same clock. Returns ``{phase or "other": idle}`` in the clock's unit: the
+    time when no kernel ran, however many streams."""
+    spans = sorted(kernels)
+    if not spans:
+        return {}
+    idle: dict = {}
+    busy_until = spans[0][1]
+    for start, end in spans[1:]:
+        if start > busy_until:
+            name = next((n for n, a, b in phases if a <= busy_until < b), "other")
+            idle[name] = idle.get(name, 0) + start - busy_until
+        busy_until = max(busy_until, end)
+    return idle
 
 
 def sync(device: torch.device) -> None:
@@ -391,10 +425,18 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
         sync(runner.device)
     attention, total, names, others = 0.0, 0.0, {}, {}
     events = prof.events()
+    idle = {}
     if cuda:
+        kernels, phases = [], []
         for e in events:
-            if e.device_type != DeviceType.CUDA:
+            if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX):
+                phases.append((e.name[len(PHASE_PREFIX):], e.time_range.start,
+                               e.time_range.end))
+            # GPU user annotations (e.g. the optimizer's step range) span kernels: skip them
+            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) \
+                    or "#" in e.name:
                 continue
+            kernels.append((e.time_range.start, e.time_range.end))
             us = e.time_range.elapsed_us()
             total += us
             if attention_kind(e.name, sparse_names) is not None:
@@ -402,6 +444,7 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
                 names[e.name] = names.get(e.name, 0.0) + us
             else:
                 others[e.name[:90]] = others.get(e.name[:90], 0.0) + us
+        idle = gpu_idle_by_phase(kernels, phases)
     else:
         def is_attention(e):
             return "scaled_dot_product" in e.name or e.name.startswith("sparse_attn::")
@@ -419,9 +462,11 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
                 names[e.name] = names.get(e.name, 0.0) + e.cpu_time_total
     top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
     top_others = sorted(others.items(), key=lambda kv: -kv[1])[:12]
+    extra = {"gpu_idle_ms": {k: round(v / 1e3 / steps, 3) for k, v in idle.items()}} \
+        if cuda else {}
     return {"source": "cuda kernels" if cuda else "cpu ops",
             "attention_ms": attention / 1e3 / steps,
-            "other_ms": (total - attention) / 1e3 / steps,
+            "other_ms": (total - attention) / 1e3 / steps, **extra,
             "attention_kernels": {k: round(v / 1e3 / steps, 4) for k, v in top},
             "other_kernels": {k: round(v / 1e3 / steps, 4) for k, v in top_others}}
 
@@ -710,16 +755,22 @@ def write_markdown(path: str, data: dict) -> None:
         md += ["", f"Profile ({profiled[0]['profile']['source']}, ms per step): attention "
                "kernels; the other kernels; the rest of the step (median step time less "
                "attention: other kernels and host time), and that rest over dense's at the "
-               "same batch (issue 22's budget: <= 1.05):", "",
+               "same batch (issue 22's budget: <= 1.05); GPU idle (no kernel running, first to "
+               "last kernel of the profiled step) by the host phase running when it began:",
+               "",
                "| model | seq | batch | variant | attention | other kernels | non-attention | "
-               "over dense |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "over dense | GPU idle: forward / backward / step / other |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in profiled:
             p = r["profile"]
             ratio = r.get("non_attention_vs_dense")
+            idle = p.get("gpu_idle_ms")
+            idle_text = "-" if idle is None else " / ".join(
+                f"{idle.get(k, 0.0):.2f}" for k in (*PHASES, "other"))
             md.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['variant']} | "
                       f"{p['attention_ms']:.2f} | {p['other_ms']:.2f} | "
                       f"{p['non_attention_ms']:.2f} | "
-                      f"{'-' if ratio is None else f'{ratio:.3f}'} |")
+                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {idle_text} |")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
 

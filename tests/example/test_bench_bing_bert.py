@@ -148,3 +148,13 @@ def test_bad_values_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         bbb.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_gpu_idle_by_phase_splits_gaps_by_the_host_phase_running():
+    # kernels on two streams overlap (no gap); gaps begin in each phase and after them
+    kernels = [(0, 10), (5, 12), (15, 20), (20, 30), (40, 45), (47, 50), (70, 80)]
+    phases = [("forward", 0, 14), ("backward", 14, 35), ("step", 44, 49)]
+    idle = bbb.gpu_idle_by_phase(kernels, phases)
+    assert idle == {"forward": 3, "backward": 10, "step": 2, "other": 20}
+    assert bbb.gpu_idle_by_phase([], phases) == {}
+    assert bbb.gpu_idle_by_phase([(0, 5), (1, 2)], phases) == {}
