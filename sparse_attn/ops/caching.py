@@ -59,7 +59,8 @@ def table_cache_size() -> int:
 
 class LayoutCache:
     """Tables keyed on a ``layout_identity`` key, least recently used dropped past ``size``
-    entries or past ``max_bytes`` of tables and the layouts they pin. Each entry keeps its
+    entries or past ``max_bytes`` of tables and the layouts they pin (those of the latest
+    layout stay, whatever their size). Each entry keeps its
     layout tensor alive: the key names that tensor's storage, which must not be freed and
     reused by another layout while the entry stands. The byte bound matters at long
     sequences, where layouts and tables grow with the square of the length (BigBird 64 at
@@ -78,9 +79,17 @@ class LayoutCache:
             return hit[1]
         table = build_outside_graph_pools(build, device)
         self._entries[key] = (layout, table)
-        while len(self._entries) > self.size or len(self._entries) > 1 and \
-                self.max_bytes is not None and self.nbytes() > self.max_bytes:
+        while len(self._entries) > self.size:
             self._entries.popitem(last=False)
+        if self.max_bytes is not None:
+            # the oldest first, but never a table of the new entry's layout: a layout's row and
+            # column tables must coexist, or a step would rebuild them layer after layer
+            mine = layout.untyped_storage().data_ptr()
+            for old in [k for k, (lay, _) in self._entries.items()
+                        if lay.untyped_storage().data_ptr() != mine]:
+                if self.nbytes() <= self.max_bytes:
+                    break
+                del self._entries[old]
         return table
 
     def nbytes(self) -> int:

@@ -635,6 +635,10 @@ def test_layout_cache_bounds_bytes_counting_shared_layouts_once():
     cache.get("a-col", layouts[0], torch.device("cpu"), table(3))  # a hit: now the newest
     cache.get("c-row", layouts[2], torch.device("cpu"), table(20))  # alone past the bound
     assert len(cache) == 1 and cache.nbytes() == 21 * mib
+    cache.get("c-col", layouts[2], torch.device("cpu"), table(20))  # its layout's pair stays
+    assert len(cache) == 2 and cache.nbytes() == 41 * mib
+    cache.get("a-row", layouts[0], torch.device("cpu"), table(3))  # both of c's go
+    assert len(cache) == 1 and cache.nbytes() == 4 * mib
 
 
 def test_bad_inputs_raise_value_error():
