@@ -60,12 +60,11 @@ def table_cache_size() -> int:
 class LayoutCache:
     """Tables keyed on a ``layout_identity`` key, least recently used dropped past ``size``
     entries or past ``max_bytes`` of tables and the layouts they pin (those of the latest
-    layout stay, whatever their size). Each entry keeps its
-    layout tensor alive: the key names that tensor's storage, which must not be freed and
-    reused by another layout while the entry stands. The byte bound matters at long
-    sequences, where layouts and tables grow with the square of the length (BigBird 64 at
-    262144 tokens: a 1.5 GiB layout and two 0.75 GiB tables) and batches of varying length
-    would otherwise pin a layout per length seen."""
+    layout stay, whatever their size). Each entry keeps its layout tensor alive: the key
+    names that tensor's storage, which must not be freed and reused by another layout while
+    the entry stands. The byte bound matters at long sequences, where layouts and tables grow
+    with the square of the length (BigBird 64 at 262144 tokens: a 1.5 GiB layout and two
+    0.75 GiB tables) and batches of varying length would otherwise pin a layout per length."""
 
     def __init__(self, size: int, max_bytes: Optional[int] = None):
         self.size, self.max_bytes = size, max_bytes
