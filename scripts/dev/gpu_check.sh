@@ -15,6 +15,8 @@
 #   STAGES=longseq bash scripts/dev/gpu_check.sh         # BERT-base at 262144 tokens (LONG_SEQ)
 #     on one GPU, needs .whl/ and out/longcorpus/ carried; LONG_DENSE_STEPS=N adds N steps
 #     of dense attention at the same length
+#   STAGES=ncu bash scripts/dev/gpu_check.sh             # Nsight Compute, fused kernels at
+#     head_dim 64 and 128 (NCU_DIMS), BigBird 64 at 16384
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
@@ -124,6 +126,17 @@ PY
           --rows 16384-bigbird-64 --sweep 16384-bigbird-64 --no-flex --graph --tag "hd$d" \
           --outdir "$OUT" > "$OUT/bench_attention_hd$d.log" 2>&1
         grep -E "^(sweep|N=)" "$OUT/bench_attention_hd$d.log" | cut -c1-400
+      done ;;
+    ncu)  # Nsight Compute on one fwd, dq and dk/dv launch per head_dim (NCU_DIMS, "64 128"),
+      # BigBird 64 at 16384 (issue 21 target 5); the tables in $OUT/ncu_hd*.txt
+      for d in ${NCU_DIMS:-64 128}; do
+        python3 scripts/dev/ncu_fused.py --head-dim $d | tee -a "$OUT/ncu_times.txt"
+        timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --kernel-name regex:fused_attn \
+          --launch-skip 6 --launch-count 4 --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section WarpStateStats --section SchedulerStats \
+          --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+          python3 scripts/dev/ncu_fused.py --head-dim $d --no-time > "$OUT/ncu_hd$d.txt" 2>&1
+        echo "ncu hd$d exit $?"; grep -E "fused_attn|Duration|Registers Per|Achieved Occ|Theoretical Occ|Compute \(SM\) Thr|Memory Thr|Eligible Warps|Issued Warp|No Eligible" "$OUT/ncu_hd$d.txt" | head -60
       done ;;
     cprofile)
       for v in dense_sdpa sparse_bigbird; do
