@@ -183,8 +183,8 @@ def bing_bert_table(runs):
     lines = [
         f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config "
         f"with {lamb}, {precision}), tokens/s at each variant's best micro-batch (xN: the "
-        "micro-batch) and, for the sparse variants, the ratio to dense's best; synthetic full-length batches "
-        "without padding; "
+        "micro-batch) and, for the sparse variants, the ratio to dense's best; synthetic "
+        "full-length batches without padding; "
         f"{env['device']}, {', '.join(dict.fromkeys(days(d['date']) for _, d, _ in runs))}, "
         f"{versions}. Records: {files}.", "",
         "| model | seq | mode | " + " | ".join(BING_BERT_VARIANTS[v] for v in variants) + " |",

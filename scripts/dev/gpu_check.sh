@@ -60,22 +60,20 @@ cfg["scheduler"]["params"]["total_num_steps"] = int(sys.argv[2])
 cfg["tensorboard"]["enabled"] = False
 json.dump(cfg, open(sys.argv[3], "w"), indent=2)
 PY
-      INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data OUT_DIR=$LD/run \
-        DS_CONFIG=$LD/ds.json STEPS=${LONG_STEPS:-200} timeout "${LONG_TIMEOUT:-400}" \
-        bash examples/bing_bert/ds_sa_train_bert_gpu.sh base $L --activation_checkpointing \
-        --tiled_mlp 16 --tiled_loss 16 --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 \
-        --no_progress_bar > "$OUT/longseq_$L.log" 2>&1
+      long_run() {  # long_run OUT_NAME STEPS TIMEOUT [extra flags]: the example at length L
+        INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data OUT_DIR=$LD/$1 \
+          DS_CONFIG=$LD/ds.json STEPS=$2 timeout "$3" \
+          bash examples/bing_bert/ds_sa_train_bert_gpu.sh base $L --activation_checkpointing \
+          --tiled_mlp 16 --tiled_loss 16 --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 --no_progress_bar "${@:4}"
+      }
+      long_run run ${LONG_STEPS:-200} ${LONG_TIMEOUT:-400} > "$OUT/longseq_$L.log" 2>&1
       echo "longseq $L exit $?"; grep -E "instances|model:|error|Error" "$OUT/longseq_$L.log" | head -8
       cp $LD/run/metrics.jsonl "$OUT/longseq_${L}_metrics.jsonl" && \
         python3 -c "import json,sys; [print(r) for r in map(json.loads, open(sys.argv[1]))]" \
         "$OUT/longseq_${L}_metrics.jsonl" | tail -n 30
       if [ "${LONG_DENSE_STEPS:-0}" -gt 0 ]; then  # dense attention at the same length
-        DENSE=1 INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data \
-          OUT_DIR=$LD/dense DS_CONFIG=$LD/ds.json STEPS=$LONG_DENSE_STEPS \
-          timeout "${LONG_DENSE_TIMEOUT:-300}" bash examples/bing_bert/ds_sa_train_bert_gpu.sh \
-          base $L --activation_checkpointing --tiled_mlp 16 --tiled_loss 16 \
-          --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 --no_progress_bar \
-          --log_every 1 > "$OUT/longseq_dense_$L.log" 2>&1
+        DENSE=1 long_run dense $LONG_DENSE_STEPS ${LONG_DENSE_TIMEOUT:-300} --log_every 1 \
+          > "$OUT/longseq_dense_$L.log" 2>&1
         echo "longseq dense $L exit $?"; grep -E "error|Error" "$OUT/longseq_dense_$L.log" | head -5
         cp $LD/dense/metrics.jsonl "$OUT/longseq_dense_${L}_metrics.jsonl" && cat "$_"
       fi ;;

@@ -6,7 +6,7 @@ backend so that they are cached and built the same way.
     key = layout_digest(cpu_layout)           # what it holds (MatMul/Softmax: equal layouts
                                               # of different modules share their tables)
     table = cached_table(kind, key, block, device, build)
-    cache = LayoutCache(64, 4 << 30); table = cache.get(key, layout, device, build)  # LRU
+    cache = LayoutCache(64, TABLE_BYTES); table = cache.get(key, layout, device, build)  # LRU
 """
 import hashlib
 import threading
@@ -16,7 +16,11 @@ from typing import Optional
 import torch
 
 __all__ = ["layout_identity", "layout_digest", "cached_table", "table_cache_size",
-           "LayoutCache", "build_outside_graph_pools"]
+           "LayoutCache", "TABLE_BYTES", "build_outside_graph_pools"]
+
+# Bytes of tables (and the layouts they pin) each layout-keyed cache may hold: the tables of
+# the longest layouts of a few lengths (BigBird 64 at 262144 tokens: 3 GiB with its layout).
+TABLE_BYTES = 4 << 30
 
 
 def layout_identity(layout: torch.Tensor) -> tuple:

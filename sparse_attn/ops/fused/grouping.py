@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..caching import LayoutCache, layout_identity
+from ..caching import TABLE_BYTES, LayoutCache, layout_identity
 from . import config
 
 __all__ = ["Groups", "block_orders", "token_map", "get_groups", "tiles_and_groups",
@@ -102,7 +102,7 @@ def tile_area(layout: torch.Tensor, qorder, korder, block: int, tm: int, tn: int
 # packed with 1.5x the area (H100, 16k: 0.372 against 0.489 ms forward+backward).
 PACK_GAIN = 0.9
 
-_GROUPS = LayoutCache(64, 4 << 30)
+_GROUPS = LayoutCache(64, TABLE_BYTES)
 
 
 def get_groups(layout, block, seq, device, tiles, layout_key=None, contiguous=None) -> Groups:

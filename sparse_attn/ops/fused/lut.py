@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..caching import LayoutCache, layout_identity
+from ..caching import TABLE_BYTES, LayoutCache, layout_identity
 from . import config
 
 __all__ = ["Lut", "get_lut", "tile_tables", "make_lut", "split_chunk", "items_per_row",
@@ -179,9 +179,7 @@ def make_lut(nz, full, bits, meta, batch) -> Lut:
                fine=fine, bits32=bits32)
 
 
-# Bounds: entries as the plan cache, bytes with PLAN_TABLE_BYTES (the tables of the longest
-# layouts of a few lengths).
-_LUTS = LayoutCache(64, 4 << 30)
+_LUTS = LayoutCache(64, TABLE_BYTES)  # entries as the plan cache
 
 
 def get_lut(layout, block, TM, TN, N, causal, device, kind, layout_key=None, batch=1,

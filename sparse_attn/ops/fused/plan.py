@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import common
-from ..caching import layout_identity
+from ..caching import TABLE_BYTES, layout_identity
 from ..checks import additive_key_padding, check_fused_call
 from ..launch import Launcher, direct_context
 from . import config
@@ -266,10 +266,10 @@ class Plan:
 
 _PLANS: dict = {}
 _PLANS_SIZE = 64  # as the LUT cache: a plan keeps its LUTs alive (tens of MB each at 64k)
-# Bytes of tables the plans may hold. Tables grow with the square of the sequence (BigBird 64
-# at 262144 tokens: 0.75 GiB per LUT, two per layout), so at long sequences the count bound
+# Bytes of tables the plans may hold (a plan keeps its LUTs alive past the LUT cache's own
+# bound). Tables grow with the square of the sequence, so at long sequences the count bound
 # alone would let batches of varying length keep gigabytes per length ever seen.
-PLAN_TABLE_BYTES = 4 << 30
+PLAN_TABLE_BYTES = TABLE_BYTES
 
 
 def table_bytes(layout: torch.Tensor) -> int:
