@@ -55,7 +55,9 @@ other kernels; ``non_attention_ms`` is the median step time less the attention k
 (other kernels and host time), and the sparse rows give its ratio to dense's at the same batch
 (the overhead budget of issue 22: within 5%). On a GPU, ``gpu_idle_ms`` splits the time no
 kernel ran by the host phase (forward, backward, optimizer step) running when the gap began:
-where the host, not the GPU, set the pace. Under CUDA graphs the split relies on the
+where the host, not the GPU, set the pace; ``syncs`` counts the synchronizing CUDA calls of one
+more step by call site (``torch.cuda.set_sync_debug_mode``), each a point where the GPU's
+queue drains while the host waits. Under CUDA graphs the split relies on the
 profiler seeing the kernels inside the graphs; a sparse row with no attention time says it
 did not.
 
@@ -380,6 +382,51 @@ def gpu_idle_by_phase(kernels, phases) -> dict:
     return idle
 
 
+#: frames of these files are skipped when a sync is charged to a call site
+_SYNC_SKIP = (os.sep + "torch" + os.sep, os.sep + "warnings.py", os.path.abspath(__file__))
+
+
+def sync_site(stack) -> str:
+    """The call site a synchronizing CUDA call is charged to: the innermost frame of
+    ``stack`` (``traceback.extract_stack()`` order, outermost first) outside PyTorch and
+    this script, as ``path:line function`` with the path from the package on."""
+    for frame in reversed(stack):
+        if not any(part in frame.filename for part in _SYNC_SKIP):
+            path = frame.filename
+            for root in (ROOT + os.sep, os.sep + "site-packages" + os.sep, os.sep + "site" + os.sep):
+                if root in path:
+                    path = path.split(root, 1)[1]
+                    break
+            return f"{path}:{frame.lineno} {frame.name}"
+    return "torch"
+
+
+def sync_census(runner: "Runner", batch: dict) -> Dict[str, int]:
+    """Synchronizing CUDA calls of one step, counted by call site (``sync_site``), the most
+    frequent first; each one drains the GPU's queue while the host waits."""
+    import traceback
+    import warnings
+
+    sites: Dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            site = sync_site(traceback.extract_stack()[:-1])
+            sites[site] = sites.get(site, 0) + 1
+
+    sync(runner.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            runner.step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(runner.device)
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -462,8 +509,8 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
                 names[e.name] = names.get(e.name, 0.0) + e.cpu_time_total
     top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
     top_others = sorted(others.items(), key=lambda kv: -kv[1])[:12]
-    extra = {"gpu_idle_ms": {k: round(v / 1e3 / steps, 3) for k, v in idle.items()}} \
-        if cuda else {}
+    extra = {"gpu_idle_ms": {k: round(v / 1e3 / steps, 3) for k, v in idle.items()},
+             "syncs": sync_census(runner, batch)} if cuda else {}
     return {"source": "cuda kernels" if cuda else "cpu ops",
             "attention_ms": attention / 1e3 / steps,
             "other_ms": (total - attention) / 1e3 / steps, **extra,
@@ -702,6 +749,16 @@ def fmt_x(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def sync_text(syncs: Optional[Dict[str, int]]) -> str:
+    """``N; site (n)`` for a profile's sync census, ``-`` without one."""
+    if syncs is None:
+        return "-"
+    if not syncs:
+        return "0"
+    site, n = next(iter(syncs.items()))
+    return f"{sum(syncs.values())}; `{site}` ({n})"
+
+
 def write_markdown(path: str, data: dict) -> None:
     """The run as a Markdown record: device, date, versions, command, conditions, the summary
     table (best tokens/s per variant), every row, and the profile split when present."""
@@ -759,8 +816,9 @@ def write_markdown(path: str, data: dict) -> None:
                "last kernel of the profiled step) by the host phase running when it began:",
                "",
                "| model | seq | batch | variant | attention | other kernels | non-attention | "
-               "over dense | GPU idle: forward / backward / step / other |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "over dense | GPU idle: forward / backward / step / other | syncs: all; "
+               "the most frequent site |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in profiled:
             p = r["profile"]
             ratio = r.get("non_attention_vs_dense")
@@ -770,7 +828,8 @@ def write_markdown(path: str, data: dict) -> None:
             md.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['variant']} | "
                       f"{p['attention_ms']:.2f} | {p['other_ms']:.2f} | "
                       f"{p['non_attention_ms']:.2f} | "
-                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {idle_text} |")
+                      f"{'-' if ratio is None else f'{ratio:.3f}'} | {idle_text} | "
+                      f"{sync_text(p.get('syncs'))} |")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
 

@@ -150,6 +150,22 @@ def test_bad_values_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_sync_site_charges_the_innermost_frame_outside_torch_and_the_script():
+    import traceback
+
+    frame = traceback.FrameSummary
+    stack = [frame(os.path.join(ROOT, "examples", "bing_bert", "deepspeed_train.py"), 10, "main"),
+             frame("/x/site-packages/deepspeed/runtime/utils.py", 292, "has_overflow_serial"),
+             frame("/x/site-packages/torch/_tensor.py", 40, "__bool__"),
+             frame(bbb.__file__, 5, "record"),
+             frame("/usr/lib/python3.11/warnings.py", 1, "warn")]
+    assert bbb.sync_site(stack) == "deepspeed/runtime/utils.py:292 has_overflow_serial"
+    assert bbb.sync_site(stack[:1]) == "examples/bing_bert/deepspeed_train.py:10 main"
+    assert bbb.sync_site(stack[2:]) == "torch"
+    assert bbb.sync_text(None) == "-" and bbb.sync_text({}) == "0"
+    assert bbb.sync_text({"a.py:1 f": 3, "b.py:2 g": 1}) == "4; `a.py:1 f` (3)"
+
+
 def test_gpu_idle_by_phase_splits_gaps_by_the_host_phase_running():
     # kernels on two streams overlap (no gap); gaps begin in each phase and after them
     kernels = [(0, 10), (5, 12), (15, 20), (20, 30), (40, 45), (47, 50), (70, 80)]
