@@ -203,6 +203,11 @@ def variant_ds_config(opts, model: str, variant: str, workdir: str) -> str:
         for key in ("fp16", "bf16", "bfloat16"):
             if isinstance(cfg.get(key), dict):
                 cfg[key]["enabled"] = False
+    if opts.autocast:  # DeepSpeed's torch.autocast mode in place of its bf16 weights
+        for key in ("fp16", "bf16", "bfloat16"):
+            if isinstance(cfg.get(key), dict):
+                cfg[key]["enabled"] = False
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if VARIANTS[variant] is not None:
         cfg["sparse_attention"] = dict(VARIANTS[variant])
     out = os.path.join(workdir, f"ds_{model}_{variant}.json")
@@ -292,6 +297,8 @@ class Runner:
         self.dt = dt
         basic = getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer
         self.optimizer = type(basic).__name__
+        if self.engine.optimizer is not basic:  # e.g. DeepSpeed's bf16 wrapper at ZeRO 0
+            self.optimizer += f" in {type(self.engine.optimizer).__name__}"
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.resident = allocated(device) - before  # weights, master weights, buffers
         self.stepped = False
@@ -705,13 +712,20 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def precision_text(opts) -> str:
+    if opts.autocast:
+        return ("bf16 by DeepSpeed's \"torch_autocast\" in place of the config's \"bf16\" "
+                "(fp32 weights and gradients, matmuls in bf16, the optimizer unwrapped)")
+    return "fp32" if opts.fp32 else "the config precision (bf16)"
+
+
 def conditions(opts) -> List[str]:
     """The run's conditions, one line each (the Markdown record repeats them)."""
     mode = "eager" if opts.compile is None else (
         f"every variant's encoder under torch.compile(mode=\"{opts.compile}\", "
         f"backend=\"{opts.compile_backend}\")")
     lines = [
-        f"{mode}; {'fp32' if opts.fp32 else 'the config precision (bf16)'}; one optimizer "
+        f"{mode}; {precision_text(opts)}; one optimizer "
         f"step per {opts.gradient_accumulation} micro-batch(es); the shipped config's "
         "optimizer (LAMB) and schedule, monitors off",
         "synthetic full-length batches without padding, no attention mask (dense SDPA keeps "
@@ -877,6 +891,10 @@ def parse_args(argv=None):
                    f"{os.path.relpath(MODELS['large'][1], ROOT)})")
     p.add_argument("--fp32", action="store_true",
                    help="turn bf16/fp16 off in the config (default on CPU)")
+    p.add_argument("--autocast", action="store_true",
+                   help="every variant in DeepSpeed's \"torch_autocast\" bf16 mode instead of "
+                   "the config's \"bf16\": fp32 weights, and the optimizer steps without "
+                   "DeepSpeed's per-parameter bf16 wrapper at ZeRO stage 0")
     p.add_argument("--isolate", action="store_true",
                    help="run the variants one after the other, each alone on the device (the "
                    "largest batch without the others' weights resident; no alternation)")
@@ -917,7 +935,9 @@ def parse_args(argv=None):
     opts.seqs = opts.seqs or DEFAULT_SEQS
     if opts.warmup is None:
         opts.warmup = 3 if opts.compile else 2
-    if torch.device(opts.device).type != "cuda":
+    if opts.autocast and opts.fp32:
+        p.error("--autocast and --fp32: give one precision")
+    if torch.device(opts.device).type != "cuda" and not opts.autocast:
         opts.fp32 = True
     return opts
 

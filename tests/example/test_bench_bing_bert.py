@@ -150,6 +150,19 @@ def test_bad_values_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_autocast_replaces_the_config_bf16_with_deepspeed_torch_autocast(tmp_path, capsys):
+    opts = bbb.parse_args(["--tiny", "--device", "cpu", "--autocast"])
+    with open(bbb.variant_ds_config(opts, "tiny", "bigbird64", str(tmp_path))) as f:
+        cfg = json.load(f)
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["sparse_attention"]["mode"] == "bigbird"
+    assert not opts.fp32 and "torch_autocast" in bbb.conditions(opts)[0]
+    with pytest.raises(SystemExit):
+        bbb.parse_args(["--autocast", "--fp32"])
+    assert "--autocast and --fp32" in capsys.readouterr().err
+
+
 def test_sync_site_charges_the_innermost_frame_outside_torch_and_the_script():
     import traceback
 
