@@ -608,7 +608,9 @@ def main(argv=None) -> int:
     micro = run.ds_config.get("train_micro_batch_size_per_gpu")
     fp16 = bool(run.ds_config.get("fp16", {}).get("enabled"))
     bf16 = any((run.ds_config.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16"))
-    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    autocast = (run.ds_config.get("torch_autocast") or {}).get("enabled")
+    precision = "fp16" if fp16 else "bf16" if bf16 else \
+        "fp32 weights, torch_autocast" if autocast else "fp32"
     torch.manual_seed(args.seed)
     try:
         model = build_model(args, bert_config, run, micro=micro, fp16=fp16)
