@@ -881,7 +881,7 @@ def parse_args(argv=None):
     p.add_argument("--attention_dropout", action="store_true",
                    help="keep the config's attention-probability dropout for dense (default: "
                    "0 in every variant, as the sparse kernels have none)")
-    p.add_argument("--lamb", choices=("auto", "fused", "torch"), default="auto",
+    p.add_argument("--lamb", choices=("auto", "fused", "torch", "master"), default="auto",
                    help="the example's --lamb (auto: DeepSpeed's fused LAMB when it builds)")
     p.add_argument("--ds_config_base", default=None,
                    help="DeepSpeed config of BERT-base (and of --tiny; default "

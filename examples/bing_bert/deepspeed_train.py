@@ -175,10 +175,13 @@ def parse_args(argv=None):
     p.add_argument("--no_progress_bar", action="store_true")
     p.add_argument("--job_name", default=None,
                    help="monitor job name (default: --cf's name, else bing_bert_sa)")
-    p.add_argument("--lamb", choices=("auto", "fused", "torch"), default="auto",
+    p.add_argument("--lamb", choices=("auto", "fused", "torch", "master"), default="auto",
                    help="for a \"Lamb\" optimizer config: DeepSpeed's fused LAMB (a CUDA "
                    "extension), the plain PyTorch LAMB of lamb.py, or auto (fused when it "
-                   "builds, else torch)")
+                   "builds, else torch); master (bf16 at ZeRO stage 0 only): the PyTorch LAMB "
+                   "keeps the float32 master weights itself and the example casts the model "
+                   "to bf16, so DeepSpeed runs no bf16 optimizer wrapper (whose overflow test "
+                   "syncs the host once per parameter); resume with the same --lamb")
     p.add_argument("--sequence_parallel_size", type=int, default=1,
                    help="ranks that share one sequence (DeepSpeed Ulysses): each holds "
                    "1/P of the tokens and, inside attention, 1/P of the heads; needs "
@@ -267,6 +270,10 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
     # client optimizer, as the PyTorch LAMB is, gets DeepSpeed's fp32 master copies.
     bf16_params = bool((ds_config.get("bf16") or {}).get("enabled")) and \
         int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 0
+    if choice == "master" and not bf16_params:
+        raise ValueError(
+            "--lamb master is for \"bf16\": {\"enabled\": true} at \"zero_optimization\": "
+            "{\"stage\": 0}; this config has neither or a ZeRO stage: use --lamb torch or auto")
     if choice == "fused":
         if bf16_params:
             raise ValueError(
@@ -282,6 +289,15 @@ def configure_lamb(ds_config, model, choice, weight_decay=None):
     params = dict(opt.get("params") or {})
     ds_config.pop("optimizer")
     ds_config.setdefault("zero_allow_untested_optimizer", True)
+    if choice == "master":  # the weights are bf16 here; DeepSpeed sees a float32 run
+        for key in ("bf16", "bfloat16"):
+            if isinstance(ds_config.get(key), dict):
+                ds_config[key]["enabled"] = False
+        model.to(torch.bfloat16)
+        print("optimizer: plain PyTorch LAMB (examples/bing_bert/lamb.py) with its own float32 "
+              "master weights; the model in bf16, no DeepSpeed bf16 wrapper", file=sys.stderr,
+              flush=True)
+        return Lamb(param_groups(model, weight_decay), master_weights=True, **params)
     why = " (bf16 at ZeRO stage 0: the fused kernel has no bf16 version)" if bf16_params \
         and choice == "auto" else ""
     print(f"optimizer: DeepSpeed's fused LAMB is not used here{why}; plain PyTorch LAMB "

@@ -5,6 +5,11 @@ optimizer config: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``max_coeff``, `
 Per parameter: Adam moments with bias correction, ``update = m / (sqrt(v) + eps) + wd * p``,
 trust ratio ``||p|| / ||update||`` clipped to ``[min_coeff, max_coeff]`` (1 where a norm is 0),
 ``p -= lr * ratio * update``.
+
+``master_weights=True`` keeps a float32 copy of every lower-precision parameter in the
+optimizer state (saved with it) and steps that copy, writing it back rounded: bf16 weights
+train as they would under DeepSpeed's bf16 optimizer wrapper, without its per-parameter
+overflow test (a host sync per parameter).
 """
 from __future__ import annotations
 
@@ -13,11 +18,24 @@ import torch
 
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 max_coeff=10.0, min_coeff=0.01, bias_correction=True, **unused):
+                 max_coeff=10.0, min_coeff=0.01, bias_correction=True, master_weights=False,
+                 **unused):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         max_coeff=max_coeff, min_coeff=min_coeff,
                         bias_correction=bias_correction)
         super().__init__(params, defaults)
+        self.master_weights = master_weights
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer``'s, but the float32 state (moments, master weights)
+        stays float32: the base class casts a state tensor to its parameter's dtype, which
+        for a bf16 parameter would round the master weights."""
+        super().load_state_dict(state_dict)
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if torch.is_tensor(value) and value.dtype == torch.float32 and key != "step":
+                        self.state[p][key] = value.to(p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -41,6 +59,8 @@ class Lamb(torch.optim.Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                if self.master_weights and p.dtype != torch.float32:
+                    state["master"] = p.detach().float()
             state["step"] += 1
         grads = [p.grad.float() for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
@@ -58,7 +78,8 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
         update = torch._foreach_div(m_hat, denom)
-        p32 = [p.float() for p in params]  # the parameter itself where it is float32
+        # the master copy, else the parameter itself where it is float32, else a float32 copy
+        p32 = [self.state[p].get("master", p).float() for p in params]
         if group["weight_decay"]:
             torch._foreach_add_(update, p32, alpha=group["weight_decay"])
         w_norm = torch.stack(torch._foreach_norm(p32))

@@ -9,7 +9,8 @@ GPU's queue, so these counts are the step's host cost with no GPU needed:
     DS_ACCELERATOR=cpu python scripts/dev/step_ops.py            # BERT-base, seq 256, batch 1
 
 It runs the example's model and engine through ``scripts/bench_bing_bert.py``'s ``Runner``, on
-the config's bf16 (DeepSpeed wraps the optimizer at ZeRO stage 0) and with ``--autocast``
+the config's bf16 (DeepSpeed wraps the optimizer at ZeRO stage 0), with ``--lamb master`` (the
+example's LAMB keeps the float32 master weights, no wrapper) and with ``--autocast``
 (DeepSpeed's ``torch_autocast``, the optimizer unwrapped). On CPU the sparse variants run the
 PyTorch backend, so their forward and backward counts are not the GPU's; the step's are.
 """
@@ -59,9 +60,11 @@ def main(argv=None):
     dt, modeling = bbb.load_example()
     print(f"{args.model}, seq {args.seq}, batch {args.batch}: top-level ATen ops per step "
           f"(host waits in brackets)")
-    for autocast in (False, True):
-        opts = bbb.parse_args(["--models", args.model, "--seqs", str(args.seq), "--device", "cpu",
-                               "--lamb", "torch"] + (["--autocast"] if autocast else []))
+    for precision, flags in (("config bf16", ["--lamb", "torch"]),
+                             ("--lamb master", ["--lamb", "master"]),
+                             ("torch_autocast", ["--lamb", "torch", "--autocast"])):
+        opts = bbb.parse_args(["--models", args.model, "--seqs", str(args.seq), "--device", "cpu"]
+                              + flags)
         opts.fp32 = False  # the config's bf16, as on a GPU
         for variant in args.variants:
             runner = bbb.Runner(opts, dt, modeling, args.model, variant, args.seq, device,
@@ -74,7 +77,6 @@ def main(argv=None):
             for phase, name in top_level_ops(prof.events()):
                 ops[phase] += 1
                 waits[phase] += name in WAITS
-            precision = "torch_autocast" if autocast else "config bf16"
             counts = ", ".join(f"{ph} {ops[ph]} ({waits[ph]})"
                                for ph in (*bbb.PHASES, "other") if ops[ph])
             print(f"{precision:<15} {variant:<10} {runner.optimizer:<28} {counts}", flush=True)

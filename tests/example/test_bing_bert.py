@@ -840,6 +840,47 @@ def test_nan_loss_in_bf16_stops_the_run(data_dir, test_config, tmp_path):
     assert os.path.isfile(os.path.join(ckpts, "step_4", COMPLETE))
 
 
+LAMB_CONFIG = {"type": "Lamb", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-6,
+                                          "weight_decay": 0.01, "max_coeff": 0.3,
+                                          "min_coeff": 0.01}}
+
+
+def test_lamb_master_trains_as_deepspeed_bf16_and_resumes(data_dir, test_config, tmp_path):
+    """--lamb master (the example's LAMB keeps the float32 master weights; no DeepSpeed bf16
+    wrapper) gives the losses of --lamb torch under DeepSpeed's bf16 (the same math, rounded
+    apart only by where the clipping scale is applied), and a resumed run repeats its own."""
+    cfg = config_with(test_config, tmp_path, "bf16_lamb.json", bf16={"enabled": True},
+                      fp16={"enabled": False}, optimizer=LAMB_CONFIG)
+    runs = {}
+    for lamb in ("torch", "master"):
+        out = str(tmp_path / lamb)
+        log = launch(common(data_dir, cfg, out) + [
+            "--max_steps", "8", "--save_every", "4", "--eval_every", "0", "--lamb", lamb])
+        runs[lamb] = losses_by_step(metrics(out))
+        assert sorted(runs[lamb]) == list(range(1, 9))
+    assert "own float32 master weights" in log
+    for step, loss in runs["torch"].items():
+        assert abs(runs["master"][step] - loss) < 0.02 * abs(loss), (step, runs)
+    assert max(abs(runs["master"][s] - runs["torch"][s]) for s in runs["torch"]) > 0
+    resumed = str(tmp_path / "resumed")
+    launch(common(data_dir, cfg, resumed) + [
+        "--max_steps", "8", "--eval_every", "0", "--lamb", "master",
+        "--load_checkpoint_dir", str(tmp_path / "master" / "checkpoints"),
+        "--load_checkpoint_tag", "step_4"])
+    again = losses_by_step(metrics(resumed))
+    assert sorted(again) == [5, 6, 7, 8]
+    for step, loss in again.items():
+        assert abs(loss - runs["master"][step]) < 1e-4, (step, again, runs["master"])
+
+
+def test_lamb_master_needs_bf16_at_zero_stage_0(data_dir, test_config, tmp_path):
+    cfg = config_with(test_config, tmp_path, "fp32_lamb.json", optimizer=LAMB_CONFIG)
+    code, log = run_launcher(common(data_dir, cfg, str(tmp_path / "out")) + [
+        "--max_steps", "1", "--lamb", "master"])
+    assert code != 0
+    assert "--lamb master is for" in log and "--lamb torch" in log
+
+
 # -- sequence parallelism (DeepSpeed Ulysses) ------------------------------------------------
 def test_sequence_parallel_two_ranks_equal_one_rank(data_dir, test_config, tmp_path):
     """--sequence_parallel_size 2 on two ranks (each holds half of every sequence) trains

@@ -96,3 +96,58 @@ def test_lamb_auto_choice(monkeypatch, bf16, stage, fused_builds, want):
         assert deepspeed_train.configure_lamb(cfg, model, "fused") is None
     assert isinstance(deepspeed_train.configure_lamb(_lamb_config(bf16, stage), model,
                                                      "torch"), Lamb)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_lamb_master_weights_follow_the_float64_reference(wd):
+    """bf16 parameters with ``master_weights``: the float32 master copy follows the float64
+    reference to float32 accuracy (updates far below bf16's resolution are kept), the
+    parameter is the master rounded to bf16, and a state_dict round trip (as a checkpoint
+    resume does) keeps the master and the moments float32."""
+    torch.manual_seed(0)
+    start = [torch.randn(s).bfloat16() for s in [(6, 5), (5,), (3, 4)]]
+    grads = [[torch.randn(p.shape) for p in start] for _ in range(5)]
+    kw = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, max_coeff=10.0,
+              min_coeff=0.01, bias_correction=True)
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = Lamb(params, master_weights=True, **kw)
+    for i, step in enumerate(grads):
+        for prm, g in zip(params, step):
+            prm.grad = g.bfloat16()
+        opt.step()
+        if i == 1:  # resume into a fresh optimizer from the saved state
+            saved = opt.state_dict()
+            opt = Lamb(params, master_weights=True, **kw)
+            opt.load_state_dict(saved)
+    ref = reference_lamb([p.float() for p in start],
+                         [[g.bfloat16().float() for g in s] for s in grads],
+                         kw["lr"], kw["betas"], kw["eps"], wd, 10.0, 0.01, True)
+    for prm, want in zip(params, ref):
+        master = opt.state[prm]["master"]
+        assert master.dtype == torch.float32 and opt.state[prm]["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(master.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(prm.data, master.bfloat16())
+    # the plain bf16 path loses these updates (lr 1e-4 is below bf16's resolution)
+    plain = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = Lamb(plain, **kw)
+    for step in grads:
+        for prm, g in zip(plain, step):
+            prm.grad = g.bfloat16()
+        opt.step()
+    err = max((a.double() - w).abs().max() for a, w in zip(plain, ref))
+    assert err > 5e-5
+
+
+def test_lamb_master_configures_bf16_weights_without_deepspeed_bf16():
+    pytest.importorskip("deepspeed")
+    import deepspeed_train
+
+    model = torch.nn.Linear(4, 4)
+    cfg = _lamb_config(True, 0)
+    got = deepspeed_train.configure_lamb(cfg, model, "master")
+    assert isinstance(got, Lamb) and got.master_weights and "optimizer" not in cfg
+    assert cfg["bf16"]["enabled"] is False and model.weight.dtype == torch.bfloat16
+    for bf16, stage in ((False, 0), (True, 1)):
+        with pytest.raises(ValueError, match="--lamb master is for"):
+            deepspeed_train.configure_lamb(_lamb_config(bf16, stage), torch.nn.Linear(4, 4),
+                                           "master")
