@@ -690,7 +690,13 @@ def main(argv=None) -> int:
     micro_step = 0
     last_good = None  # the last complete checkpoint of this run (saved, or resumed from)
     if resume is not None:
-        path, client = engine.load_checkpoint(args.load_checkpoint_dir, tag=resume.tag)
+        try:
+            path, client = engine.load_checkpoint(args.load_checkpoint_dir, tag=resume.tag)
+        except (KeyError, ValueError, RuntimeError) as err:  # e.g. another optimizer's state
+            return error(f"could not load checkpoint {resume.path} ({type(err).__name__}: "
+                         f"{err}); its optimizer state must match this run's: a checkpoint "
+                         f"saved with --lamb master resumes only with --lamb master, one saved "
+                         f"without it only without it")
         if path is None:
             return error(f"no checkpoint found in {args.load_checkpoint_dir} (tag "
                          f"{resume.tag})")

@@ -871,6 +871,12 @@ def test_lamb_master_trains_as_deepspeed_bf16_and_resumes(data_dir, test_config,
     assert sorted(again) == [5, 6, 7, 8]
     for step, loss in again.items():
         assert abs(loss - runs["master"][step]) < 1e-4, (step, again, runs["master"])
+    for lamb, folder in (("torch", "master"), ("master", "torch")):  # the other optimizer's
+        code, log = run_launcher(common(data_dir, cfg, str(tmp_path / f"mixed_{lamb}")) + [
+            "--max_steps", "5", "--eval_every", "0", "--lamb", lamb,
+            "--load_checkpoint_dir", str(tmp_path / folder / "checkpoints"),
+            "--load_checkpoint_tag", "step_4"])
+        assert code != 0 and "resumes only with --lamb master" in log, log[-3000:]
 
 
 def test_lamb_master_needs_bf16_at_zero_stage_0(data_dir, test_config, tmp_path):
