@@ -190,7 +190,7 @@ json.dump(cfg, open("/tmp/ds_base_seq4096_short.json", "w"), indent=2)
 PY
       DS_CONFIG=/tmp/ds_base_seq4096_short.json OUT_DIR=/tmp/train_base_seq4096 \
         timeout "${TRAIN_TIMEOUT:-200}" bash examples/bing_bert/ds_sa_train_bert_base_seq4096.sh \
-        --lamb torch --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
+        --lamb ${TRAIN_LAMB:-torch} --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
       echo "train exit $?"; grep -E "step +[0-9]+|eval|loss" "$OUT/train_base_seq4096.log" | tail -12
       cp /tmp/train_base_seq4096/metrics.jsonl "$OUT/train_base_seq4096_metrics.jsonl" ;;
   esac
