@@ -400,7 +400,8 @@ def sync_site(stack) -> str:
     for frame in reversed(stack):
         if not any(part in frame.filename for part in _SYNC_SKIP):
             path = frame.filename
-            for root in (ROOT + os.sep, os.sep + "site-packages" + os.sep, os.sep + "site" + os.sep):
+            for root in (ROOT + os.sep, os.sep + "site-packages" + os.sep,
+                         os.sep + "site" + os.sep):
                 if root in path:
                     path = path.split(root, 1)[1]
                     break
