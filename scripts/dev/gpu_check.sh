@@ -130,7 +130,7 @@ PY
       for d in ${NCU_DIMS:-64 128}; do
         python3 scripts/dev/ncu_fused.py --head-dim $d | tee -a "$OUT/ncu_times.txt"
         timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --kernel-name regex:fused_attn \
-          --launch-skip 6 --launch-count 4 --section SpeedOfLight --section Occupancy \
+          --profile-from-start off --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section SchedulerStats \
           --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
           python3 scripts/dev/ncu_fused.py --head-dim $d --no-time > "$OUT/ncu_hd$d.txt" 2>&1
