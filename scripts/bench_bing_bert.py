@@ -199,14 +199,11 @@ def variant_ds_config(opts, model: str, variant: str, workdir: str) -> str:
     for key in ("tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler"):
         if isinstance(cfg.get(key), dict):
             cfg[key]["enabled"] = False
-    if opts.fp32:
+    if opts.fp32 or opts.autocast:
         for key in ("fp16", "bf16", "bfloat16"):
             if isinstance(cfg.get(key), dict):
                 cfg[key]["enabled"] = False
     if opts.autocast:  # DeepSpeed's torch.autocast mode in place of its bf16 weights
-        for key in ("fp16", "bf16", "bfloat16"):
-            if isinstance(cfg.get(key), dict):
-                cfg[key]["enabled"] = False
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if VARIANTS[variant] is not None:
         cfg["sparse_attention"] = dict(VARIANTS[variant])

@@ -261,7 +261,9 @@ def param_groups(model, weight_decay=None):
 
 def configure_lamb(ds_config, model, choice, weight_decay=None):
     """For a ``"Lamb"`` optimizer config, return a plain PyTorch LAMB (and remove the
-    optimizer from the config DeepSpeed gets) when the fused one is not used; else None."""
+    optimizer from the config DeepSpeed gets) when the fused one is not used; else None.
+    ``"master"`` also casts ``model`` to bf16 and turns the config's bf16 off: the LAMB keeps
+    the float32 master weights, and DeepSpeed wraps nothing."""
     opt = ds_config.get("optimizer") or {}
     if str(opt.get("type", "")).lower() != "lamb":
         return None
