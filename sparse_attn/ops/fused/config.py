@@ -30,7 +30,9 @@ class TileConfig:
     block_m, block_n: the query and key tile (rows); num_warps, num_stages: Triton's;
     one_loop: send every tile through the masked loop rather than the full tiles through a
     mask-free loop first (fewer pipeline fills when rows are short and mostly partial);
-    maxnreg: cap on registers per thread (None: the compiler's choice).
+    maxnreg: cap on registers per thread (None: the compiler's choice); stream (forward
+    only): programs per multiprocessor of the streamed forward, which walks many rows'
+    tiles in one loop (0: one program per work item).
     """
     block_m: int
     block_n: int
@@ -38,16 +40,17 @@ class TileConfig:
     num_stages: int = 3
     one_loop: bool = False
     maxnreg: Optional[int] = None
+    stream: int = 0
 
     @classmethod
     def of(cls, cfg) -> "TileConfig":
         """A TileConfig, or one from ``(block_m, block_n, num_warps, num_stages[, one_loop[,
-        maxnreg]])``."""
+        maxnreg[, stream]]])``."""
         if isinstance(cfg, cls):
             return cfg
-        if not isinstance(cfg, (tuple, list)) or not 4 <= len(cfg) <= 6:
+        if not isinstance(cfg, (tuple, list)) or not 4 <= len(cfg) <= 7:
             raise ValueError(f"a tile config is a TileConfig or (block_m, block_n, num_warps, "
-                             f"num_stages[, one_loop[, maxnreg]]), got {cfg!r}")
+                             f"num_stages[, one_loop[, maxnreg[, stream]]]), got {cfg!r}")
         return cls(*cfg)
 
 
