@@ -127,3 +127,10 @@ def test_walk_covers_each_tile_once(runs):
             a, n = split[r]
             assert slots == list(range(a, a + n))
     assert st.n_slots == sum(n for _, n in split.values())
+
+
+def test_stream_is_a_forward_setting():
+    with pytest.raises(ValueError, match="stream is a forward setting"):
+        set_fused_config(64, None, dq=TileConfig(64, 64, stream=2))
+    with pytest.raises(ValueError, match="non-negative int"):
+        set_fused_config(64, None, fwd=TileConfig(64, 64, stream=-1))

@@ -173,6 +173,12 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, gro
             raise ValueError(f"tile configs are for the kernels 'fwd', 'dq' and 'dkdv', "
                              f"got {bad[0]!r}")
         kernels = {name: TileConfig.of(cfg) for name, cfg in kernels.items()}
+        for name, cfg in kernels.items():
+            if name != "fwd" and cfg.stream:
+                raise ValueError(f"stream is a forward setting; the {name} config has "
+                                 f"stream={cfg.stream!r}")
+            if not isinstance(cfg.stream, int) or cfg.stream < 0:
+                raise ValueError(f"stream must be a non-negative int, got {cfg.stream!r}")
         _overrides.setdefault((head_dim, block), {}).update(kernels)
     if tma is not None:
         _tma = frozenset(names)
