@@ -30,9 +30,7 @@ class TileConfig:
     block_m, block_n: the query and key tile (rows); num_warps, num_stages: Triton's;
     one_loop: send every tile through the masked loop rather than the full tiles through a
     mask-free loop first (fewer pipeline fills when rows are short and mostly partial);
-    maxnreg: cap on registers per thread (None: the compiler's choice); stream (forward
-    only): programs per multiprocessor of the streamed forward, which walks many rows'
-    tiles in one loop (0: one program per work item).
+    maxnreg: cap on registers per thread (None: the compiler's choice).
     """
     block_m: int
     block_n: int
@@ -40,17 +38,16 @@ class TileConfig:
     num_stages: int = 3
     one_loop: bool = False
     maxnreg: Optional[int] = None
-    stream: int = 0
 
     @classmethod
     def of(cls, cfg) -> "TileConfig":
         """A TileConfig, or one from ``(block_m, block_n, num_warps, num_stages[, one_loop[,
-        maxnreg[, stream]]])``."""
+        maxnreg]])``."""
         if isinstance(cfg, cls):
             return cfg
-        if not isinstance(cfg, (tuple, list)) or not 4 <= len(cfg) <= 7:
+        if not isinstance(cfg, (tuple, list)) or not 4 <= len(cfg) <= 6:
             raise ValueError(f"a tile config is a TileConfig or (block_m, block_n, num_warps, "
-                             f"num_stages[, one_loop[, maxnreg[, stream]]]), got {cfg!r}")
+                             f"num_stages[, one_loop[, maxnreg]]), got {cfg!r}")
         return cls(*cfg)
 
 
@@ -173,12 +170,6 @@ def set_fused_config(head_dim=None, block=None, *, split_min=None, tma=None, gro
             raise ValueError(f"tile configs are for the kernels 'fwd', 'dq' and 'dkdv', "
                              f"got {bad[0]!r}")
         kernels = {name: TileConfig.of(cfg) for name, cfg in kernels.items()}
-        for name, cfg in kernels.items():
-            if name != "fwd" and cfg.stream:
-                raise ValueError(f"stream is a forward setting; the {name} config has "
-                                 f"stream={cfg.stream!r}")
-            if not isinstance(cfg.stream, int) or cfg.stream < 0:
-                raise ValueError(f"stream must be a non-negative int, got {cfg.stream!r}")
         _overrides.setdefault((head_dim, block), {}).update(kernels)
     if tma is not None:
         _tma = frozenset(names)

@@ -8,7 +8,7 @@ A "row" table (forward, dq) lists per query tile the key tiles it sees; a "col" 
 whose block is smaller than a tile visits a tile when any of its blocks is nonzero, and the
 kernels mask the empty blocks inside it from a per-tile bit mask.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -44,7 +44,6 @@ class Lut:
     unit_n: int
     fine: bool                   # the block is finer than the tile: bit masks in use
     bits32: bool                 # a tile has at most 32 units
-    streams: dict = field(default_factory=dict)  # runs -> the streamed forward's walk
 
 
 def tile_tables(layout, block, TM, TN, N, causal, device, qorder=None, korder=None):

@@ -20,14 +20,12 @@ from ..launch import Launcher, direct_context
 from . import config
 from .grouping import clear_groups, tiles_and_groups
 from .lut import clear_luts, get_lut
-from .stream import get_stream, stream_runs
 
 try:
     from ..kernels import fused_backward as _bwd
     from ..kernels import fused_forward as _fwd
-    from ..kernels import fused_forward_stream as _fwd_stream
 except Exception:  # pragma: no cover - triton missing
-    _fwd = _bwd = _fwd_stream = None
+    _fwd = _bwd = None
 
 __all__ = ["Plan", "get_plan", "cached_plan", "clear_caches", "plan_cache_size"]
 
@@ -35,8 +33,6 @@ LOG2E = 1.4426950408889634
 
 # launched as _fwd_kernel.prepare(grid, **constexprs).launch(...): see launch.py
 _fwd_kernel = Launcher(_fwd, "fused_attn_fwd_kernel")
-_stream_kernel = Launcher(_fwd_stream, "fused_attn_fwd_stream_kernel")
-_merge_kernel = Launcher(_fwd_stream, "fused_attn_fwd_merge_kernel")
 _dq_kernel = Launcher(_bwd, "fused_attn_bwd_dq_kernel")
 _dkdv_kernel = Launcher(_bwd, "fused_attn_bwd_dkdv_kernel")
 _reduce_kernel = Launcher(_bwd, "fused_attn_bwd_reduce_kernel")
@@ -157,39 +153,12 @@ class Plan:
         B, H, N, _ = self.shape
         tiles = self.tiles.fwd
         lut = self._lut("row", tiles)
-        if tiles.stream:
-            return self._stream_launches(lut, tiles)
         main = self._prepare(_fwd_kernel, (lut.n_work * B,), lut, tiles, self.tma_fwd,
                              POS_SCALE=self.scale > 0)
         so = self.out_strides
         ints = (*self.qkv_strides, *so[:3], self.s_kpm, B, H, N, lut.n_own, lut.n_other,
                 lut.n_work, lut.n_split, self.groups.n_map, self.scale * LOG2E)
         return lut, main, ints
-
-    def _stream_launches(self, lut, tiles):
-        """The streamed forward's walk and launches (``TileConfig.stream``)."""
-        B, H, N, D = self.shape
-        st = get_stream(lut, stream_runs(tiles.stream, B, self.device))
-        meta = self._meta(lut, tiles, False)
-        for name in ("ONE_LOOP", "HAS_SPLIT"):
-            del meta[name]
-        meta.update(ALL_FULL=lut.all_full, HAS_EMPTY=st.has_empty, POS_SCALE=self.scale > 0)
-        pointer = _stream_kernel.prepare((st.n_runs * B,), **meta)
-        tma = None
-        if self.tma_fwd:
-            tma = _stream_kernel.prepare((st.n_runs * B,), **{**meta, "TMA": True})
-        work = B * st.n_tiles * tiles.block_m * tiles.block_n * D
-        main = Launches(pointer, tma, config.tma_forced() or work >= config.TMA_MIN_WORK)
-        so = self.out_strides
-        ints = (*self.qkv_strides, *so[:3], self.s_kpm, B, H, N, lut.n_own, lut.n_other,
-                st.n_tiles, st.n_runs, self.groups.n_map, self.scale * LOG2E)
-        merge = None
-        if st.n_split:
-            merge = _merge_kernel.prepare(
-                (st.n_split * B,), BLOCK_M=tiles.block_m, HEAD_DIM=D,
-                EVEN=N % tiles.block_m == 0, GATHER_Q=self.maps[0] is not None, num_warps=4)
-        merge_ints = (*so[:3], B, H, N, lut.n_own, st.n_split, self.groups.n_map)
-        return st, main, ints, merge, merge_ints
 
     def forward(self, q, k, v, kpm):
         """out [B, H, N, D] in q's dtype and memory format, lse [B, H, N] float32.
@@ -198,8 +167,6 @@ class Plan:
             q, k, v = contiguous_rows(q), contiguous_rows(k), contiguous_rows(v)
         if self.fwd is None:
             self.fwd = self._forward_launches()
-        if self.tiles.fwd.stream:
-            return self._stream_forward(q, k, v, kpm)
         lut, main, ints = self.fwd
         B, H, N, D = self.shape
         TM, TN = self.tiles.fwd.block_m, self.tiles.fwd.block_n
@@ -218,23 +185,6 @@ class Plan:
         main.launch(ctx, (q, k, v, out, lse, kpm), ((q, TM), (k, TN), (v, TN), (out, TM)),
                     (lut.idx, lut.bits, lut.nfull_arg, lut.work, ws_acc, ws_ml, *split,
                      *self.maps, *ints))
-        return out, lse
-
-    def _stream_forward(self, q, k, v, kpm):
-        st, main, ints, merge, merge_ints = self.fwd
-        B, H, N, D = self.shape
-        TM, TN = self.tiles.fwd.block_m, self.tiles.fwd.block_n
-        out = torch.empty_like(q)
-        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-        ws_acc = ws_ml = None
-        if st.n_slots:
-            ws_acc = torch.empty((st.n_slots * B, TM, D), dtype=torch.float32, device=q.device)
-            ws_ml = torch.empty((st.n_slots * B, 2, TM), dtype=torch.float32, device=q.device)
-        ctx = direct_context((q, k, v, out, lse, kpm, ws_acc, ws_ml))
-        main.launch(ctx, (q, k, v, out, lse, kpm), ((q, TM), (k, TN), (v, TN)),
-                    (st.table, st.bits, ws_acc, ws_ml, *self.maps, *ints))
-        if merge is not None:
-            merge.launch(ctx, out, lse, ws_acc, ws_ml, st.split, self.maps[0], *merge_ints)
         return out, lse
 
     def _reduce(self, lut, block, two, ints, tmap):
