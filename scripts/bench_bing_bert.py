@@ -880,7 +880,8 @@ def parse_args(argv=None):
                    help="keep the config's attention-probability dropout for dense (default: "
                    "0 in every variant, as the sparse kernels have none)")
     p.add_argument("--lamb", choices=("auto", "fused", "torch", "master"), default="auto",
-                   help="the example's --lamb (auto: DeepSpeed's fused LAMB when it builds)")
+                   help="the example's --lamb (auto: master under bf16 at ZeRO stage 0, else "
+                   "DeepSpeed's fused LAMB when it builds)")
     p.add_argument("--ds_config_base", default=None,
                    help="DeepSpeed config of BERT-base (and of --tiny; default "
                    f"{os.path.relpath(MODELS['base'][1], ROOT)})")

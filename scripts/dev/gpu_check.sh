@@ -21,8 +21,8 @@
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
 #   STAGES=bingbert bash scripts/dev/gpu_check.sh        # the bing_bert example's tokens/s (issue 22)
-#     (BBB_ARGS, default "--models base --seqs 4096 16384 --lamb torch --profile": eager, about
-#     8 minutes on an H100; e.g. BBB_ARGS="--models base --seqs 4096 16384 --compile --lamb torch")
+#     (BBB_ARGS, default "--models base --seqs 4096 16384 --profile": eager, about 8 minutes
+#     on an H100; e.g. BBB_ARGS="--models base --seqs 4096 16384 --compile")
 # DeepSpeed and its small dependencies may come as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,7 +44,7 @@ for stage in $STAGES; do
     bingbert)  # needs DeepSpeed (.whl/); no new batch after BBB_BUDGET s (the JSON is
       # rewritten after each sequence); the full log in $OUT, the summary on stdout
       timeout "${BBB_TIMEOUT:-570}" python3 scripts/bench_bing_bert.py \
-        ${BBB_ARGS:---models base --seqs 4096 16384 --lamb torch --profile} \
+        ${BBB_ARGS:---models base --seqs 4096 16384 --profile} \
         --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
     longseq)  # BERT-base at LONG_SEQ (262144) on one GPU, BigBird 64 (issue 22): the corpus
@@ -64,7 +64,7 @@ PY
         INPUT=$LD/corpus.txt VOCAB=out/longcorpus/vocab.txt DATA_DIR=$LD/data OUT_DIR=$LD/$1 \
           DS_CONFIG=$LD/ds.json STEPS=$2 timeout "$3" \
           bash examples/bing_bert/ds_sa_train_bert_gpu.sh base $L --activation_checkpointing \
-          --tiled_mlp 16 --tiled_loss 16 --lamb ${LONG_LAMB:-torch} --eval_every 0 --save_every 0 --no_progress_bar "${@:4}"
+          --tiled_mlp 16 --tiled_loss 16 --lamb ${LONG_LAMB:-auto} --eval_every 0 --save_every 0 --no_progress_bar "${@:4}"
       }
       long_run run ${LONG_STEPS:-200} ${LONG_TIMEOUT:-400} > "$OUT/longseq_$L.log" 2>&1
       echo "longseq $L exit $?"; grep -E "instances|model:|error|Error" "$OUT/longseq_$L.log" | head -8
@@ -190,7 +190,7 @@ json.dump(cfg, open("/tmp/ds_base_seq4096_short.json", "w"), indent=2)
 PY
       DS_CONFIG=/tmp/ds_base_seq4096_short.json OUT_DIR=/tmp/train_base_seq4096 \
         timeout "${TRAIN_TIMEOUT:-200}" bash examples/bing_bert/ds_sa_train_bert_base_seq4096.sh \
-        --lamb ${TRAIN_LAMB:-torch} --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
+        --lamb ${TRAIN_LAMB:-auto} --save_every 100000 > "$OUT/train_base_seq4096.log" 2>&1
       echo "train exit $?"; grep -E "step +[0-9]+|eval|loss" "$OUT/train_base_seq4096.log" | tail -12
       cp /tmp/train_base_seq4096/metrics.jsonl "$OUT/train_base_seq4096_metrics.jsonl" ;;
   esac

@@ -66,7 +66,8 @@ def _lamb_config(bf16, stage):
 
 
 @pytest.mark.parametrize("bf16,stage,fused_builds,want", [
-    (True, 0, True, "torch"),    # DeepSpeed would step the fused kernel on bf16 params
+    (True, 0, True, "master"),   # DeepSpeed would step the fused kernel on bf16 params, and
+    (True, 0, False, "master"),  # its bf16 wrapper syncs per parameter: the LAMB keeps masters
     (False, 0, True, "fused"),
     (True, 1, True, "fused"),    # ZeRO keeps fp32 partitions for the optimizer
     (False, 0, False, "torch"),  # the CUDA extension does not build (no GPU)
@@ -88,6 +89,10 @@ def test_lamb_auto_choice(monkeypatch, bf16, stage, fused_builds, want):
     else:
         assert isinstance(got, Lamb) and "optimizer" not in cfg
         assert got.param_groups[0]["lr"] == 1e-3
+        assert got.master_weights == (want == "master")
+        assert cfg["bf16"]["enabled"] == (bf16 and want != "master")
+        assert model.weight.dtype == (torch.bfloat16 if want == "master" else torch.float32)
+    model = torch.nn.Linear(4, 4)
     cfg = _lamb_config(bf16, stage)
     if bf16 and stage == 0:
         with pytest.raises(ValueError, match="no bf16 kernel.*--lamb torch"):
