@@ -10,6 +10,12 @@ trust ratio ``||p|| / ||update||`` clipped to ``[min_coeff, max_coeff]`` (1 wher
 optimizer state (saved with it) and steps that copy, writing it back rounded: bf16 weights
 train as they would under DeepSpeed's bf16 optimizer wrapper, without its per-parameter
 overflow test (a host sync per parameter).
+
+``max_grad_norm > 0`` first scales the gradients of every group by
+``min(1, max_grad_norm / (||g|| + 1e-6))`` (``||g||``: the 2-norm over all of them), as
+DeepSpeed's ``"gradient_clipping"`` does, in a few multi-tensor ops instead of four per
+parameter; the norm before clipping is kept as ``_global_grad_norm`` (a tensor), which
+DeepSpeed's engine reports.
 """
 from __future__ import annotations
 
@@ -19,12 +25,14 @@ import torch
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  max_coeff=10.0, min_coeff=0.01, bias_correction=True, master_weights=False,
-                 **unused):
+                 max_grad_norm=0.0, **unused):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         max_coeff=max_coeff, min_coeff=min_coeff,
                         bias_correction=bias_correction)
         super().__init__(params, defaults)
         self.master_weights = master_weights
+        self.max_grad_norm = float(max_grad_norm)
+        self._global_grad_norm = None
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer``'s, but the float32 state (moments, master weights)
@@ -43,15 +51,23 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._update(group, params)
+        work = [(group, [p for p in group["params"] if p.grad is not None])
+                for group in self.param_groups]
+        work = [(group, params, [p.grad.float() for p in params]) for group, params in work
+                if params]
+        if self.max_grad_norm > 0 and work:
+            grads = [g for _, _, gs in work for g in gs]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self._global_grad_norm = norm
+            torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+        for group, params, grads in work:
+            self._update(group, params, grads)
         return loss
 
-    def _update(self, group, params):
-        """One LAMB step over a group's parameters with ``torch._foreach_*`` kernels (a few
-        launches per group, not a dozen per parameter) and no host sync."""
+    def _update(self, group, params, grads):
+        """One LAMB step over a group's parameters (``grads``: their gradients in float32)
+        with ``torch._foreach_*`` kernels (a few launches per group, not a dozen per
+        parameter) and no host sync."""
         beta1, beta2 = group["betas"]
         for p in params:
             state = self.state[p]
@@ -62,7 +78,6 @@ class Lamb(torch.optim.Optimizer):
                 if self.master_weights and p.dtype != torch.float32:
                     state["master"] = p.detach().float()
             state["step"] += 1
-        grads = [p.grad.float() for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_mul_(m, beta1)
@@ -79,7 +94,8 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_add_(denom, group["eps"])
         update = torch._foreach_div(m_hat, denom)
         # the master copy, else the parameter itself where it is float32, else a float32 copy
-        p32 = [self.state[p].get("master", p).float() for p in params]
+        p32 = [self.state[p].get("master", p) for p in params]
+        p32 = [q if q.dtype == torch.float32 else q.float() for q in p32]
         if group["weight_decay"]:
             torch._foreach_add_(update, p32, alpha=group["weight_decay"])
         w_norm = torch.stack(torch._foreach_norm(p32))

@@ -11,14 +11,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples
 from lamb import Lamb  # noqa: E402
 
 
-def reference_lamb(params, grads_per_step, lr, betas, eps, wd, max_coeff, min_coeff, bc):
-    """Float64 LAMB, parameter by parameter: the values after each step."""
+def reference_lamb(params, grads_per_step, lr, betas, eps, wd, max_coeff, min_coeff, bc,
+                   clip=0.0):
+    """Float64 LAMB, parameter by parameter: the values after each step (``clip`` > 0: the
+    gradients first scaled by min(1, clip / (their global 2-norm + 1e-6)))."""
     p = [x.double().clone() for x in params]
     m = [torch.zeros_like(x) for x in p]
     v = [torch.zeros_like(x) for x in p]
     for t, grads in enumerate(grads_per_step, start=1):
+        coef = 1.0
+        if clip > 0:
+            norm = sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5
+            coef = min(1.0, clip / (norm + 1e-6))
         for i, g in enumerate(grads):
-            g = g.double()
+            g = g.double() * coef
             m[i] = betas[0] * m[i] + (1 - betas[0]) * g
             v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
             mh = m[i] / (1 - betas[0] ** t) if bc else m[i]
@@ -31,8 +37,9 @@ def reference_lamb(params, grads_per_step, lr, betas, eps, wd, max_coeff, min_co
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("wd,bc", [(0.0, True), (0.01, True), (0.01, False)])
-def test_lamb_matches_reference(dtype, wd, bc):
+@pytest.mark.parametrize("wd,bc,clip", [(0.0, True, 0.0), (0.01, True, 0.0), (0.01, False, 0.0),
+                                        (0.01, True, 0.5), (0.01, True, 1e3)])
+def test_lamb_matches_reference(dtype, wd, bc, clip):
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
     params = [torch.randn(s, dtype=dtype) for s in shapes]
@@ -42,22 +49,43 @@ def test_lamb_matches_reference(dtype, wd, bc):
     grads[2][1] = None  # a parameter without a gradient this step keeps its value and moments
     kw = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, max_coeff=10.0,
               min_coeff=0.01, bias_correction=bc)
-    opt = Lamb([torch.nn.Parameter(p) for p in params], **kw)
+    opt = Lamb([torch.nn.Parameter(p) for p in params], max_grad_norm=clip, **kw)
+    norms = []
     for step in grads:
         for prm, g in zip(opt.param_groups[0]["params"], step):
-            prm.grad = g
+            prm.grad = None if g is None else g.clone()
         opt.step()
-    # the reference steps parameter 1 only three times, skipping the third step
-    ref = reference_lamb(start, [[g if g is not None else torch.zeros(1) for g in s]
-                                 for s in grads], kw["lr"], kw["betas"], kw["eps"], wd, 10.0,
-                         0.01, bc)
-    ref[1] = reference_lamb([start[1]], [[s[1]] for s in grads if s[1] is not None],
-                            kw["lr"], kw["betas"], kw["eps"], wd, 10.0, 0.01, bc)[0]
+        norms.append(opt._global_grad_norm)
+    if clip:
+        want = [sum(float(g.double().pow(2).sum()) for g in s if g is not None) ** 0.5
+                for s in grads]
+        torch.testing.assert_close(torch.stack(norms).double(), torch.tensor(want).double(),
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)
+        assert (clip < min(want)) == (clip == 0.5)  # 0.5 clips every step, 1e3 none
+    else:
+        assert norms == [None] * len(grads)
+    # the reference steps parameter 1 only three times, skipping the third step (clipping:
+    # its global norm leaves parameter 1 out that step, so it runs over all parameters)
+    ref_grads = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(s, params)]
+                 for s in grads]
+    ref = reference_lamb(start, ref_grads, kw["lr"], kw["betas"], kw["eps"], wd, 10.0, 0.01,
+                         bc, clip)
+    solo = [s[1] * _coef(s, clip) for s in grads if s[1] is not None]
+    ref[1] = reference_lamb([start[1]], [[g] for g in solo], kw["lr"], kw["betas"], kw["eps"],
+                            wd, 10.0, 0.01, bc)[0]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for got, want in zip(opt.param_groups[0]["params"], ref):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     assert opt.state[opt.param_groups[0]["params"][1]]["step"] == 3
+
+
+def _coef(grads, clip):
+    """The clipping scale of one step's gradients (None: no gradient)."""
+    if not clip:
+        return 1.0
+    norm = sum(float(g.double().pow(2).sum()) for g in grads if g is not None) ** 0.5
+    return min(1.0, clip / (norm + 1e-6))
 
 
 def _lamb_config(bf16, stage):
@@ -148,10 +176,11 @@ def test_lamb_master_configures_bf16_weights_without_deepspeed_bf16():
     import deepspeed_train
 
     model = torch.nn.Linear(4, 4)
-    cfg = _lamb_config(True, 0)
+    cfg = {**_lamb_config(True, 0), "gradient_clipping": 1.0}
     got = deepspeed_train.configure_lamb(cfg, model, "master")
     assert isinstance(got, Lamb) and got.master_weights and "optimizer" not in cfg
     assert cfg["bf16"]["enabled"] is False and model.weight.dtype == torch.bfloat16
+    assert got.max_grad_norm == 1.0 and cfg["gradient_clipping"] == 0.0  # the LAMB clips
     for bf16, stage in ((False, 0), (True, 1)):
         with pytest.raises(ValueError, match="--lamb master is for"):
             deepspeed_train.configure_lamb(_lamb_config(bf16, stage), torch.nn.Linear(4, 4),
