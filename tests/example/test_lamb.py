@@ -101,9 +101,11 @@ def _lamb_config(bf16, stage):
     (False, 0, False, "torch"),  # the CUDA extension does not build (no GPU)
 ])
 def test_lamb_auto_choice(monkeypatch, bf16, stage, fused_builds, want):
-    """``--lamb auto`` takes DeepSpeed's fused LAMB only where it builds and has a kernel
-    for the parameters DeepSpeed will give it; ``--lamb fused`` on bf16 parameters is a clear
-    error, not a crash in the first step."""
+    """``--lamb auto`` takes ``master`` under bf16 at ZeRO stage 0 (the LAMB keeps the
+    float32 master weights, the model is cast to bf16, DeepSpeed's bf16 is off), else
+    DeepSpeed's fused LAMB only where it builds and has a kernel for the parameters DeepSpeed
+    will give it; ``--lamb fused`` on bf16 parameters is a clear error, not a crash in the
+    first step."""
     import lamb
     pytest.importorskip("deepspeed")
     import deepspeed_train
