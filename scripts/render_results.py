@@ -178,7 +178,11 @@ def bing_bert_table(runs):
     versions = ", ".join(f"{label} {env[k]}" for k, label in (
         ("torch", "torch"), ("triton", "Triton"), ("deepspeed", "DeepSpeed")) if env.get(k))
     precision = "fp32" if first.get("args", {}).get("fp32") else "bf16"
-    lamb = {"torch": "the example's PyTorch LAMB", "fused": "DeepSpeed's fused LAMB"}.get(
+    lamb = {"torch": "the example's PyTorch LAMB in DeepSpeed's bf16 wrapper",
+            "fused": "DeepSpeed's fused LAMB",
+            "master": "the example's LAMB with its own float32 master weights",
+            "auto": "the example's default `--lamb auto` (under bf16 at ZeRO stage 0: its LAMB "
+                    "with its own float32 master weights)"}.get(
         first.get("args", {}).get("lamb"), "LAMB")
     lines = [
         f"bing_bert example (`examples/bing_bert`, DeepSpeed engine, the shipped LAMB config "
