@@ -244,11 +244,14 @@ def model_config(opts, modeling, model: str, seq: int, variant: str):
     return cfg
 
 
-def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int) -> dict:
+def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int,
+               find_positions=None) -> dict:
     """Synthetic pre-training inputs of the full length, no padding: ``input_ids`` int64
     ``[batch, seq]`` (random ids >= 5), ``token_type_ids`` (0 for the first half, 1 after),
     ``masked_lm_labels`` (``IGNORE_INDEX`` except at 15% of the positions of each row, random
-    ids there), ``next_sentence_label`` int64 ``[batch]``, and ``attention_mask`` None."""
+    ids there), ``next_sentence_label`` int64 ``[batch]``, and ``attention_mask`` None; with
+    ``find_positions`` (the example's ``modeling.masked_positions``), also ``masked_positions``,
+    found on the host as the example's own batches have them."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (batch, seq), generator=g)
     types = torch.zeros(batch, seq, dtype=torch.long)
@@ -261,6 +264,8 @@ def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int
     nsp = torch.randint(0, 2, (batch,), generator=g)
     out = {"input_ids": ids, "token_type_ids": types, "masked_lm_labels": labels,
            "next_sentence_label": nsp}
+    if find_positions is not None:
+        out["masked_positions"] = find_positions(labels)
     out = {k: v.to(device) for k, v in out.items()}
     out["attention_mask"] = None
     return out
@@ -458,8 +463,11 @@ def time_steps(runner: Runner, batch: dict, n: int) -> tuple:
     return times, float(loss.detach().float())
 
 
-def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict:
-    """Attention kernels against everything else over ``steps`` profiled steps, ms per step.
+def profile_split(runner: Runner, batch: dict, steps: int, sparse_names,
+                  trace: Optional[str] = None) -> dict:
+    """Attention kernels against everything else over ``steps`` profiled steps, ms per step
+    (``trace``: also write the profile there as a Chrome trace, gzipped when it ends in .gz;
+    ``scripts/dev/trace_gaps.py`` reads it).
 
     GPU: the device time of every kernel, split by name (``attention_kind``). CPU: the time of
     the top-level attention ops (``scaled_dot_product`` / ``sparse_attn::``) against all ops'
@@ -512,6 +520,8 @@ def profile_split(runner: Runner, batch: dict, steps: int, sparse_names) -> dict
             if is_attention(e) and not nested:
                 attention += e.cpu_time_total
                 names[e.name] = names.get(e.name, 0.0) + e.cpu_time_total
+    if trace is not None:
+        prof.export_chrome_trace(trace)
     top = sorted(names.items(), key=lambda kv: -kv[1])[:6]
     top_others = sorted(others.items(), key=lambda kv: -kv[1])[:12]
     extra = {"gpu_idle_ms": {k: round(v / 1e3 / steps, 3) for k, v in idle.items()},
@@ -560,7 +570,8 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                      "before this batch", batch_size)
             break
         batch = make_batch(batch_size, seq, next(iter(runners.values())).vocab, device,
-                           opts.seed + batch_size)
+                           opts.seed + batch_size,
+                           None if opts.sync_positions else modeling.masked_positions)
         measured = {}
         for variant in list(runners):
             runner = runners[variant]
@@ -612,7 +623,10 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                    "example_command": runner.command}
             if opts.profile:
                 try:
-                    split = profile_split(runner, batch, opts.profile_steps, sparse_names)
+                    trace = None if opts.trace is None else os.path.join(
+                        opts.trace, f"{model}_{seq}_x{batch_size}_{variant}.json.gz")
+                    split = profile_split(runner, batch, opts.profile_steps, sparse_names,
+                                          trace)
                     split["non_attention_ms"] = step_ms - split["attention_ms"]
                     row["profile"] = split
                 except Exception as e:  # noqa: BLE001 - the timing stands without it
@@ -727,7 +741,9 @@ def conditions(opts) -> List[str]:
         f"step per {opts.gradient_accumulation} micro-batch(es); the shipped config's "
         "optimizer (LAMB) and schedule, monitors off",
         "synthetic full-length batches without padding, no attention mask (dense SDPA keeps "
-        "its flash kernel); 15% masked positions",
+        "its flash kernel); 15% masked positions, "
+        + ("found by the model (a host sync)" if opts.sync_positions
+           else "found on the host with the batch (masked_positions)"),
         "attention-probability dropout " + ("kept for dense (the config's)"
                                             if opts.attention_dropout else
                                             "0 in every variant (the sparse kernels have none)"),
@@ -897,9 +913,16 @@ def parse_args(argv=None):
     p.add_argument("--isolate", action="store_true",
                    help="run the variants one after the other, each alone on the device (the "
                    "largest batch without the others' weights resident; no alternation)")
+    p.add_argument("--sync_positions", action="store_true",
+                   help="feed batches without masked_positions: the model finds the masked "
+                   "tokens itself, with a host sync (the example before it made them)")
     p.add_argument("--profile", action="store_true",
                    help="split a profiled step per row into attention kernels and the rest")
     p.add_argument("--profile_steps", type=int, default=1)
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="with --profile: write each row's profiled steps to DIR as a gzipped "
+                   "Chrome trace, MODEL_SEQ_xBATCH_VARIANT.json.gz (scripts/dev/trace_gaps.py "
+                   "lists where the GPU waited)")
     p.add_argument("--tiny", action="store_true",
                    help="the example's tiny model (2 layers, hidden 128) at short lengths: a "
                    "smoke run of the harness (CPU)")
@@ -915,6 +938,10 @@ def parse_args(argv=None):
     if opts.time_budget is not None and opts.time_budget <= 0:
         p.error(f"--time_budget {opts.time_budget:g}: must be positive")
     opts.deadline = None if opts.time_budget is None else time.monotonic() + opts.time_budget
+    if opts.trace is not None:
+        if not opts.profile:
+            p.error("--trace writes the profiled steps: give --profile too")
+        os.makedirs(opts.trace, exist_ok=True)
     for flag in ("max_batch", "gradient_accumulation", "steps", "rounds", "profile_steps",
                  "tiled_mlp", "tiled_loss"):
         if getattr(opts, flag) < 1:

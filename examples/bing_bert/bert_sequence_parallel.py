@@ -112,7 +112,8 @@ def shard_batch(batch: dict, shard: SequenceShard, block: int, pad_token_id: int
     """This rank's part of a full batch: ``input_ids``, ``token_type_ids`` and
     ``masked_lm_labels`` (``[batch, S]`` int64) padded to a multiple of ``P * block`` and cut
     to ``[batch, S' / P]``; ``attention_mask`` padded (with 0) but kept whole, ``[batch, S']``
-    (the attention needs the full sequence's mask); ``next_sentence_label`` as is."""
+    (the attention needs the full sequence's mask); ``next_sentence_label`` as is. The whole
+    batch's ``masked_positions`` are dropped (the model finds its shard's own)."""
     length = batch["input_ids"].shape[1]
     padded = -(-length // (shard.size * block)) * shard.size * block
     part = padded // shard.size
@@ -120,6 +121,7 @@ def shard_batch(batch: dict, shard: SequenceShard, block: int, pad_token_id: int
     fill = {"input_ids": pad_token_id, "token_type_ids": 0, "attention_mask": 0,
             "masked_lm_labels": ignore_index}
     out = dict(batch)
+    out.pop("masked_positions", None)
     for name, value in fill.items():
         t = F.pad(batch[name], (0, padded - length), value=value)
         out[name] = t if name == "attention_mask" else t[:, cut].contiguous()

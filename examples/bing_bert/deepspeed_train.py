@@ -57,7 +57,8 @@ import bing_bert_compat as bb  # noqa: E402
 from launcher import (LauncherConfigError, add_sparse_attention_arguments,  # noqa: E402
                       check_resume_layout, layout_record, prepare_sparse_attention,
                       resolve_checkpoint, save_checkpoint, scaled_backward)
-from modeling import BertConfig, BertForPreTraining, count_parameters  # noqa: E402
+from modeling import (BertConfig, BertForPreTraining, count_parameters,  # noqa: E402
+                      masked_positions)
 
 DEFAULT_MAX_STEPS = 300
 #: torch.compile modes of --compile ("default": torch.compile's default mode)
@@ -107,7 +108,9 @@ def load_split(data_dir: str, split: str):
 def make_batch(data, indices, device, full_length=False):
     """Rows ``indices``, cut to the longest sequence of the batch (the model pads to the
     block itself); with ``full_length``, every batch keeps the data's whole length (one shape
-    for every step: what ``--compile`` wants, a graph per shape)."""
+    for every step: what ``--compile`` wants, a graph per shape). The batch carries its
+    ``masked_positions`` (found here, on the host) and goes to a GPU by non-blocking copies
+    from pinned memory, so that the step never waits for the device."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     lengths = data["lengths"][idx]
     longest = data["input_ids"].shape[1] if full_length else int(lengths.max())
@@ -120,7 +123,16 @@ def make_batch(data, indices, device, full_length=False):
         "masked_lm_labels": data["masked_lm_labels"][idx, :longest].long(),
         "next_sentence_label": data["next_sentence_label"][idx].long(),
     }
-    return {k: v.to(device) for k, v in batch.items()}, int(lengths.sum())
+    batch["masked_positions"] = masked_positions(batch["masked_lm_labels"])
+    return to_device(batch, device), int(lengths.sum())
+
+
+def to_device(batch: dict, device) -> dict:
+    """The CPU tensors of ``batch`` on ``device``; to a GPU by non-blocking copies from pinned
+    memory (a pageable copy would wait for the device's queue to drain)."""
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Sampler:

@@ -29,6 +29,31 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def masked_positions(masked_lm_labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions (int64 ``[n]``, ascending) of the tokens to predict in
+    ``masked_lm_labels`` ``[batch, seq]`` (labels other than ``IGNORE_INDEX``): what
+    ``BertForPreTraining.forward`` takes as ``masked_positions``. Computed where the batch is
+    made, on the host, it spares the forward a device-to-host sync (``nonzero``)."""
+    return (masked_lm_labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def check_masked_positions(positions: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ValueError unless ``positions`` is an int64 ``[n]`` tensor on the device of the
+    flat ``labels``; then check, without a host sync (an asynchronous device assert), that it
+    is exactly ``masked_positions`` of those labels (every predicted token once, in order)."""
+    if positions.dim() != 1 or positions.dtype != torch.long or \
+            positions.device != labels.device:
+        raise ValueError(f"masked_positions must be an int64 [n] tensor on {labels.device} "
+                         f"(modeling.masked_positions(masked_lm_labels)), got "
+                         f"{positions.dtype} {list(positions.shape)} on {positions.device}")
+    kept = labels != IGNORE_INDEX
+    ok = (kept.sum() == positions.numel()) & kept.index_select(0, positions).all()
+    if positions.numel() > 1:
+        ok = ok & (positions[1:] > positions[:-1]).all()
+    torch._assert_async(ok, "masked_positions are not the positions of masked_lm_labels other "
+                        "than IGNORE_INDEX, in order (modeling.masked_positions)")
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -398,6 +423,8 @@ class BertForPreTraining(nn.Module):
     ``input_ids``, ``token_type_ids``, ``attention_mask`` (0/1 keep-mask, or None: no padding)
     and ``masked_lm_labels`` (``IGNORE_INDEX`` where nothing is predicted) are int64
     ``[batch, seq]``, ``next_sentence_label`` int64 ``[batch]``; the losses are float32 scalars.
+    ``masked_positions`` (optional, int64 ``[n]``: ``masked_positions(masked_lm_labels)`` made
+    with the batch) saves the forward its one host sync, finding those positions itself.
     ``set_memory_options`` trades recomputation for activation memory at long sequences.
     """
 
@@ -457,13 +484,17 @@ class BertForPreTraining(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                masked_lm_labels=None, next_sentence_label=None):
+                masked_lm_labels=None, next_sentence_label=None, masked_positions=None):
         sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
         seq_rel = self.cls.seq_relationship(pooled)
         if masked_lm_labels is None:
             return self.cls.prediction_scores(sequence_output), seq_rel
         labels = masked_lm_labels.reshape(-1)
-        picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        if masked_positions is None:
+            picked = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # waits for the device
+        else:
+            check_masked_positions(masked_positions, labels)
+            picked = masked_positions
         hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, picked)
         shard = self.bert.sequence_shard
         if self.mlm_loss_shards > 1:

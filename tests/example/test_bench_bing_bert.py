@@ -187,3 +187,62 @@ def test_gpu_idle_by_phase_splits_gaps_by_the_host_phase_running():
     assert idle == {"forward": 3, "backward": 10, "step": 2, "other": 20}
     assert bbb.gpu_idle_by_phase([], phases) == {}
     assert bbb.gpu_idle_by_phase([(0, 5), (1, 2)], phases) == {}
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["host_positions", "sync_positions"])
+def test_batches_carry_the_masked_positions_unless_sync_positions(sync):
+    """By default the benchmark's batches carry ``masked_positions`` found on the host, as
+    the example's own batches do; ``--sync_positions`` leaves them to the model (a sync)."""
+    pytest.importorskip("deepspeed")
+    _, modeling = bbb.load_example()
+    opts = bbb.parse_args(["--tiny", "--device", "cpu"] + (["--sync_positions"] if sync else []))
+    batch = bbb.make_batch(2, 40, 100, "cpu", 3,
+                           None if opts.sync_positions else modeling.masked_positions)
+    labels = batch["masked_lm_labels"].reshape(-1)
+    assert (labels != -100).sum() == 2 * round(bbb.MASKED_FRACTION * 40)
+    if sync:
+        assert "masked_positions" not in batch and "a host sync" in bbb.conditions(opts)[1]
+    else:
+        assert batch["masked_positions"].tolist() == (labels != -100).nonzero()[:, 0].tolist()
+        assert "found on the host" in bbb.conditions(opts)[1]
+
+
+def test_trace_gaps_names_the_wait_and_the_launch(tmp_path):
+    """``scripts/dev/trace_gaps.py`` on a made-up trace: two kernels, a gap while the host
+    synchronizes in the forward, one while it launches in the step; each gap's host call, the
+    op that launched the next kernel and the phase are reported."""
+    sys.path.insert(0, os.path.join(SCRIPTS, "dev"))
+    import trace_gaps
+
+    def x(cat, name, ts, dur, tid=1, corr=None):
+        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        return e
+
+    events = [
+        x("user_annotation", bbb.PHASE_PREFIX + "forward", 0, 65),
+        x("user_annotation", bbb.PHASE_PREFIX + "step", 65, 135),
+        x("cpu_op", "aten::mm", 0, 5), x("cuda_runtime", "cudaLaunchKernel", 1, 2, corr=1),
+        x("kernel", "gemm", 10, 30, tid=7, corr=1),
+        x("cpu_op", "aten::nonzero", 20, 40),
+        x("cuda_runtime", "cudaStreamSynchronize", 25, 30),
+        x("cpu_op", "aten::index_select", 56, 4),
+        x("cuda_runtime", "cudaLaunchKernel", 57, 2, corr=2),
+        x("kernel", "gather", 60, 10, tid=7, corr=2),
+        x("cpu_op", "aten::_foreach_mul_", 150, 10),
+        x("cuda_runtime", "cudaLaunchKernel", 155, 2, corr=3),
+        x("kernel", "multi_tensor_apply_kernel", 158, 5, tid=7, corr=3),
+    ]
+    path = tmp_path / "t.json.gz"
+    import gzip
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    gaps = trace_gaps.find_gaps(trace_gaps.load(str(path)))
+    assert [(g.start, g.length, g.phase, g.host_call, g.next_kernel, g.launched_by)
+            for g in gaps] == [
+        (40, 20, "forward", "cudaStreamSynchronize", "gather", "aten::index_select"),
+        (70, 88, "step", "", "multi_tensor_apply_kernel", "aten::_foreach_mul_")]
+    assert gaps[0].host_ops == ["aten::nonzero"]
+    assert trace_gaps.summarize(gaps, lambda g: g.phase) == [("step", 88, 1), ("forward", 20, 1)]
+    assert trace_gaps.main([str(path), "--min-us", "50"]) == 0
