@@ -20,6 +20,7 @@
 #   STAGES=multigpu bash scripts/dev/gpu_check.sh        # deepspeed --num_gpus <all GPUs>, ZeRO-2/3
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
+#   STAGES=gaps bash scripts/dev/gpu_check.sh            # where the bing_bert step's GPU waits
 #   STAGES=bingbert bash scripts/dev/gpu_check.sh        # the bing_bert example's tokens/s (issue 22)
 #     (BBB_ARGS, default "--models base --seqs 4096 16384 --profile": eager, about 8 minutes
 #     on an H100; e.g. BBB_ARGS="--models base --seqs 4096 16384 --compile")
@@ -47,6 +48,22 @@ for stage in $STAGES; do
         ${BBB_ARGS:---models base --seqs 4096 16384 --profile} \
         --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
+    gaps)  # where the eager bing_bert step's GPU waits (issue 22): one profiled step per row
+      # as a Chrome trace (GAPS_ARGS, default BERT-base 4096 x32; e.g. "--models base --seqs
+      # 65536 --batches 2 --profile"), read by
+      # scripts/dev/trace_gaps.py; then the same 4096 row with --sync_positions (the model's
+      # own nonzero) beside it
+      timeout "${GAPS_TIMEOUT:-300}" python3 scripts/bench_bing_bert.py \
+        ${GAPS_ARGS:---models base --seqs 4096 --batches 32 --profile} --rounds 2 \
+        --trace "$OUT/trace" --out "$OUT/gaps.json" > "$OUT/gaps.log" 2>&1
+      echo "gaps exit $?"; grep -E "^(base|large) " "$OUT/gaps.log"
+      timeout "${GAPS_TIMEOUT:-300}" python3 scripts/bench_bing_bert.py --models base \
+        --seqs 4096 --batches 32 --variants dense bigbird64 --rounds 2 --profile \
+        --sync_positions --out "$OUT/gaps_sync.json" > "$OUT/gaps_sync.log" 2>&1
+      echo "gaps --sync_positions exit $?"; grep -E "^(base|large) " "$OUT/gaps_sync.log"
+      for t in "$OUT"/trace/*.json.gz; do
+        python3 scripts/dev/trace_gaps.py "$t" --top 12 | cut -c1-220
+      done ;;
     longseq)  # BERT-base at LONG_SEQ (262144) on one GPU, BigBird 64 (issue 22): the corpus
       # comes as out/longcorpus/{corpus.txt.gz,vocab.txt} (carry it: the standard library's
       # docstrings hold two such sequences); LONG_STEPS steps, loss and peak memory per 10
