@@ -5,8 +5,8 @@ running text). Without ``--input`` the corpus is built from the docstrings of Py
 standard library on this machine (one document per module), so the example needs no
 download.
 
-Output (``--output_dir``): ``vocab.txt`` (copied from ``--vocab`` or trained with
-``tokenizers`` on the corpus), ``train_shard_XXX.pt`` / ``eval_shard_000.pt`` and
+Output (``--output_dir``): ``vocab.txt`` (copied from ``--vocab`` or trained on the corpus,
+the same vocab on every run), ``train_shard_XXX.pt`` / ``eval_shard_000.pt`` and
 ``meta.json``. Each shard is a dict of tensors: ``input_ids`` [N, L] (0 = [PAD]),
 ``token_type_ids`` [N, L], ``lengths`` [N], ``masked_lm_labels`` [N, L] (the original token at
 masked positions, -100 elsewhere), ``next_sentence_label`` [N] (0 = B follows A, 1 = random).
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
+import heapq
 import itertools
 import json
 import os
@@ -109,16 +111,80 @@ def merge_documents(docs: List[str], min_chars: int) -> List[str]:
 
 
 # -- vocab -----------------------------------------------------------------------------------
-def train_vocab(docs: List[str], vocab_size: int, out_path: str) -> None:
+def word_counts(docs: Iterable[str]) -> collections.Counter:
+    """How often each word occurs, as BERT's uncased tokenizer splits text into words."""
     from tokenizers import BertWordPieceTokenizer
 
     tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=SPECIALS, show_progress=False)
-    vocab = tok.get_vocab()
+    counts: collections.Counter = collections.Counter()
+    for doc in docs:
+        text = tok.normalizer.normalize_str(doc)
+        counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(text))
+    return counts
+
+
+def wordpiece_vocab(counts: collections.Counter, vocab_size: int, min_frequency: int = 2,
+                    prefix: str = "##") -> List[str]:
+    """A WordPiece vocab learnt by byte-pair merges over the words ``counts``: the special
+    tokens, every character (word-initial and ``prefix``-continued), then the merged pieces
+    in merge order, up to ``vocab_size``. The most frequent pair merges first; ties go to the
+    smaller pair, so the vocab is the same on every run (``tokenizers``' own trainer breaks
+    ties in hash order, huggingface/tokenizers#1794)."""
+    words = sorted(counts)
+    freq = [counts[w] for w in words]
+    symbols = [[w[0]] + [prefix + c for c in w[1:]] for w in words]
+    alphabet = sorted({s for syms in symbols for s in syms} - set(SPECIALS))
+    vocab = SPECIALS + alphabet
+    known = set(vocab)
+    pairs: collections.Counter = collections.Counter()
+    holders = collections.defaultdict(set)  # pair -> words that had it (some may no more)
+    for i, syms in enumerate(symbols):
+        for pair in zip(syms, syms[1:]):
+            pairs[pair] += freq[i]
+            holders[pair].add(i)
+    heap = [(-n, pair) for pair, n in pairs.items()]  # entries whose count changed are stale
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if -n != pairs.get(pair):
+            continue
+        if -n < min_frequency:
+            break
+        a, b = pair
+        merged = a + b[len(prefix):] if b.startswith(prefix) else a + b
+        for i in sorted(holders.pop(pair)):
+            syms, out, j = symbols[i], [], 0
+            while j < len(syms):
+                if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(syms[j])
+                    j += 1
+            if len(out) == len(syms):
+                continue
+            for old in zip(syms, syms[1:]):
+                pairs[old] -= freq[i]
+                if pairs[old] <= 0:
+                    del pairs[old]
+                elif old != pair:
+                    heapq.heappush(heap, (-pairs[old], old))
+            for new in zip(out, out[1:]):
+                pairs[new] += freq[i]
+                holders[new].add(i)
+                heapq.heappush(heap, (-pairs[new], new))
+            symbols[i] = out
+        pairs.pop(pair, None)
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return vocab
+
+
+def train_vocab(docs: List[str], vocab_size: int, out_path: str) -> None:
+    """Write ``wordpiece_vocab`` of the documents' words to ``out_path``, a token a line."""
     with open(out_path, "w", encoding="utf-8") as f:
-        for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
-            f.write(token + "\n")
+        f.write("\n".join(wordpiece_vocab(word_counts(docs), vocab_size)) + "\n")
 
 
 def load_tokenizer(vocab_path: str):

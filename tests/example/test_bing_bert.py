@@ -134,6 +134,33 @@ def test_prepare_data_shards(data_dir):
     assert os.path.getsize(os.path.join(data_dir, "vocab.txt")) > 0
 
 
+def test_trained_vocab_is_byte_pair_merges_and_the_same_on_every_run():
+    """The vocab: specials, every character (word-initial and ``##``), then merged pieces,
+    most frequent pair first with ties to the smaller pair; the same under any hash seed."""
+    import collections
+
+    import prepare_data
+
+    counts = collections.Counter({"low": 5, "lower": 2, "newest": 6, "widest": 3, "x": 1})
+    vocab = prepare_data.wordpiece_vocab(counts, 30)
+    chars = sorted({w[0] for w in counts} | {"##" + c for w in counts for c in w[1:]})
+    assert vocab[:5] == prepare_data.SPECIALS and vocab[5:5 + len(chars)] == chars
+    # ("##e", "##s") and ("##s", "##t") both occur 9 times: the smaller pair goes first;
+    # then ("##o", "##w") before ("l", "##o") (7 each), and so on
+    assert vocab[5 + len(chars):] == ["##es", "##est", "##ow", "low", "##ew", "##ewest",
+                                      "newest", "##dest", "##idest", "widest", "##er", "lower"]
+    assert len(vocab) == len(set(vocab)) == 29  # every pair merged: nothing more to learn
+    assert all(len(prepare_data.wordpiece_vocab(counts, n)) == n for n in (20, 25))
+    assert prepare_data.wordpiece_vocab(counts, 40, min_frequency=3) == vocab[:-2]
+    code = ("import collections, prepare_data; print(prepare_data.wordpiece_vocab("
+            "prepare_data.word_counts(['%s']), 300))" % " ".join(
+                f"word{i % 37} piece{i % 11}s token{i % 5}ing" for i in range(400)))
+    runs = {subprocess.run([sys.executable, "-c", code], cwd=EXAMPLE, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONHASHSEED=str(seed)),
+                           check=True).stdout for seed in (1, 2, 3)}
+    assert len(runs) == 1 and "token" in runs.pop()
+
+
 def test_prepare_data_from_text_and_vocab(tmp_path, data_dir):
     import prepare_data
 
