@@ -86,6 +86,18 @@ def innermost_by_thread(ops: Index, t: float) -> Dict[object, Span]:
     return out
 
 
+def busy_time(gpu: List[Span]) -> float:
+    """How long at least one of the (sorted) GPU spans ran, us."""
+    busy, start, end = 0.0, None, None
+    for s in gpu:
+        if end is None or s.start > end:
+            busy += 0.0 if end is None else end - start
+            start, end = s.start, s.end
+        else:
+            end = max(end, s.end)
+    return busy + (0.0 if end is None else end - start)
+
+
 def find_gaps(events: list, min_us: float = 0.0) -> List[Gap]:
     """Every gap of at least ``min_us`` between the first and the last GPU activity (kernels,
     copies, memsets on any stream), in time order."""
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
         return 2
     gaps = find_gaps(events, args.min_us)
     window = gpu[-1].end - gpu[0].start
-    busy = window - sum(g.length for g in find_gaps(events, 0.0))
+    busy = busy_time(gpu)
     print(f"{args.trace}: {window / 1e3:.2f} ms from the first to the last GPU activity, "
           f"{busy / 1e3:.2f} busy; {len(gaps)} gaps >= {args.min_us:g} us, "
           f"{sum(g.length for g in gaps) / 1e3:.2f} ms")

@@ -246,3 +246,12 @@ def test_trace_gaps_names_the_wait_and_the_launch(tmp_path):
     assert gaps[0].host_ops == ["aten::nonzero"]
     assert trace_gaps.summarize(gaps, lambda g: g.phase) == [("step", 88, 1), ("forward", 20, 1)]
     assert trace_gaps.main([str(path), "--min-us", "50"]) == 0
+
+
+def test_trace_gaps_busy_time_is_the_union_of_the_gpu_spans():
+    sys.path.insert(0, os.path.join(SCRIPTS, "dev"))
+    import trace_gaps
+
+    spans = [trace_gaps.Span(*t, "k") for t in ((0, 10), (5, 12), (15, 20), (18, 19), (30, 31))]
+    assert trace_gaps.busy_time(spans) == 12 + 5 + 1
+    assert trace_gaps.busy_time([]) == 0.0
