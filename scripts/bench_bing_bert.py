@@ -57,7 +57,9 @@ other kernels; ``non_attention_ms`` is the median step time less the attention k
 kernel ran by the host phase (forward, backward, optimizer step) running when the gap began:
 where the host, not the GPU, set the pace; ``syncs`` counts the synchronizing CUDA calls of one
 more step by call site (``torch.cuda.set_sync_debug_mode``), each a point where the GPU's
-queue drains while the host waits. Under CUDA graphs the split relies on the
+queue drains while the host waits. Every row also counts the caching allocator's retries,
+cudaMalloc and cudaFree calls over its timed steps (``allocator``): a retry, and every cudaFree,
+waits for the device without being a sync PyTorch reports. Under CUDA graphs the split relies on the
 profiler seeing the kernels inside the graphs; a sparse row with no attention time says it
 did not.
 
@@ -225,6 +227,8 @@ def example_argv(opts, model: str, variant: str, seq: int, ds_config: str,
         argv += ["--compile", opts.compile]
         if opts.compile_backend != "inductor":
             argv += ["--compile_backend", opts.compile_backend]
+    if opts.no_fused_norm:
+        argv.append("--no_fused_norm")
     if opts.activation_checkpointing:
         argv.append("--activation_checkpointing")
     if opts.tiled_mlp != 1:
@@ -442,6 +446,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: counters of the CUDA caching allocator that ``allocator_counts`` reports: a retry frees
+#: every cached block (a device-wide sync) and allocates again; device allocations and frees
+#: are cudaMalloc / cudaFree calls (cudaFree waits for the device)
+ALLOCATOR_COUNTERS = {"num_alloc_retries": "retries", "num_device_alloc": "device_allocs",
+                      "num_device_free": "device_frees"}
+
+
+def allocator_counts(device: torch.device) -> Optional[Dict[str, int]]:
+    """The caching allocator's counters (``ALLOCATOR_COUNTERS``) now; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(key, 0)) for key, name in ALLOCATOR_COUNTERS.items()}
+
+
+def counts_between(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before[k] for k in after}
+
+
 def time_steps(runner: Runner, batch: dict, n: int) -> tuple:
     """Wall time of each of ``n`` steps, ms (CUDA events around each step on a GPU), and the
     last loss as a float."""
@@ -587,6 +612,7 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                 drop(variant, "oom" if err[0] else "error", err[1], batch_size)
                 free_memory(device)
         times = {v: [] for v in measured}
+        allocations = {v: None for v in measured}
         losses = {}
         for _ in range(opts.rounds):
             for variant in list(times):
@@ -594,8 +620,13 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                     continue
                 err = None
                 try:
+                    before = allocator_counts(device)
                     t, losses[variant] = time_steps(runners[variant], batch, opts.steps)
                     times[variant] += t
+                    spent = counts_between(before, allocator_counts(device))
+                    if spent is not None:
+                        allocations[variant] = {k: (allocations[variant] or {}).get(k, 0) + v
+                                                for k, v in spent.items()}
                 except Exception as e:  # noqa: BLE001
                     err = (is_oom(e), f"{type(e).__name__}: {e}"[:400])
                     del e
@@ -619,6 +650,7 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                    "resident_others_gib": gib(resident_all - runner.resident)
                    if device.type == "cuda" else None,
                    "loss": losses.get(variant), "describe": runner.describe,
+                   "allocator": allocations.get(variant),
                    "optimizer": runner.optimizer, "parameters": runner.parameters,
                    "example_command": runner.command}
             if opts.profile:
@@ -737,7 +769,10 @@ def conditions(opts) -> List[str]:
         f"every variant's encoder under torch.compile(mode=\"{opts.compile}\", "
         f"backend=\"{opts.compile_backend}\")")
     lines = [
-        f"{mode}; {precision_text(opts)}; one optimizer "
+        f"{mode}; {precision_text(opts)}; residual add + dropout + LayerNorm "
+        + ("as the plain modules (--no_fused_norm)" if opts.no_fused_norm
+           else "fused on GPUs (the example's default)")
+        + f"; one optimizer "
         f"step per {opts.gradient_accumulation} micro-batch(es); the shipped config's "
         "optimizer (LAMB) and schedule, monitors off",
         "synthetic full-length batches without padding, no attention mask (dense SDPA keeps "
@@ -824,17 +859,23 @@ def write_markdown(path: str, data: dict) -> None:
                   f"{s['best_step_ms']:.1f} | {'-' if peak is None else f'{peak:.2f}'} | "
                   f"{s['max_batch']} | {stop_text} |")
     md += ["", "Every row (tokens/s, step ms, own peak GiB; sparse: x dense at the same "
-           "batch):", "", "| model | seq | batch | variant | tokens/s | step ms | peak GiB | "
-           "x dense | status |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "batch; the caching allocator over the timed steps: retries (each frees the cache "
+           "and syncs the device) / cudaMalloc / cudaFree calls):", "",
+           "| model | seq | batch | variant | tokens/s | step ms | peak GiB | x dense | "
+           "allocator | status |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["status"] != "ok":
             md.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['variant']} | - | - | "
-                      f"- | - | {r['status']}: {str(r.get('error') or '')[:80]} |")
+                      f"- | - | - | {r['status']}: {str(r.get('error') or '')[:80]} |")
             continue
-        peak = r.get("peak_gib")
+        peak, alloc = r.get("peak_gib"), r.get("allocator")
+        alloc_text = "-" if not alloc else " / ".join(
+            str(alloc.get(k, 0)) for k in ALLOCATOR_COUNTERS.values())
         md.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['variant']} | "
                   f"{fmt_rate(r['tokens_per_s'])} | {r['step_ms']:.1f} | "
-                  f"{'-' if peak is None else f'{peak:.2f}'} | {fmt_x(r.get('x_dense'))} | ok |")
+                  f"{'-' if peak is None else f'{peak:.2f}'} | {fmt_x(r.get('x_dense'))} | "
+                  f"{alloc_text} | ok |")
     profiled = [r for r in rows if "attention_ms" in r.get("profile", {})]
     if profiled:
         md += ["", f"Profile ({profiled[0]['profile']['source']}, ms per step): attention "
@@ -892,6 +933,9 @@ def parse_args(argv=None):
                    help="the example's flag, every variant")
     p.add_argument("--tiled_loss", type=int, default=1, metavar="N",
                    help="the example's flag, every variant")
+    p.add_argument("--no_fused_norm", action="store_true",
+                   help="the example's flag, every variant: residual adds, dropouts and "
+                   "LayerNorms as the plain PyTorch modules (default: one kernel each way)")
     p.add_argument("--attention_dropout", action="store_true",
                    help="keep the config's attention-probability dropout for dense (default: "
                    "0 in every variant, as the sparse kernels have none)")

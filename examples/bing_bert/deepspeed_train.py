@@ -20,7 +20,9 @@ the last good checkpoint; in fp16, DeepSpeed's loss scaling skips such steps.
 ``--sequence_parallel_size P`` splits every sequence over ``P`` ranks (DeepSpeed Ulysses;
 ``bert_sequence_parallel.py``).
 
-Speed and long sequences: ``--compile [MODE]`` compiles the encoder in place with
+Speed and long sequences: on GPUs each residual add, its dropout and the LayerNorm after it run
+as one kernel each way (``residual_norm.py``; ``--no_fused_norm``: the plain modules).
+``--compile [MODE]`` compiles the encoder in place with
 ``torch.compile`` (``reduce-overhead``: CUDA graphs, each step marked); the sparse attention
 is a registered custom op, so the GPU graph has no break. ``--activation_checkpointing``
 checkpoints every encoder layer, ``--tiled_mlp N`` computes each feed-forward in ``N`` pieces
@@ -210,6 +212,10 @@ def parse_args(argv=None):
     g.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend with --compile (default inductor; e.g. "
                    "aot_eager to check a graph without code generation)")
+    g.add_argument("--no_fused_norm", action="store_true",
+                   help="run each encoder layer's residual adds, dropouts and LayerNorms as "
+                   "the plain PyTorch modules; by default they are one kernel each way on GPUs "
+                   "(residual_norm.py; the same computation, another dropout mask)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="checkpoint every encoder layer (torch.utils.checkpoint, "
                    "non-reentrant): keep only each layer's input, run the layer again in the "
@@ -347,9 +353,9 @@ def build_model(args, bert_config, run, micro=None, fp16=False):
     """The example's ``BertForPreTraining`` for ``run`` (``prepare_sparse_attention``), as
     ``main`` builds it: sparse self-attention when ``run`` has a layout, DeepSpeed's
     transformer kernel with ``--deepspeed_transformer_kernel``, then the long-sequence options
-    (``--activation_checkpointing``, ``--tiled_mlp``, ``--tiled_loss``) and ``--compile`` (the
-    encoder, in place). ``micro``: the micro-batch (the transformer kernel's batch size).
-    Raises ValueError for a model or flag that cannot be built."""
+    (``--activation_checkpointing``, ``--tiled_mlp``, ``--tiled_loss``), ``--no_fused_norm``
+    and ``--compile`` (the encoder, in place). ``micro``: the micro-batch (the transformer
+    kernel's batch size). Raises ValueError for a model or flag that cannot be built."""
     check_speed_flags(args)
     model = BertForPreTraining(
         bert_config, sparsity_config=run.sparsity_config,
@@ -359,6 +365,7 @@ def build_model(args, bert_config, run, micro=None, fp16=False):
         sparse_max_seq_length=run.layout_length)
     model.set_memory_options(activation_checkpointing=args.activation_checkpointing,
                              tiled_mlp=args.tiled_mlp, tiled_loss=args.tiled_loss)
+    model.set_fused_norm(not args.no_fused_norm)
     model.cudagraph_steps = False
     if args.compile is not None:
         mode = None if args.compile == "default" else args.compile

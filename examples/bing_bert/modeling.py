@@ -212,7 +212,10 @@ class BertLayer(nn.Module):
     attention_mask)`` -> ``[batch, seq, hidden]``.
 
     ``mlp_shards`` > 1 computes the feed-forward in that many pieces of the sequence
-    (``tiling.tiled_mlp``; dropout and the residual stay outside the tiled part)."""
+    (``tiling.tiled_mlp``; dropout and the residual stay outside the tiled part).
+    ``fused_norm``: each residual add, its dropout and the LayerNorm after it run as one
+    kernel each way on GPUs (``residual_norm.add_dropout_norm``; the plain modules elsewhere).
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -222,18 +225,32 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
         self.mlp_shards = 1
+        self.fused_norm = True
 
     def forward(self, hidden_states, attention_mask):
-        x = self.attention(self.PreAttentionLayerNorm(hidden_states), attention_mask,
-                           hidden_states)
+        return self.forward_chained(hidden_states, attention_mask)[0]
+
+    def forward_chained(self, hidden_states, attention_mask, normed=None, next_norm=None):
+        """``forward``, chained to its neighbours' LayerNorms: ``normed`` is this layer's
+        ``PreAttentionLayerNorm(hidden_states)`` when the caller has it, and ``next_norm``
+        the LayerNorm that follows the layer (the next layer's first, or the encoder's
+        final), computed with the layer's last residual add. Returns ``(output,
+        next_norm(output))`` (None without ``next_norm``)."""
+        from residual_norm import add_dropout_norm
+
+        if normed is None:
+            normed = self.PreAttentionLayerNorm(hidden_states)
+        attention = self.attention.output.dense(self.attention.self(normed, attention_mask))
+        x, y = add_dropout_norm(hidden_states, attention, self.attention.output.dropout,
+                                self.PostAttentionLayerNorm, self.fused_norm)
         if self.mlp_shards > 1:
             from tiling import tiled_mlp
 
             params = list(self.intermediate.parameters()) + list(self.output.dense.parameters())
-            y = tiled_mlp(_feed_forward, self, self.PostAttentionLayerNorm(x), self.mlp_shards,
-                          params)
-            return x + self.output.dropout(y)
-        return self.output(self.intermediate(self.PostAttentionLayerNorm(x)), x)
+            h = tiled_mlp(_feed_forward, self, y, self.mlp_shards, params)
+        else:
+            h = _feed_forward(self, y)
+        return add_dropout_norm(x, h, self.output.dropout, next_norm, self.fused_norm)
 
 
 def _deepspeed_transformer_layers(config: BertConfig, batch_size: int, fp16: bool, seed: int,
@@ -289,18 +306,29 @@ class BertEncoder(nn.Module):
         the final LayerNorm), or every layer's with ``output_all_encoded_layers``."""
         all_layers = []
         checkpoint = self.checkpoint_layers and self.training and torch.is_grad_enabled()
-        for layer in self.layer:
+        layers = list(self.layer)
+        # the example's layers hand each LayerNorm to the residual add before it (one kernel);
+        # checkpointed layers keep only their input, so they do not
+        chained = bool(layers) and not checkpoint and all(isinstance(layer, BertLayer)
+                                                          for layer in layers)
+        normed = None
+        for i, layer in enumerate(layers):
             if checkpoint:
                 from torch.utils.checkpoint import checkpoint as run_checkpointed
 
                 # dropout masks are replayed: the RNG state is saved and restored
                 hidden_states = run_checkpointed(layer, hidden_states, attention_mask,
                                                  use_reentrant=False)
+            elif chained:
+                following = layers[i + 1].PreAttentionLayerNorm if i + 1 < len(layers) \
+                    else self.FinalLayerNorm
+                hidden_states, normed = layer.forward_chained(hidden_states, attention_mask,
+                                                              normed, following)
             else:
                 hidden_states = layer(hidden_states, attention_mask)
             if output_all_encoded_layers:
                 all_layers.append(hidden_states)
-        hidden_states = self.FinalLayerNorm(hidden_states)
+        hidden_states = normed if chained else self.FinalLayerNorm(hidden_states)
         if output_all_encoded_layers:
             all_layers[-1] = hidden_states
             return all_layers
@@ -471,6 +499,15 @@ class BertForPreTraining(nn.Module):
             if isinstance(layer, BertLayer):
                 layer.mlp_shards = tiled_mlp
         self.mlm_loss_shards = tiled_loss
+        return self
+
+    def set_fused_norm(self, enabled: bool) -> "BertForPreTraining":
+        """Run each encoder layer's residual adds, dropouts and LayerNorms as one kernel each
+        way where the fused kernels run (``residual_norm``; on by default), or as the plain
+        modules. Returns the model."""
+        for layer in self.bert.encoder.layer:
+            if isinstance(layer, BertLayer):
+                layer.fused_norm = bool(enabled)
         return self
 
     def _init_weights(self, module):

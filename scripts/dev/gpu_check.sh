@@ -21,6 +21,8 @@
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
 #   STAGES=gaps bash scripts/dev/gpu_check.sh            # where the bing_bert step's GPU waits
+#   STAGES=fusednorm bash scripts/dev/gpu_check.sh       # the example's fused residual LayerNorm
+#   STAGES=mixorder bash scripts/dev/gpu_check.sh        # compiled step, inductor mix-order on/off
 #   STAGES=bingbert bash scripts/dev/gpu_check.sh        # the bing_bert example's tokens/s (issue 22)
 #     (BBB_ARGS, default "--models base --seqs 4096 16384 --profile": eager, about 8 minutes
 #     on an H100; e.g. BBB_ARGS="--models base --seqs 4096 16384 --compile")
@@ -48,6 +50,27 @@ for stage in $STAGES; do
         ${BBB_ARGS:---models base --seqs 4096 16384 --profile} \
         --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
+    fusednorm)  # the example's fused residual add + dropout + LayerNorm: its tests on the
+      # GPU, the kernels against the plain modules, then BERT-base 4096 x32 eager with and
+      # without them (FUSED_ARGS changes the rows); about 5 minutes
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/example/test_residual_norm.py \
+        2>&1 | tail -4
+      timeout 120 python3 scripts/dev/bench_residual_norm.py 2>&1 | tee "$OUT/residual_norm.md"
+      for flags in "" "--no_fused_norm"; do
+        timeout "${FUSED_TIMEOUT:-200}" python3 scripts/bench_bing_bert.py \
+          ${FUSED_ARGS:---models base --seqs 4096 --batches 32 --profile} --rounds 2 $flags \
+          --out "$OUT/fused${flags:+_off}.json" > "$OUT/fused${flags:+_off}.log" 2>&1
+        echo "bing_bert ${flags:-fused} exit $?"; grep -E "^(base|large) " "$OUT/fused${flags:+_off}.log"
+      done ;;
+    mixorder)  # the compiled step with inductor's mix-order reduction on (its default) and
+      # off: its fused LayerNorm backward took 57 of 266 ms at 4096 x32
+      for mix in 1 0; do
+        TORCHINDUCTOR_MIX_ORDER_REDUCTION=$mix timeout "${FUSED_TIMEOUT:-240}" python3 \
+          scripts/bench_bing_bert.py --models base --seqs 4096 --batches 32 --variants dense \
+          bigbird64 --compile --rounds 2 --profile --out "$OUT/compiled_mix$mix.json" \
+          > "$OUT/compiled_mix$mix.log" 2>&1
+        echo "compiled, mix-order reduction $mix: exit $?"; grep -E "^(base|large) " "$OUT/compiled_mix$mix.log"
+      done ;;
     gaps)  # where the eager bing_bert step's GPU waits (issue 22): one profiled step per row
       # as a Chrome trace (GAPS_ARGS, default BERT-base 4096 x32; e.g. "--models base --seqs
       # 65536 --batches 2 --profile"), read by

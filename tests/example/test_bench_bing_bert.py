@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -60,6 +61,7 @@ def test_every_row_is_written(record):
         assert r["optimizer"] == "Lamb"  # the shipped config's LAMB (the PyTorch one on CPU)
         assert r["describe"].startswith("dense" if variant == "dense" else "sparse")
         assert {"attention_ms", "other_ms", "non_attention_ms"} <= set(r["profile"])
+        assert r["allocator"] is None  # the CUDA caching allocator's counters: GPU only
         if variant != "dense":
             assert r["x_dense"] > 0 and r["non_attention_vs_dense"] > 0
     assert "mode fixed, block 16" in rows[("fixed16", 1)]["describe"]
@@ -92,7 +94,7 @@ def test_markdown_and_readme_table(record):
     assert data["command"] in md and data["env"]["device"] in md
     assert "| model | seq | variant | best tokens/s |" in md
     assert "| tiny | 256 | tutorial Fixed 16 |" in md and "oom at 2" in md
-    assert "| tiny | 256 | 2 | fixed16 | - | - | - | - | oom" in md
+    assert "| tiny | 256 | 2 | fixed16 | - | - | - | - | - | oom" in md
     assert "Profile (cpu ops" in md
     table = render_results.bing_bert_table([("eager", data, "bing_bert_test.json")])
     assert table[2] == "| model | seq | mode | dense SDPA | tutorial Fixed 16 | BigBird 64 |"
@@ -148,6 +150,25 @@ def test_bad_values_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
         bbb.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["fused_norm", "no_fused_norm"])
+def test_no_fused_norm_reaches_every_variant_and_the_conditions(tmp_path, flag):
+    opts = bbb.parse_args(["--tiny", "--device", "cpu"] + (["--no_fused_norm"] if flag else []))
+    for variant in VARIANTS:
+        argv = bbb.example_argv(opts, "tiny", variant, SEQ, "ds.json", str(tmp_path))
+        assert ("--no_fused_norm" in argv) == flag
+    assert ("plain modules (--no_fused_norm)" in bbb.conditions(opts)[0]) == flag
+
+
+def test_allocator_counts_are_differences_of_the_cuda_counters():
+    assert bbb.allocator_counts(torch.device("cpu")) is None
+    before = {"retries": 1, "device_allocs": 10, "device_frees": 2}
+    after = {"retries": 1, "device_allocs": 14, "device_frees": 5}
+    assert bbb.counts_between(before, after) == {"retries": 0, "device_allocs": 4,
+                                                 "device_frees": 3}
+    assert bbb.counts_between(None, after) is None
+    assert set(bbb.ALLOCATOR_COUNTERS.values()) == set(after)
 
 
 def test_autocast_replaces_the_config_bf16_with_deepspeed_torch_autocast(tmp_path, capsys):
