@@ -167,6 +167,11 @@ def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(tiles, 4 * _SMS[index]))
 
 
+#: XORed into the generator's seed: PyTorch's dropout kernels draw Philox words with the seed
+#: itself as the key, so a key of our own keeps their words and ours from coinciding
+KEY_SALT = 0x9E3779B97F4A7C15
+
+
 def next_philox(device: torch.device) -> Tuple[int, int]:
     """(seed, call) for one dropout mask on ``device``, taken from its default generator as a
     dropout kernel takes it (CUDA: the generator's seed and offset, the offset advanced by 4;
@@ -176,7 +181,7 @@ def next_philox(device: torch.device) -> Tuple[int, int]:
         gen = torch.cuda.default_generators[index]
         call = gen.get_offset()
         gen.set_offset(call + 4)
-        return gen.initial_seed() & (2 ** 63 - 1), call
+        return (gen.initial_seed() ^ KEY_SALT) & (2 ** 63 - 1), call
     seed, call = torch.randint(0, 2 ** 62, (2,)).tolist()
     return seed, call
 
