@@ -322,7 +322,8 @@ SWEEP_DQ = [c + (o,) for c in _BASE_BWD for o in (False, True)] + _CAPPED
 # head_dim 128 wants more warps per tile and fewer stages (shared memory); head_dim 32 larger
 # tiles (each product is short)
 _BY_HEAD_DIM = {128: [(128, 128, 8, 2, False, None), (64, 128, 8, 2, False, None),
-                      (64, 64, 8, 2, False, None), (64, 64, 4, 2, False, None),
+                      (64, 64, 8, 2, False, None), (64, 64, 8, 3, False, None),
+                      (64, 64, 4, 2, False, None),
                       (32, 64, 4, 2, False, None), (128, 64, 8, 2, False, 128)],
                 32: [(128, 128, 4, 3, False, None), (128, 128, 8, 3, False, None),
                      (128, 64, 4, 4, False, None), (64, 128, 4, 3, False, None),

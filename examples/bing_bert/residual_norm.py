@@ -20,10 +20,13 @@ itself, or LayerNorm computes in float32); everywhere else the plain ops run.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from sparse_attn.ops.launch import Launcher
 
 try:
     import triton
@@ -37,6 +40,10 @@ __all__ = ["add_dropout_norm", "fused_add_dropout_norm", "keep_mask", "reference
 FUSED_DEVICES = ("cuda",)
 #: elements of one forward tile (rows x the hidden size rounded up to a power of two)
 TILE_ELEMENTS = 4096
+# straight into the compiled kernels after their first launch (``sparse_attn.ops.launch``):
+# ``kernel[grid]`` costs ~35 us of host time a launch, 48 launches a BERT-base step
+_FWD = Launcher(sys.modules[__name__], "add_dropout_norm_fwd_kernel")
+_BWD = Launcher(sys.modules[__name__], "add_dropout_norm_bwd_kernel")
 
 
 if triton is not None:
@@ -210,10 +217,10 @@ class _AddDropoutNorm(torch.autograd.Function):
         y = torch.empty_like(residual) if norm else s
         mean = torch.empty(rows if norm else 0, dtype=torch.float32, device=residual.device)
         rstd = torch.empty_like(mean)
-        add_dropout_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-            residual, h, s, y, weight if norm else s, bias if norm else s, mean, rstd, rows, n,
-            float(eps), float(p), 1.0 / (1.0 - p), seed, call, BLOCK_M=block_m,
-            BLOCK_N=block_n, DROPOUT=p > 0, NORM=norm, num_warps=8 if block_n >= 1024 else 4)
+        _FWD((triton.cdiv(rows, block_m),),
+             residual, h, s, y, weight if norm else s, bias if norm else s, mean, rstd, rows, n,
+             float(eps), float(p), 1.0 / (1.0 - p), seed, call, BLOCK_M=block_m,
+             BLOCK_N=block_n, DROPOUT=p > 0, NORM=norm, num_warps=8 if block_n >= 1024 else 4)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(s if norm else None, weight, mean, rstd)
         ctx.meta = (p, seed, call, norm, bias.dtype if norm else None)
@@ -243,13 +250,13 @@ class _AddDropoutNorm(torch.autograd.Function):
         partial = torch.empty(2, programs if norm else 1, n, dtype=torch.float32,
                               device=ref.device)
         stand_in = partial[0]  # for the pointers a constexpr switch leaves unread
-        add_dropout_norm_bwd_kernel[(programs,)](
-            dy if norm else stand_in, ds if ds is not None else stand_in,
-            s if norm else stand_in, weight if norm else stand_in,
-            mean, rstd, dr, dh, partial[0], partial[1], rows, n, float(p),
-            1.0 / (1.0 - p), seed, call, per_program, BLOCK_M=block_m, BLOCK_N=block_n,
-            DROPOUT=p > 0, NORM=norm, HAS_DS=ds is not None,
-            num_warps=8 if block_n >= 1024 else 4)
+        _BWD((programs,),
+             dy if norm else stand_in, ds if ds is not None else stand_in,
+             s if norm else stand_in, weight if norm else stand_in,
+             mean, rstd, dr, dh, partial[0], partial[1], rows, n, float(p),
+             1.0 / (1.0 - p), seed, call, per_program, BLOCK_M=block_m, BLOCK_N=block_n,
+             DROPOUT=p > 0, NORM=norm, HAS_DS=ds is not None,
+             num_warps=8 if block_n >= 1024 else 4)
         dw = db = None
         if norm:
             sums = partial.sum(1)

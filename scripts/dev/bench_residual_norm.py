@@ -17,7 +17,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "examples", "bing_bert"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples", "bing_bert")]
 
 import residual_norm as rn  # noqa: E402
 
