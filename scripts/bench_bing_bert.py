@@ -229,6 +229,8 @@ def example_argv(opts, model: str, variant: str, seq: int, ds_config: str,
             argv += ["--compile_backend", opts.compile_backend]
     if opts.no_fused_norm:
         argv.append("--no_fused_norm")
+    if opts.no_fused_loss:
+        argv.append("--no_fused_loss")
     if opts.activation_checkpointing:
         argv.append("--activation_checkpointing")
     if opts.tiled_mlp != 1:
@@ -772,6 +774,8 @@ def conditions(opts) -> List[str]:
         f"{mode}; {precision_text(opts)}; residual add + dropout + LayerNorm "
         + ("as the plain modules (--no_fused_norm)" if opts.no_fused_norm
            else "fused on GPUs (the example's default)")
+        + "; masked-LM loss " + ("as F.cross_entropy of float32 logits (--no_fused_loss)"
+                                 if opts.no_fused_loss else "fused on GPUs (the default)")
         + f"; one optimizer "
         f"step per {opts.gradient_accumulation} micro-batch(es); the shipped config's "
         "optimizer (LAMB) and schedule, monitors off",
@@ -936,6 +940,9 @@ def parse_args(argv=None):
     p.add_argument("--no_fused_norm", action="store_true",
                    help="the example's flag, every variant: residual adds, dropouts and "
                    "LayerNorms as the plain PyTorch modules (default: one kernel each way)")
+    p.add_argument("--no_fused_loss", action="store_true",
+                   help="the example's flag, every variant: the masked-LM loss as "
+                   "F.cross_entropy of float32 logits (default: one kernel each way)")
     p.add_argument("--attention_dropout", action="store_true",
                    help="keep the config's attention-probability dropout for dense (default: "
                    "0 in every variant, as the sparse kernels have none)")

@@ -21,7 +21,9 @@ the last good checkpoint; in fp16, DeepSpeed's loss scaling skips such steps.
 ``bert_sequence_parallel.py``).
 
 Speed and long sequences: on GPUs each residual add, its dropout and the LayerNorm after it run
-as one kernel each way (``residual_norm.py``; ``--no_fused_norm``: the plain modules).
+as one kernel each way (``residual_norm.py``; ``--no_fused_norm``: the plain modules), and
+the masked-LM loss reads the bf16 logits without float32 copies (``cross_entropy.py``;
+``--no_fused_loss``).
 ``--compile [MODE]`` compiles the encoder in place with
 ``torch.compile`` (``reduce-overhead``: CUDA graphs, each step marked); the sparse attention
 is a registered custom op, so the GPU graph has no break. ``--activation_checkpointing``
@@ -216,6 +218,10 @@ def parse_args(argv=None):
                    help="run each encoder layer's residual adds, dropouts and LayerNorms as "
                    "the plain PyTorch modules; by default they are one kernel each way on GPUs "
                    "(residual_norm.py; the same computation, another dropout mask)")
+    g.add_argument("--no_fused_loss", action="store_true",
+                   help="compute the masked-LM loss as F.cross_entropy of float32 logits; by "
+                   "default on GPUs one kernel each way reads the bf16 logits "
+                   "(cross_entropy.py; the same loss)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="checkpoint every encoder layer (torch.utils.checkpoint, "
                    "non-reentrant): keep only each layer's input, run the layer again in the "
@@ -353,9 +359,10 @@ def build_model(args, bert_config, run, micro=None, fp16=False):
     """The example's ``BertForPreTraining`` for ``run`` (``prepare_sparse_attention``), as
     ``main`` builds it: sparse self-attention when ``run`` has a layout, DeepSpeed's
     transformer kernel with ``--deepspeed_transformer_kernel``, then the long-sequence options
-    (``--activation_checkpointing``, ``--tiled_mlp``, ``--tiled_loss``), ``--no_fused_norm``
-    and ``--compile`` (the encoder, in place). ``micro``: the micro-batch (the transformer
-    kernel's batch size). Raises ValueError for a model or flag that cannot be built."""
+    (``--activation_checkpointing``, ``--tiled_mlp``, ``--tiled_loss``), ``--no_fused_norm``,
+    ``--no_fused_loss`` and ``--compile`` (the encoder, in place). ``micro``: the micro-batch
+    (the transformer kernel's batch size). Raises ValueError for a model or flag that cannot
+    be built."""
     check_speed_flags(args)
     model = BertForPreTraining(
         bert_config, sparsity_config=run.sparsity_config,
@@ -365,7 +372,7 @@ def build_model(args, bert_config, run, micro=None, fp16=False):
         sparse_max_seq_length=run.layout_length)
     model.set_memory_options(activation_checkpointing=args.activation_checkpointing,
                              tiled_mlp=args.tiled_mlp, tiled_loss=args.tiled_loss)
-    model.set_fused_norm(not args.no_fused_norm)
+    model.set_fused(norm=not args.no_fused_norm, loss=not args.no_fused_loss)
     model.cudagraph_steps = False
     if args.compile is not None:
         mode = None if args.compile == "default" else args.compile

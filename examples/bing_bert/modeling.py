@@ -468,6 +468,8 @@ class BertForPreTraining(nn.Module):
         #: >1: the masked-LM loss in that many pieces of the masked positions
         #: (``tiling.tiled_masked_lm_loss_sum``)
         self.mlm_loss_shards = 1
+        #: the masked-LM loss by ``cross_entropy.masked_lm_cross_entropy`` (``set_fused``)
+        self.fused_loss = True
 
     def set_memory_options(self, activation_checkpointing: bool = False, tiled_mlp: int = 1,
                            tiled_loss: int = 1) -> "BertForPreTraining":
@@ -501,13 +503,15 @@ class BertForPreTraining(nn.Module):
         self.mlm_loss_shards = tiled_loss
         return self
 
-    def set_fused_norm(self, enabled: bool) -> "BertForPreTraining":
-        """Run each encoder layer's residual adds, dropouts and LayerNorms as one kernel each
-        way where the fused kernels run (``residual_norm``; on by default), or as the plain
-        modules. Returns the model."""
+    def set_fused(self, norm: bool = True, loss: bool = True) -> "BertForPreTraining":
+        """The example's own kernels where they run (GPUs; both on by default), or the plain
+        PyTorch ops: ``norm``, each encoder layer's residual adds, dropouts and LayerNorms as
+        one kernel each way (``residual_norm``); ``loss``, the masked-LM cross-entropy without
+        float32 copies of the logits (``cross_entropy``). Returns the model."""
         for layer in self.bert.encoder.layer:
             if isinstance(layer, BertLayer):
-                layer.fused_norm = bool(enabled)
+                layer.fused_norm = bool(norm)
+        self.fused_loss = bool(loss)
         return self
 
     def _init_weights(self, module):
@@ -549,7 +553,10 @@ class BertForPreTraining(nn.Module):
             return self._with_next_sentence_loss(mlm_loss, seq_rel, next_sentence_label)
         scores = self.cls.prediction_scores(hidden)
         if shard is None:
-            mlm_loss = F.cross_entropy(scores.float(), labels.index_select(0, picked))
+            from cross_entropy import masked_lm_cross_entropy
+
+            mlm_loss = masked_lm_cross_entropy(scores, labels.index_select(0, picked),
+                                               self.fused_loss)
         else:  # this rank's part; the parts of a sequence group add up to the loss
             from bert_sequence_parallel import masked_lm_loss_part
 

@@ -21,7 +21,7 @@
 #   STAGES=tests TESTS=tests/ops/test_three_kernel_attention.py bash scripts/dev/gpu_check.sh
 #   STAGES=bench BENCH_ARGS="--seqs 4096 16384 --compile reduce-overhead" bash scripts/dev/gpu_check.sh
 #   STAGES=gaps bash scripts/dev/gpu_check.sh            # where the bing_bert step's GPU waits
-#   STAGES=fusednorm bash scripts/dev/gpu_check.sh       # the example's fused residual LayerNorm
+#   STAGES=fusednorm bash scripts/dev/gpu_check.sh       # the example's own kernels: tests, speed
 #   STAGES=mixorder bash scripts/dev/gpu_check.sh        # compiled step, inductor mix-order on/off
 #   STAGES=bingbert bash scripts/dev/gpu_check.sh        # the bing_bert example's tokens/s (issue 22)
 #     (BBB_ARGS, default "--models base --seqs 4096 16384 --profile": eager, about 8 minutes
@@ -50,17 +50,19 @@ for stage in $STAGES; do
         ${BBB_ARGS:---models base --seqs 4096 16384 --profile} \
         --time_budget "${BBB_BUDGET:-450}" --out "$OUT/bing_bert.json" > "$OUT/bing_bert.log" 2>&1
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
-    fusednorm)  # the example's fused residual add + dropout + LayerNorm: its tests on the
-      # GPU, the kernels against the plain modules, then BERT-base 4096 x32 eager with and
-      # without them (FUSED_ARGS changes the rows); about 5 minutes
+    fusednorm)  # the example's own kernels (fused residual add + dropout + LayerNorm, the
+      # masked-LM cross-entropy): their tests on the GPU, the kernels against the plain ops,
+      # then BERT-base 4096 x32 eager with both, with the LayerNorm only, and with neither
+      # (FUSED_ARGS changes the rows); about 6 minutes
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/example/test_residual_norm.py \
-        2>&1 | tail -4
-      timeout 120 python3 scripts/dev/bench_residual_norm.py 2>&1 | tee "$OUT/residual_norm.md"
-      for flags in "" "--no_fused_norm"; do
+        tests/example/test_cross_entropy.py 2>&1 | tail -4
+      timeout 150 python3 scripts/dev/bench_example_kernels.py 2>&1 | tee "$OUT/example_kernels.md"
+      for flags in "" "--no_fused_loss" "--no_fused_norm --no_fused_loss"; do
+        tag=$(echo "fused $flags" | tr -d '-' | tr ' ' '_')
         timeout "${FUSED_TIMEOUT:-200}" python3 scripts/bench_bing_bert.py \
           ${FUSED_ARGS:---models base --seqs 4096 --batches 32 --profile} --rounds 2 $flags \
-          --out "$OUT/fused${flags:+_off}.json" > "$OUT/fused${flags:+_off}.log" 2>&1
-        echo "bing_bert ${flags:-fused} exit $?"; grep -E "^(base|large) " "$OUT/fused${flags:+_off}.log"
+          --out "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+        echo "bing_bert ${flags:-(both fused)} exit $?"; grep -E "^(base|large) " "$OUT/$tag.log"
       done ;;
     mixorder)  # the compiled step with inductor's mix-order reduction on (its default) and
       # off: its fused LayerNorm backward took 57 of 266 ms at 4096 x32

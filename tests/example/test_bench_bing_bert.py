@@ -16,9 +16,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
 BENCH = os.path.join(SCRIPTS, "bench_bing_bert.py")
-for p in (ROOT, SCRIPTS):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 import bench_bing_bert as bbb  # noqa: E402
 
@@ -152,13 +149,17 @@ def test_bad_values_name_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [False, True], ids=["fused_norm", "no_fused_norm"])
-def test_no_fused_norm_reaches_every_variant_and_the_conditions(tmp_path, flag):
-    opts = bbb.parse_args(["--tiny", "--device", "cpu"] + (["--no_fused_norm"] if flag else []))
+@pytest.mark.parametrize("flags", [(), ("--no_fused_norm",), ("--no_fused_loss",),
+                                   ("--no_fused_norm", "--no_fused_loss")])
+def test_example_kernel_flags_reach_every_variant_and_the_conditions(tmp_path, flags):
+    opts = bbb.parse_args(["--tiny", "--device", "cpu", *flags])
     for variant in VARIANTS:
         argv = bbb.example_argv(opts, "tiny", variant, SEQ, "ds.json", str(tmp_path))
-        assert ("--no_fused_norm" in argv) == flag
-    assert ("plain modules (--no_fused_norm)" in bbb.conditions(opts)[0]) == flag
+        for flag in ("--no_fused_norm", "--no_fused_loss"):
+            assert (flag in argv) == (flag in flags)
+    for flag, text in (("--no_fused_norm", "plain modules (--no_fused_norm)"),
+                       ("--no_fused_loss", "float32 logits (--no_fused_loss)")):
+        assert (text in bbb.conditions(opts)[0]) == (flag in flags)
 
 
 def test_allocator_counts_are_differences_of_the_cuda_counters():

@@ -19,9 +19,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "bing_bert")
 TINY_DS_CONFIG = os.path.join(ROOT, "configs", "bing_bert", "ds_sa_bert_tiny_cpu.json")
-for p in (ROOT, EXAMPLE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("tokenizers")

@@ -1,13 +1,10 @@
 """The example's PyTorch LAMB (examples/bing_bert/lamb.py) against a per-parameter float64
 reference of the same update, over several steps, with and without weight decay and bias
 correction, for float32 and bfloat16 parameters."""
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "bing_bert"))
 from lamb import Lamb  # noqa: E402
 
 

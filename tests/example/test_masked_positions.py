@@ -5,7 +5,6 @@ With them the losses and gradients are those the model gets by finding the posit
 labels are an error, never a silently different loss; the example's ``make_batch`` makes
 them, and a sequence-parallel shard drops them."""
 import os
-import sys
 
 import pytest
 import torch
@@ -14,9 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "examples", "bing_bert")
 TINY_DS_CONFIG = os.path.join(ROOT, "configs", "bing_bert", "ds_sa_bert_tiny_cpu.json")
 TINY_BERT = os.path.join(EXAMPLE, "bert_config_tiny.json")
-for p in (ROOT, EXAMPLE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 pytest.importorskip("deepspeed")
 SEQ, BATCH = 64, 3

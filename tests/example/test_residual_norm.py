@@ -3,16 +3,12 @@ forward and gradients against the float64 oracle with the kernels' own keep mask
 statistics and its replay, and the model with the fused path against the plain modules.
 Without a GPU the kernels run in Triton's interpreter on CPU tensors."""
 import os
-import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "bing_bert")
-for path in (ROOT, EXAMPLE):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 pytest.importorskip("triton")
 import residual_norm as rn  # noqa: E402
@@ -173,11 +169,11 @@ def test_fused_layers_give_the_plain_modules_losses_and_gradients(fused_here, sp
     model = tiny_model(sparse, 0.0, **memory)
     batch = batch_of(model.config.vocab_size)
     fused = run(model, batch)
-    plain = run(model.set_fused_norm(False), batch)
+    plain = run(model.set_fused(norm=False), batch)
     assert_same(fused, plain, 2e-5)
-    states = model.set_fused_norm(True).bert.encoder(
+    states = model.set_fused(norm=True).bert.encoder(
         model.bert.embeddings(batch["input_ids"]), None, output_all_encoded_layers=True)
-    want = model.set_fused_norm(False).bert.encoder(
+    want = model.set_fused(norm=False).bert.encoder(
         model.bert.embeddings(batch["input_ids"]), None, output_all_encoded_layers=True)
     assert len(states) == len(want) == model.config.num_hidden_layers
     for got, ref in zip(states, want):
@@ -197,14 +193,15 @@ def test_checkpointed_layers_replay_the_fused_dropout(fused_here):
     assert_same(straight, checkpointed, 2e-5)
 
 
-def test_no_fused_norm_flag_turns_the_kernels_off():
+def test_no_fused_flags_turn_the_kernels_off():
     pytest.importorskip("deepspeed")
     import deepspeed_train as dt
     from launcher import prepare_sparse_attention
     from modeling import BertConfig
 
     config_path = os.path.join(EXAMPLE, "bert_config_tiny.json")
-    for flags, fused in (([], True), (["--no_fused_norm"], False)):
+    for flags, norm, loss in (([], True, True), (["--no_fused_norm"], False, True),
+                              (["--no_fused_loss"], True, False)):
         args = dt.parse_args(["--bert_config", config_path, "--deepspeed_config",
                               os.path.join(ROOT, "configs", "bing_bert",
                                            "ds_sa_bert_tiny_cpu.json"),
@@ -215,4 +212,5 @@ def test_no_fused_norm_flag_turns_the_kernels_off():
                                         max_position_embeddings=config.max_position_embeddings)
         model = dt.build_model(args, config, run_)
         assert [layer.fused_norm for layer in model.bert.encoder.layer] == \
-            [fused] * config.num_hidden_layers
+            [norm] * config.num_hidden_layers
+        assert model.fused_loss == loss

@@ -6,7 +6,6 @@ values are errors naming the flag. (Their run through the ``deepspeed`` launcher
 ``test_bing_bert.py``; their effect on memory and speed is measured on the GPU by
 ``scripts/bench_bing_bert.py``.)"""
 import os
-import sys
 
 import pytest
 import torch
@@ -15,9 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "examples", "bing_bert")
 TINY_DS_CONFIG = os.path.join(ROOT, "configs", "bing_bert", "ds_sa_bert_tiny_cpu.json")
 TINY_BERT = os.path.join(EXAMPLE, "bert_config_tiny.json")
-for p in (ROOT, EXAMPLE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 pytest.importorskip("deepspeed")
 SEQ, BATCH = 64, 2
