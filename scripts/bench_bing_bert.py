@@ -671,7 +671,12 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                 f"{row['tokens_per_s'] / 1e3:.1f}k tokens/s"
                 + (f", peak {peak:.2f} GiB" if peak is not None else "")
                 + (f", attention {row['profile']['attention_ms']:.1f} ms"
-                   if "attention_ms" in row.get("profile", {}) else ""))
+                   if "attention_ms" in row.get("profile", {}) else "")
+                + (", GPU idle " + " / ".join(f"{k} {v:.1f}" for k, v in
+                                              row["profile"]["gpu_idle_ms"].items())
+                   if row.get("profile", {}).get("gpu_idle_ms") else "")
+                + (", allocator retries / cudaMalloc / cudaFree " + " / ".join(
+                    str(v) for v in row["allocator"].values()) if row["allocator"] else ""))
         del batch
     for variant in list(runners):
         runners.pop(variant).close()

@@ -86,6 +86,13 @@ for stage in $STAGES; do
         --seqs 4096 --batches 32 --variants dense bigbird64 --rounds 2 --profile \
         --sync_positions --out "$OUT/gaps_sync.json" > "$OUT/gaps_sync.log" 2>&1
       echo "gaps --sync_positions exit $?"; grep -E "^(base|large) " "$OUT/gaps_sync.log"
+      # the caching allocator as a cause: the same row with expandable segments (no retry
+      # that frees the cache; cudaMalloc'd segments grow in place)
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${GAPS_TIMEOUT:-300}" \
+        python3 scripts/bench_bing_bert.py --models base --seqs 4096 --batches 32 --variants \
+        dense bigbird64 --rounds 2 --profile --out "$OUT/gaps_expandable.json" \
+        > "$OUT/gaps_expandable.log" 2>&1
+      echo "gaps expandable_segments exit $?"; grep -E "^(base|large) " "$OUT/gaps_expandable.log"
       for t in "$OUT"/trace/*.json.gz; do
         python3 scripts/dev/trace_gaps.py "$t" --top 12 | cut -c1-220
       done ;;
