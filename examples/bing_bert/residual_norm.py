@@ -186,15 +186,9 @@ def next_philox(device: torch.device) -> Tuple[int, int]:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[index]
-        if hasattr(gen, "get_offset"):
-            seed, call = gen.initial_seed(), gen.get_offset()
-            gen.set_offset(call + 4)
-        else:  # a PyTorch before 2.1: the state is the int64 pair (seed, offset)
-            state = gen.get_state()
-            seed, call = (int(x) for x in state.view(torch.int64)[:2])
-            state.view(torch.int64)[1] += 4
-            gen.set_state(state)
-        return (seed ^ KEY_SALT) & (2 ** 63 - 1), call
+        call = gen.get_offset()
+        gen.set_offset(call + 4)
+        return (gen.initial_seed() ^ KEY_SALT) & (2 ** 63 - 1), call
     seed, call = torch.randint(0, 2 ** 62, (2,)).tolist()
     return seed, call
 
