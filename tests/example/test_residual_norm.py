@@ -214,3 +214,21 @@ def test_no_fused_flags_turn_the_kernels_off():
         assert [layer.fused_norm for layer in model.bert.encoder.layer] == \
             [norm] * config.num_hidden_layers
         assert model.fused_loss == loss
+
+
+def test_compiled_encoder_runs_the_plain_modules(fused_here, monkeypatch):
+    """Under torch.compile the plain modules run (inductor fuses them itself): the kernels are
+    never traced, and the compiled model's losses are the eager fused model's."""
+    calls = []
+    original = rn.fused_add_dropout_norm
+    monkeypatch.setattr(rn, "fused_add_dropout_norm", lambda *a, **k: calls.append(1) or
+                        original(*a, **k))
+    model = tiny_model(False, 0.0)
+    batch = batch_of(model.config.vocab_size)
+    eager = run(model, batch)
+    assert calls  # the eager model took the kernels
+    calls.clear()
+    model.bert.encoder.compile(backend="eager")
+    compiled = run(model, batch)
+    assert not calls
+    assert_same(eager, compiled, 2e-5)
