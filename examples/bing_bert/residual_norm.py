@@ -40,6 +40,8 @@ __all__ = ["add_dropout_norm", "fused_add_dropout_norm", "keep_mask", "reference
 FUSED_DEVICES = ("cuda",)
 #: elements of one forward tile (rows x the hidden size rounded up to a power of two)
 TILE_ELEMENTS = 4096
+#: the largest hidden size the fused path takes (a whole row is held in one tile)
+MAX_HIDDEN = 8192
 # straight into the compiled kernels after their first launch (``sparse_attn.ops.launch``):
 # ``kernel[grid]`` costs ~35 us of host time a launch, 48 launches a BERT-base step
 _FWD = Launcher(sys.modules[__name__], "add_dropout_norm_fwd_kernel")
@@ -300,6 +302,8 @@ def _fusable(residual, h, norm) -> bool:
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(residual.device.type):
         return False
     if residual.shape != h.shape or residual.dtype != h.dtype or not residual.is_floating_point():
+        return False
+    if residual.shape[-1] > MAX_HIDDEN:  # a row is one tile: past this it would spill
         return False
     return norm is None or (norm.weight is not None and norm.bias is not None
                             and tuple(norm.normalized_shape) == (residual.shape[-1],))

@@ -232,3 +232,13 @@ def test_compiled_encoder_runs_the_plain_modules(fused_here, monkeypatch):
     compiled = run(model, batch)
     assert not calls
     assert_same(eager, compiled, 2e-5)
+
+
+def test_hidden_sizes_past_one_tile_take_the_plain_modules(fused_here, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rn, "fused_add_dropout_norm", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(rn, "MAX_HIDDEN", 64)
+    x = torch.randn(2, 3, 128, device=DEVICE)
+    norm = torch.nn.LayerNorm(128).to(DEVICE)
+    s, y = rn.add_dropout_norm(x, x, torch.nn.Dropout(0.0), norm)
+    assert not calls and torch.equal(s, x + x) and torch.equal(y, norm(x + x))
