@@ -28,7 +28,8 @@ Like for like: every variant gets the same synthetic batches, full length withou
 label) and no attention mask, so dense SDPA keeps its flash kernel (which takes no mask);
 attention-probability dropout is 0 in every variant (the block-sparse kernels have none;
 ``--attention_dropout`` keeps the config's for dense); ``--compile`` compiles every variant's
-encoder. Positions: ``max_position_embeddings`` is raised to the sequence length where the
+encoder; the example's own kernels (fused residual add + dropout + LayerNorm, the masked-LM
+loss) run in every variant unless ``--no_fused_norm`` / ``--no_fused_loss``. Positions: ``max_position_embeddings`` is raised to the sequence length where the
 model config has fewer (the same model in every variant).
 
 Per (model, sequence) every variant is built, then micro-batches 1, 2, 4, ... run until a
