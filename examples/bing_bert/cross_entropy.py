@@ -41,23 +41,21 @@ if triton is not None:
     @triton.jit
     def cross_entropy_fwd_kernel(X, LABELS, LOSS, LSE, n_classes, stride_x,
                                  BLOCK: tl.constexpr):
-        """One row: its log-sum-exp (online max and sum over BLOCK-wide steps) and its loss,
-        log-sum-exp less the label's logit."""
+        """One row: its log-sum-exp (online max and sum over BLOCK-wide steps, one
+        exponential a logit) and its loss, log-sum-exp less the label's logit."""
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
         cols = tl.arange(0, BLOCK)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float32)
         for start in range(0, n_classes, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < n_classes,
                         other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # lanes that have seen only padding keep m = -inf: their sum stays 0
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_use) + tl.exp(x - m_use)
+            # every step has a class (start < n_classes): m_new is finite
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
-        m_row = tl.max(m, axis=0)
-        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        lse = m + tl.log(s)
         label = tl.load(LABELS + row)
         picked = tl.load(x_row + label).to(tl.float32)
         tl.store(LSE + row, lse)
