@@ -175,11 +175,13 @@ PY
         grep -E "^(sweep|N=)" "$OUT/bench_attention_hd$d.log" | cut -c1-400
       done ;;
     ncu)  # Nsight Compute on one fwd, dq and dk/dv launch per head_dim (NCU_DIMS, "64 128"),
-      # BigBird 64 at 16384 (issue 21 target 5); the tables in $OUT/ncu_hd*.txt
+      # BigBird 64 at 16384 (issue 21 target 5); the tables in $OUT/ncu_hd*.txt. ncu flushes
+      # the caches before each replay by default: NCU_EXTRA="--cache-control none" keeps L2
+      # as the previous kernels left it (the L2 hit rate a training step sees)
       for d in ${NCU_DIMS:-64 128}; do
         python3 scripts/dev/ncu_fused.py --head-dim $d | tee -a "$OUT/ncu_times.txt"
         timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --kernel-name regex:fused_attn \
-          --profile-from-start off --section SpeedOfLight --section Occupancy \
+          ${NCU_EXTRA:-} --profile-from-start off --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section SchedulerStats \
           --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
           python3 scripts/dev/ncu_fused.py --head-dim $d --no-time > "$OUT/ncu_hd$d.txt" 2>&1
