@@ -52,12 +52,12 @@ for stage in $STAGES; do
       echo "bingbert exit $?"; grep -vE "^\[20|^\[sparse_attn|^optimizer:" "$OUT/bing_bert.log" | tail -n 40 ;;
     fusednorm)  # the example's own kernels (fused residual add + dropout + LayerNorm, the
       # masked-LM cross-entropy): their tests on the GPU, the kernels against the plain ops,
-      # then BERT-base 4096 x32 eager with both, with the LayerNorm only, and with neither
-      # (FUSED_ARGS changes the rows); about 6 minutes
+      # then BERT-base 4096 x32 eager with both and with neither (FUSED_FLAGS: a row per flag, e.g.
+      # "--no_fused_loss"; FUSED_ARGS changes them); about 6 minutes
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/example/test_residual_norm.py \
         tests/example/test_cross_entropy.py 2>&1 | tail -4
       timeout 150 python3 scripts/dev/bench_example_kernels.py 2>&1 | tee "$OUT/example_kernels.md"
-      for flags in "" "--no_fused_loss" "--no_fused_norm --no_fused_loss"; do
+      for flags in "" "--no_fused_norm --no_fused_loss" ${FUSED_FLAGS:-}; do
         tag=$(echo "fused $flags" | tr -d '-' | tr ' ' '_')
         timeout "${FUSED_TIMEOUT:-200}" python3 scripts/bench_bing_bert.py \
           ${FUSED_ARGS:---models base --seqs 4096 --batches 32 --profile} --rounds 2 $flags \
