@@ -20,6 +20,7 @@ itself, or LayerNorm computes in float32); everywhere else the plain ops run.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional, Tuple
 
@@ -109,7 +110,7 @@ if triton is not None:
             tl.store(RSTD + rows, rstd, mask=row_in)
 
     @triton.jit(do_not_specialize=["seed", "call"])
-    def add_dropout_norm_bwd_kernel(DY, DS, S, W, MEAN, RSTD, DR, DH, DW, DB, n_rows, N, p,
+    def add_dropout_norm_bwd_kernel(DY, DS, S, W, MEAN, RSTD, DR, DH, DWB, n_rows, N, p,
                                     scale, seed, call, tiles_per_program,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                     DROPOUT: tl.constexpr, NORM: tl.constexpr,
@@ -118,7 +119,7 @@ if triton is not None:
         (DS plus, with NORM, LayerNorm's input gradient from DY) is R's gradient (DR, stored
         with NORM only: without it DR is DS itself); DH is it through the same dropout mask.
         With NORM the program's sums of DY * normalized S and of DY go to row
-        ``program_id`` of DW and DB (float32 ``[programs, N]``)."""
+        ``program_id`` of DWB[0] and DWB[1] (float32 ``[2, programs, N]``)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_in = cols < N
@@ -152,13 +153,19 @@ if triton is not None:
                 g = tl.where(_keep(seed, call, rows, p, BLOCK_M, BLOCK_N), g * scale, 0.0)
             tl.store(DH + offs, g.to(DH.dtype.element_ty), mask=inside)
         if NORM:
-            tl.store(DW + pid * N + cols, tl.sum(dw, axis=0), mask=col_in)
-            tl.store(DB + pid * N + cols, tl.sum(db, axis=0), mask=col_in)
+            tl.store(DWB + pid * N + cols, tl.sum(dw, axis=0), mask=col_in)
+            tl.store(DWB + (tl.num_programs(0) + pid) * N + cols, tl.sum(db, axis=0),
+                     mask=col_in)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv costs ~10 us a call from Python (a constexpr function)
+
+
+@functools.lru_cache(maxsize=None)
 def _tile(n: int) -> Tuple[int, int]:
     """(rows, columns) of a tile for a hidden size ``n``: columns the next power of two."""
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, 1 << (n - 1).bit_length())
     return max(1, TILE_ELEMENTS // block_n), block_n
 
 
@@ -201,25 +208,27 @@ def keep_mask(n_rows: int, n: int, p: float, seed: int, call: int,
     and call: what the tests build their reference with."""
     block_m, block_n = _tile(n)
     keep = torch.empty(n_rows, n, dtype=torch.int8, device=device)
-    keep_mask_kernel[(triton.cdiv(n_rows, block_m),)](keep, n_rows, n, float(p), seed, call,
+    keep_mask_kernel[(_cdiv(n_rows, block_m),)](keep, n_rows, n, float(p), seed, call,
                                                       BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()
 
 
 class _AddDropoutNorm(torch.autograd.Function):
     """``(residual, h, weight, bias, p, eps, seed, call)`` -> ``s`` (``weight`` None) or
-    ``(s, LayerNorm(s))``; 2-D contiguous ``[rows, n]`` inputs."""
+    ``(s, LayerNorm(s))``; contiguous ``[..., n]`` inputs, taken as ``[rows, n]`` (no views:
+    each would be one more autograd node a call)."""
 
     @staticmethod
     def forward(ctx, residual, h, weight, bias, p, eps, seed, call):
-        rows, n = residual.shape
+        n = residual.shape[-1]
+        rows = residual.numel() // n
         block_m, block_n = _tile(n)
         norm = weight is not None
         s = torch.empty_like(residual)
         y = torch.empty_like(residual) if norm else s
         mean = torch.empty(rows if norm else 0, dtype=torch.float32, device=residual.device)
         rstd = torch.empty_like(mean)
-        _FWD((triton.cdiv(rows, block_m),),
+        _FWD((_cdiv(rows, block_m),),
              residual, h, s, y, weight if norm else s, bias if norm else s, mean, rstd, rows, n,
              float(eps), float(p), 1.0 / (1.0 - p), seed, call, BLOCK_M=block_m,
              BLOCK_N=block_n, DROPOUT=p > 0, NORM=norm, num_warps=8 if block_n >= 1024 else 4)
@@ -237,32 +246,33 @@ class _AddDropoutNorm(torch.autograd.Function):
         if ds is None and not norm:
             return (None,) * 8
         ref = ds if ds is not None else dy
-        rows, n = ref.shape
+        n = ref.shape[-1]
+        rows = ref.numel() // n
         if not norm and p == 0:
             return ds, ds, None, None, None, None, None, None
         block_m, block_n = _tile(n)
-        tiles = triton.cdiv(rows, block_m)
+        tiles = _cdiv(rows, block_m)
         programs = _programs(ref.device, tiles)
-        per_program = triton.cdiv(tiles, programs)
-        programs = triton.cdiv(tiles, per_program)
+        per_program = _cdiv(tiles, programs)
+        programs = _cdiv(tiles, per_program)
         ds = ds.contiguous() if ds is not None else None
         dy = dy.contiguous() if norm else None
         dr = torch.empty_like(ref) if norm else ds
         dh = torch.empty_like(ref) if p > 0 else dr
         partial = torch.empty(2, programs if norm else 1, n, dtype=torch.float32,
                               device=ref.device)
-        stand_in = partial[0]  # for the pointers a constexpr switch leaves unread
+        stand_in = partial  # for the pointers a constexpr switch leaves unread
         _BWD((programs,),
              dy if norm else stand_in, ds if ds is not None else stand_in,
              s if norm else stand_in, weight if norm else stand_in,
-             mean, rstd, dr, dh, partial[0], partial[1], rows, n, float(p),
+             mean, rstd, dr, dh, partial, rows, n, float(p),
              1.0 / (1.0 - p), seed, call, per_program, BLOCK_M=block_m, BLOCK_N=block_n,
              DROPOUT=p > 0, NORM=norm, HAS_DS=ds is not None,
              num_warps=8 if block_n >= 1024 else 4)
         dw = db = None
-        if norm:
-            sums = partial.sum(1)
-            dw, db = sums[0].to(weight.dtype), sums[1].to(bias_dtype)
+        if norm:  # one reduce (and one cast) for both
+            dw, db = partial.sum(1).to(weight.dtype).unbind(0)
+            db = db if bias_dtype == weight.dtype else db.to(bias_dtype)
         return dr, dh, dw, db, None, None, None, None
 
 
@@ -287,13 +297,9 @@ def fused_add_dropout_norm(residual: torch.Tensor, h: torch.Tensor, p: float,
                          f"{None if bias is None else list(bias.shape)}")
     if p > 0 and (seed is None or call is None):
         seed, call = next_philox(residual.device)
-    out = _AddDropoutNorm.apply(residual.reshape(-1, n).contiguous(),
-                                h.reshape(-1, n).contiguous(), weight, bias, float(p),
+    out = _AddDropoutNorm.apply(residual.contiguous(), h.contiguous(), weight, bias, float(p),
                                 float(eps), int(seed or 0), int(call or 0))
-    if weight is None:
-        return out.view(residual.shape), None
-    s, y = out
-    return s.view(residual.shape), y.view(residual.shape)
+    return (out, None) if weight is None else out
 
 
 def _fusable(residual, h, norm) -> bool:
