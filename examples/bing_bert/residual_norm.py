@@ -245,18 +245,19 @@ class _AddDropoutNorm(torch.autograd.Function):
             norm = False
         if ds is None and not norm:
             return (None,) * 8
+        if not norm and p == 0:
+            return ds, ds, None, None, None, None, None, None
+        # the kernel reads and writes rows: upstream gradients may come with other strides
+        ds = ds.contiguous() if ds is not None else None
+        dy = dy.contiguous() if norm else None
         ref = ds if ds is not None else dy
         n = ref.shape[-1]
         rows = ref.numel() // n
-        if not norm and p == 0:
-            return ds, ds, None, None, None, None, None, None
         block_m, block_n = _tile(n)
         tiles = _cdiv(rows, block_m)
         programs = _programs(ref.device, tiles)
         per_program = _cdiv(tiles, programs)
         programs = _cdiv(tiles, per_program)
-        ds = ds.contiguous() if ds is not None else None
-        dy = dy.contiguous() if norm else None
         dr = torch.empty_like(ref) if norm else ds
         dh = torch.empty_like(ref) if p > 0 else dr
         partial = torch.empty(2, programs if norm else 1, n, dtype=torch.float32,

@@ -242,3 +242,23 @@ def test_hidden_sizes_past_one_tile_take_the_plain_modules(fused_here, monkeypat
     norm = torch.nn.LayerNorm(128).to(DEVICE)
     s, y = rn.add_dropout_norm(x, x, torch.nn.Dropout(0.0), norm)
     assert not calls and torch.equal(s, x + x) and torch.equal(y, norm(x + x))
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no_norm"])
+def test_gradients_arriving_with_other_strides(norm):
+    """Upstream gradients that are not row-major (here through a transpose) give the same
+    gradients as row-major ones."""
+    g = torch.Generator().manual_seed(11)
+    leaves = [torch.randn(6, 128, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+    weight = torch.randn(128, generator=g).to(DEVICE).requires_grad_() if norm else None
+    bias = torch.randn(128, generator=g).to(DEVICE).requires_grad_() if norm else None
+    up = torch.randn(128, 6, generator=g).to(DEVICE)
+    grads = []
+    for transposed in (True, False):
+        s, y = rn.fused_add_dropout_norm(*leaves, 0.3, weight, bias, 1e-5, seed=5, call=8)
+        out = y if norm else s
+        loss = (out.t() * up).sum() if transposed else (out * up.t().contiguous()).sum()
+        params = [*leaves] + ([weight, bias] if norm else [])
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
