@@ -29,8 +29,9 @@ label) and no attention mask, so dense SDPA keeps its flash kernel (which takes 
 attention-probability dropout is 0 in every variant (the block-sparse kernels have none;
 ``--attention_dropout`` keeps the config's for dense); ``--compile`` compiles every variant's
 encoder; the example's own kernels (fused residual add + dropout + LayerNorm, the masked-LM
-loss) run in every variant unless ``--no_fused_norm`` / ``--no_fused_loss``. Positions: ``max_position_embeddings`` is raised to the sequence length where the
-model config has fewer (the same model in every variant).
+loss) run in every variant unless ``--no_fused_norm`` / ``--no_fused_loss``. Positions:
+``max_position_embeddings`` is raised to the sequence length where the model config has fewer
+(the same model in every variant).
 
 Per (model, sequence) every variant is built, then micro-batches 1, 2, 4, ... run until a
 variant runs out of memory (its row says so and it stops doubling) or ``--max_batch``. At
@@ -60,8 +61,8 @@ where the host, not the GPU, set the pace; ``syncs`` counts the synchronizing CU
 more step by call site (``torch.cuda.set_sync_debug_mode``), each a point where the GPU's
 queue drains while the host waits. Every row also counts the caching allocator's retries,
 cudaMalloc and cudaFree calls over its timed steps (``allocator``): a retry, and every cudaFree,
-waits for the device without being a sync PyTorch reports. Under CUDA graphs the split relies on the
-profiler seeing the kernels inside the graphs; a sparse row with no attention time says it
+waits for the device without being a sync PyTorch reports. Under CUDA graphs the split relies
+on the profiler seeing the kernels inside the graphs; a sparse row with no attention time says it
 did not.
 
 The result: ``--out FILE.json`` (device, date, versions, the exact command, every row and a
@@ -72,6 +73,7 @@ DeepSpeed is required (``pip install deepspeed``).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gc
 import importlib.util
@@ -121,6 +123,14 @@ MASKED_FRACTION = 0.15
 #: SDPA kernels, cuDNN's SDPA
 DENSE_ATTENTION = re.compile(r"flash|fmha|sdpa|efficient_attention|attention_kernel", re.I)
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: the example's on/off flags, passed as given to every variant (``deepspeed_train.py --help``)
+EXAMPLE_SWITCHES = {
+    "--activation_checkpointing": "checkpoint every encoder layer",
+    "--no_fused_norm": "residual adds, dropouts and LayerNorms as the plain PyTorch modules "
+                       "(default: one kernel each way)",
+    "--no_fused_loss": "the masked-LM loss as F.cross_entropy of float32 logits (default: one "
+                       "kernel each way)",
+}
 #: Test-only fault injection (tests/example/test_bench_bing_bert.py; never set it in a real
 #: run): "VARIANT:BATCH" makes that variant's steps at micro-batches >= BATCH raise
 #: torch.cuda.OutOfMemoryError, so that the out-of-memory path runs on CPU.
@@ -228,12 +238,7 @@ def example_argv(opts, model: str, variant: str, seq: int, ds_config: str,
         argv += ["--compile", opts.compile]
         if opts.compile_backend != "inductor":
             argv += ["--compile_backend", opts.compile_backend]
-    if opts.no_fused_norm:
-        argv.append("--no_fused_norm")
-    if opts.no_fused_loss:
-        argv.append("--no_fused_loss")
-    if opts.activation_checkpointing:
-        argv.append("--activation_checkpointing")
+    argv += [flag for flag in EXAMPLE_SWITCHES if getattr(opts, flag[2:])]
     if opts.tiled_mlp != 1:
         argv += ["--tiled_mlp", str(opts.tiled_mlp)]
     if opts.tiled_loss != 1:
@@ -615,7 +620,7 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                 drop(variant, "oom" if err[0] else "error", err[1], batch_size)
                 free_memory(device)
         times = {v: [] for v in measured}
-        allocations = {v: None for v in measured}
+        allocations = {v: collections.Counter() for v in measured}
         losses = {}
         for _ in range(opts.rounds):
             for variant in list(times):
@@ -626,10 +631,8 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                     before = allocator_counts(device)
                     t, losses[variant] = time_steps(runners[variant], batch, opts.steps)
                     times[variant] += t
-                    spent = counts_between(before, allocator_counts(device))
-                    if spent is not None:
-                        allocations[variant] = {k: (allocations[variant] or {}).get(k, 0) + v
-                                                for k, v in spent.items()}
+                    allocations[variant].update(
+                        counts_between(before, allocator_counts(device)) or {})
                 except Exception as e:  # noqa: BLE001
                     err = (is_oom(e), f"{type(e).__name__}: {e}"[:400])
                     del e
@@ -653,7 +656,7 @@ def run_setting(opts, dt, modeling, model: str, seq: int, variants: List[str],
                    "resident_others_gib": gib(resident_all - runner.resident)
                    if device.type == "cuda" else None,
                    "loss": losses.get(variant), "describe": runner.describe,
-                   "allocator": allocations.get(variant),
+                   "allocator": dict(allocations[variant]) or None,
                    "optimizer": runner.optimizer, "parameters": runner.parameters,
                    "example_command": runner.command}
             if opts.profile:
@@ -937,18 +940,12 @@ def parse_args(argv=None):
                             "max-autotune-no-cudagraphs"),
                    help="the example's --compile for every variant (like for like)")
     p.add_argument("--compile_backend", default="inductor")
-    p.add_argument("--activation_checkpointing", action="store_true",
-                   help="the example's flag, every variant")
+    for flag, what in EXAMPLE_SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=f"the example's flag, every variant: {what}")
     p.add_argument("--tiled_mlp", type=int, default=1, metavar="N",
                    help="the example's flag, every variant")
     p.add_argument("--tiled_loss", type=int, default=1, metavar="N",
                    help="the example's flag, every variant")
-    p.add_argument("--no_fused_norm", action="store_true",
-                   help="the example's flag, every variant: residual adds, dropouts and "
-                   "LayerNorms as the plain PyTorch modules (default: one kernel each way)")
-    p.add_argument("--no_fused_loss", action="store_true",
-                   help="the example's flag, every variant: the masked-LM loss as "
-                   "F.cross_entropy of float32 logits (default: one kernel each way)")
     p.add_argument("--attention_dropout", action="store_true",
                    help="keep the config's attention-probability dropout for dense (default: "
                    "0 in every variant, as the sparse kernels have none)")
